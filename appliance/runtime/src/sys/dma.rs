@@ -1,0 +1,288 @@
+//! DMA-able buffers and the pools that hand them out.
+//!
+//! A [`BufferPool`] carves one preallocated [`Region`] into equal, page-aligned
+//! buffers. The region is backed by huge pages when the machine has free ones
+//! (`/proc/sys/vm/nr_hugepages` > 0) and the mode allows it, by ordinary pages
+//! otherwise; the choice is made once, at creation, and reported by
+//! [`BufferPool::is_hugepage`]. All memory is faulted in up front, so the data
+//! path never page-faults and RSS shows the configured size from the start.
+//!
+//! A [`DmaBuf`] is the unique owner of one buffer: it can move between cores
+//! with its I/O and returns itself to the pool on drop. The free list is a
+//! lock-free bounded queue, so any core may return a buffer. Getting and
+//! returning a buffer never allocates.
+//!
+//! Invariants: every `DmaBuf` points at `cap` bytes aligned to
+//! [`crate::sys::PAGE_SIZE`] that no other live `DmaBuf` points at; `len <= cap`.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crossbeam::queue::ArrayQueue;
+
+use crate::sys::{self, Region, PAGE_SIZE};
+
+/// Whether a pool should use huge pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HugepageMode {
+    /// Use huge pages when enough are free, ordinary pages otherwise.
+    #[default]
+    Auto,
+    /// Require huge pages; creating the pool fails without them.
+    On,
+    /// Never use huge pages.
+    Off,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("buffer pool of {count} x {size} bytes: {source}")]
+    Map {
+        size: usize,
+        count: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("huge pages required but only {free} free (need {need}); set /proc/sys/vm/nr_hugepages")]
+    NoHugepages { free: u64, need: u64 },
+    #[error("buffer size {0} must be a non-zero multiple of {PAGE_SIZE}")]
+    BadSize(usize),
+}
+
+struct PoolInner {
+    region: Region,
+    buf_size: usize,
+    count: usize,
+    free: ArrayQueue<u32>,
+}
+
+/// A fixed set of equal, aligned buffers. Cloning shares the pool.
+#[derive(Clone)]
+pub struct BufferPool {
+    inner: Arc<PoolInner>,
+}
+
+impl fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("buf_size", &self.inner.buf_size)
+            .field("count", &self.inner.count)
+            .field("free", &self.inner.free.len())
+            .field("hugepage", &self.inner.region.is_hugepage())
+            .finish()
+    }
+}
+
+impl BufferPool {
+    /// Creates `count` buffers of `buf_size` bytes (a multiple of 4 KiB).
+    pub fn new(buf_size: usize, count: usize, mode: HugepageMode) -> Result<Self, PoolError> {
+        if buf_size == 0 || buf_size % PAGE_SIZE != 0 {
+            return Err(PoolError::BadSize(buf_size));
+        }
+        let count = count.max(1);
+        let bytes = buf_size * count;
+        let need = bytes.div_ceil(sys::HUGE_PAGE_SIZE) as u64;
+        let use_huge = match mode {
+            HugepageMode::Off => false,
+            HugepageMode::Auto => sys::free_hugepages() >= need,
+            HugepageMode::On => {
+                let free = sys::free_hugepages();
+                if free < need {
+                    return Err(PoolError::NoHugepages { free, need });
+                }
+                true
+            }
+        };
+        let region = match Region::map(bytes, use_huge, true) {
+            Ok(r) => r,
+            // Huge pages can vanish between the check and the map; fall back.
+            Err(_) if use_huge && mode == HugepageMode::Auto => Region::map(bytes, false, true)
+                .map_err(|source| PoolError::Map { size: buf_size, count, source })?,
+            Err(source) => return Err(PoolError::Map { size: buf_size, count, source }),
+        };
+        let free = ArrayQueue::new(count);
+        for i in 0..count as u32 {
+            let _ = free.push(i);
+        }
+        Ok(BufferPool { inner: Arc::new(PoolInner { region, buf_size, count, free }) })
+    }
+
+    /// Takes a buffer of `len` bytes (`len <= buf_size`), or `None` when the
+    /// pool is empty or `len` is too large.
+    #[inline]
+    pub fn get(&self, len: usize) -> Option<DmaBuf> {
+        if len > self.inner.buf_size {
+            return None;
+        }
+        let idx = self.inner.free.pop()?;
+        // SAFETY: idx < count, so the offset lies inside the region.
+        let ptr = unsafe { self.inner.region.as_ptr().add(idx as usize * self.inner.buf_size) };
+        Some(DmaBuf {
+            ptr: NonNull::new(ptr).expect("region pointer is non-null"),
+            len,
+            cap: self.inner.buf_size,
+            owner: Owner::Pool(self.inner.clone(), idx),
+        })
+    }
+
+    pub fn buf_size(&self) -> usize {
+        self.inner.buf_size
+    }
+
+    pub fn count(&self) -> usize {
+        self.inner.count
+    }
+
+    pub fn available(&self) -> usize {
+        self.inner.free.len()
+    }
+
+    pub fn is_hugepage(&self) -> bool {
+        self.inner.region.is_hugepage()
+    }
+
+    /// Bytes of memory this pool holds.
+    pub fn footprint(&self) -> usize {
+        self.inner.region.len()
+    }
+}
+
+enum Owner {
+    Pool(Arc<PoolInner>, u32),
+    Own(#[allow(dead_code, reason = "held only to keep the mapping alive")] Region),
+}
+
+/// An owned, page-aligned I/O buffer. See the module docs for its invariants.
+pub struct DmaBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    cap: usize,
+    owner: Owner,
+}
+
+// SAFETY: a DmaBuf is the only handle to its bytes (module invariant), so
+// moving it to another thread moves exclusive access with it.
+unsafe impl Send for DmaBuf {}
+// SAFETY: `&DmaBuf` only gives shared, read-only access to the bytes.
+unsafe impl Sync for DmaBuf {}
+
+impl DmaBuf {
+    /// Allocates a standalone buffer outside any pool (control path only:
+    /// this maps memory).
+    pub fn alloc(len: usize) -> std::io::Result<DmaBuf> {
+        let region = Region::map(len.max(1), false, false)?;
+        let ptr = NonNull::new(region.as_ptr()).expect("region pointer is non-null");
+        let cap = region.len();
+        Ok(DmaBuf { ptr, len, cap, owner: Owner::Own(region) })
+    }
+
+    /// Allocates a standalone buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> std::io::Result<DmaBuf> {
+        let mut b = DmaBuf::alloc(data.len())?;
+        b.copy_from_slice(data);
+        Ok(b)
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes available without reallocation (the pool's buffer size).
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Changes the visible length, up to the capacity.
+    #[inline]
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "DmaBuf::set_len {len} beyond capacity {}", self.cap);
+        self.len = len;
+    }
+
+    #[inline]
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    #[inline]
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Deref for DmaBuf {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap >= len bytes and exclusively ours.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for DmaBuf {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in Deref, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for DmaBuf {
+    fn drop(&mut self) {
+        if let Owner::Pool(pool, idx) = &self.owner {
+            // The queue has room for every index, so this cannot fail.
+            let _ = pool.free.push(*idx);
+        }
+    }
+}
+
+impl fmt::Debug for DmaBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DmaBuf({} of {} bytes @ {:p})", self.len, self.cap, self.ptr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_hands_out_distinct_aligned_buffers_and_takes_them_back() {
+        let pool = BufferPool::new(8192, 4, HugepageMode::Off).unwrap();
+        let mut bufs: Vec<_> = (0..4).map(|_| pool.get(4096).unwrap()).collect();
+        assert!(pool.get(4096).is_none(), "pool of 4 gives out 4");
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.as_ptr() as usize % PAGE_SIZE, 0);
+            b.fill(i as u8);
+        }
+        for (i, b) in bufs.iter().enumerate() {
+            assert!(b.iter().all(|x| *x == i as u8), "buffers do not overlap");
+        }
+        assert!(pool.get(8193).is_none(), "too large");
+        drop(bufs.pop());
+        assert_eq!(pool.available(), 1);
+        let b = std::thread::spawn({
+            let pool = pool.clone();
+            move || pool.get(100).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(b.len(), 100);
+        drop(b);
+        assert_eq!(pool.available(), 1, "returned from another thread");
+    }
+
+    #[test]
+    fn bad_sizes_are_rejected() {
+        assert!(matches!(BufferPool::new(1000, 1, HugepageMode::Off), Err(PoolError::BadSize(1000))));
+    }
+}
