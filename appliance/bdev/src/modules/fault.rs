@@ -1,0 +1,1 @@
+//! `fault`: placeholder, being written.

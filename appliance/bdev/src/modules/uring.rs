@@ -1,0 +1,1 @@
+//! `uring`: placeholder, being written.
