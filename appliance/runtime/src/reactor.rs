@@ -15,7 +15,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
@@ -79,6 +79,9 @@ pub enum SendError {
 /// The part of a reactor other threads can reach: its inbox.
 pub(crate) struct Inbox {
     queue: CachePadded<ArrayQueue<Message>>,
+    /// Messages pushed and not yet taken. The reactor reads this with a plain
+    /// load each pass instead of popping an empty queue (which fences).
+    pending: CachePadded<AtomicUsize>,
     thread: OnceLock<Thread>,
     sleeping: CachePadded<AtomicBool>,
     stopped: AtomicBool,
@@ -113,6 +116,7 @@ impl ReactorHandle {
             return Err(SendError::Stopped);
         }
         self.inbox.queue.push(msg).map_err(|_| SendError::Full)?;
+        self.inbox.pending.fetch_add(1, Ordering::Release);
         if self.inbox.sleeping.load(Ordering::Acquire) {
             if let Some(t) = self.inbox.thread.get() {
                 t.unpark();
@@ -129,7 +133,10 @@ impl ReactorHandle {
                 return Err(SendError::Stopped);
             }
             match self.inbox.queue.push(msg) {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.inbox.pending.fetch_add(1, Ordering::Release);
+                    break;
+                }
                 Err(m) => {
                     msg = m;
                     std::thread::yield_now();
@@ -190,6 +197,7 @@ impl Reactor {
     pub fn new(core: usize, idle: IdlePolicy) -> Reactor {
         let inbox = Arc::new(Inbox {
             queue: CachePadded::new(ArrayQueue::new(INBOX_CAPACITY)),
+            pending: CachePadded::new(AtomicUsize::new(0)),
             thread: OnceLock::new(),
             sleeping: CachePadded::new(AtomicBool::new(false)),
             stopped: AtomicBool::new(false),
@@ -255,13 +263,16 @@ impl Reactor {
     pub fn poll_once(&self) -> PollStatus {
         let inner = &*self.inner;
         let mut busy = false;
-        for _ in 0..MSG_BATCH {
-            match inner.inbox.queue.pop() {
-                Some(msg) => {
-                    msg();
-                    busy = true;
+        if inner.inbox.pending.load(Ordering::Acquire) > 0 {
+            for _ in 0..MSG_BATCH {
+                match inner.inbox.queue.pop() {
+                    Some(msg) => {
+                        inner.inbox.pending.fetch_sub(1, Ordering::AcqRel);
+                        msg();
+                        busy = true;
+                    }
+                    None => break,
                 }
-                None => break,
             }
         }
         {

@@ -47,7 +47,7 @@ pub enum PoolError {
     },
     #[error("huge pages required but only {free} free (need {need}); set /proc/sys/vm/nr_hugepages")]
     NoHugepages { free: u64, need: u64 },
-    #[error("buffer size {0} must be a non-zero multiple of {PAGE_SIZE}")]
+    #[error("buffer size {0} must be a non-zero multiple of {PAGE_SIZE} below 4 GiB")]
     BadSize(usize),
 }
 
@@ -78,7 +78,7 @@ impl fmt::Debug for BufferPool {
 impl BufferPool {
     /// Creates `count` buffers of `buf_size` bytes (a multiple of 4 KiB).
     pub fn new(buf_size: usize, count: usize, mode: HugepageMode) -> Result<Self, PoolError> {
-        if buf_size == 0 || buf_size % PAGE_SIZE != 0 {
+        if buf_size == 0 || buf_size % PAGE_SIZE != 0 || buf_size > u32::MAX as usize {
             return Err(PoolError::BadSize(buf_size));
         }
         let count = count.max(1);
@@ -121,9 +121,9 @@ impl BufferPool {
         let ptr = unsafe { self.inner.region.as_ptr().add(idx as usize * self.inner.buf_size) };
         Some(DmaBuf {
             ptr: NonNull::new(ptr).expect("region pointer is non-null"),
-            len,
-            cap: self.inner.buf_size,
-            owner: Owner::Pool(self.inner.clone(), idx),
+            len: len as u32,
+            cap: self.inner.buf_size as u32,
+            pool: self.inner.clone(),
         })
     }
 
@@ -149,17 +149,15 @@ impl BufferPool {
     }
 }
 
-enum Owner {
-    Pool(Arc<PoolInner>, u32),
-    Own(#[allow(dead_code, reason = "held only to keep the mapping alive")] Region),
-}
-
 /// An owned, page-aligned I/O buffer. See the module docs for its invariants.
+///
+/// 24 bytes: it travels inside every I/O, so it is kept small. A standalone
+/// buffer ([`DmaBuf::alloc`]) is the only buffer of a pool of its own.
 pub struct DmaBuf {
     ptr: NonNull<u8>,
-    len: usize,
-    cap: usize,
-    owner: Owner,
+    len: u32,
+    cap: u32,
+    pool: Arc<PoolInner>,
 }
 
 // SAFETY: a DmaBuf is the only handle to its bytes (module invariant), so
@@ -172,10 +170,12 @@ impl DmaBuf {
     /// Allocates a standalone buffer outside any pool (control path only:
     /// this maps memory).
     pub fn alloc(len: usize) -> std::io::Result<DmaBuf> {
-        let region = Region::map(len.max(1), false, false)?;
-        let ptr = NonNull::new(region.as_ptr()).expect("region pointer is non-null");
-        let cap = region.len();
-        Ok(DmaBuf { ptr, len, cap, owner: Owner::Own(region) })
+        let size = len.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let pool = BufferPool::new(size, 1, HugepageMode::Off).map_err(|e| match e {
+            PoolError::Map { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        Ok(pool.get(len).expect("a fresh pool of one has its buffer"))
     }
 
     /// Allocates a standalone buffer holding a copy of `data`.
@@ -187,7 +187,7 @@ impl DmaBuf {
 
     #[inline]
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     #[inline]
@@ -198,14 +198,14 @@ impl DmaBuf {
     /// Bytes available without reallocation (the pool's buffer size).
     #[inline]
     pub fn capacity(&self) -> usize {
-        self.cap
+        self.cap as usize
     }
 
     /// Changes the visible length, up to the capacity.
     #[inline]
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "DmaBuf::set_len {len} beyond capacity {}", self.cap);
-        self.len = len;
+        assert!(len <= self.cap as usize, "DmaBuf::set_len {len} beyond capacity {}", self.cap);
+        self.len = len as u32;
     }
 
     #[inline]
@@ -224,7 +224,7 @@ impl Deref for DmaBuf {
     #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: ptr is valid for cap >= len bytes and exclusively ours.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len as usize) }
     }
 }
 
@@ -232,16 +232,15 @@ impl DerefMut for DmaBuf {
     #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in Deref, and `&mut self` makes the access unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len as usize) }
     }
 }
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        if let Owner::Pool(pool, idx) = &self.owner {
-            // The queue has room for every index, so this cannot fail.
-            let _ = pool.free.push(*idx);
-        }
+        let idx = (self.ptr.as_ptr() as usize - self.pool.region.as_ptr() as usize) / self.pool.buf_size;
+        // The queue has room for every index, so this cannot fail.
+        let _ = self.pool.free.push(idx as u32);
     }
 }
 

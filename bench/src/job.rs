@@ -1,0 +1,341 @@
+//! One core's benchmark job: a poller that keeps `queue_depth` I/Os in flight
+//! on its own channel and stamps each one with the TSC.
+//!
+//! Every slot owns one buffer for the whole run, so the loop allocates
+//! nothing. A pass of the poller reads the clock once, reaps every completion,
+//! records each latency and resubmits the slot at once.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use hdrhistogram::Histogram;
+use hotcopy_bdev::{BdevChannel, BdevIo, IoStatus, IoType};
+use hotcopy_runtime::{clock, DmaBuf};
+
+use crate::{Workload, MAX_LATENCY_TICKS_SECS};
+
+/// What one slot is doing (verify mode alternates write then read).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Io,
+    VerifyWrite,
+    VerifyRead,
+}
+
+struct Slot {
+    buf: Option<DmaBuf>,
+    start: u64,
+    phase: Phase,
+    unit: u64,
+    seq: u64,
+}
+
+/// Results of one core, moved back to the caller when the job ends.
+pub struct CoreOutcome {
+    pub core: usize,
+    pub ios: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub verify_mismatches: u64,
+    pub first_mismatch: Option<String>,
+    pub hist_ticks: Histogram<u64>,
+    pub elapsed_ticks: u64,
+}
+
+pub struct JobSpec {
+    pub core: usize,
+    pub cores: usize,
+    pub workload: Workload,
+    pub read_pct: u32,
+    pub io_blocks: u64,
+    pub block_size: u64,
+    pub num_blocks: u64,
+    pub duration_ticks: u64,
+    pub verify: bool,
+    pub seed: u64,
+}
+
+pub struct Job {
+    spec: JobSpec,
+    ch: BdevChannel,
+    slots: Vec<Slot>,
+    done_ios: Vec<BdevIo>,
+    rng: u64,
+    /// I/O units (io_size each) on the device.
+    units: u64,
+    /// Sequential cursor (in units) and this core's range of units.
+    cursor: u64,
+    range: (u64, u64),
+    start_tick: u64,
+    end_tick: u64,
+    stopping: bool,
+    finished: bool,
+    out: CoreOutcome,
+}
+
+impl Job {
+    pub fn new(spec: JobSpec, ch: BdevChannel, bufs: Vec<DmaBuf>) -> Result<Job, String> {
+        let units = spec.num_blocks / spec.io_blocks;
+        if units == 0 {
+            return Err("the I/O size is larger than the bdev".into());
+        }
+        let qd = bufs.len() as u64;
+        if spec.verify && units < qd * spec.cores as u64 {
+            return Err(format!(
+                "--verify needs at least {} I/O units (queue depth x cores) on the bdev, it has {units}",
+                qd * spec.cores as u64
+            ));
+        }
+        // Sequential workloads give each core its own slice of the device.
+        let per = units / spec.cores as u64;
+        let range = (per * spec.core as u64, per * (spec.core as u64 + 1));
+        let slots = bufs
+            .into_iter()
+            .map(|b| Slot { buf: Some(b), start: 0, phase: Phase::Idle, unit: 0, seq: 0 })
+            .collect::<Vec<_>>();
+        let rng = spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (spec.core as u64 + 1);
+        let hist = Histogram::new_with_bounds(
+            1,
+            (MAX_LATENCY_TICKS_SECS * clock::ticks_per_us() * 1e6) as u64,
+            3,
+        )
+        .map_err(|e| e.to_string())?;
+        let core = spec.core;
+        Ok(Job {
+            done_ios: Vec::with_capacity(slots.len()),
+            slots,
+            rng: rng | 1,
+            units,
+            cursor: range.0,
+            range,
+            start_tick: 0,
+            end_tick: 0,
+            stopping: false,
+            finished: false,
+            ch,
+            spec,
+            out: CoreOutcome {
+                core,
+                ios: 0,
+                reads: 0,
+                writes: 0,
+                bytes: 0,
+                errors: 0,
+                verify_mismatches: 0,
+                first_mismatch: None,
+                hist_ticks: hist,
+                elapsed_ticks: 0,
+            },
+        })
+    }
+
+    #[inline(always)]
+    fn rand(&mut self) -> u64 {
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A uniform number in 0..n without a division.
+    #[inline(always)]
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.rand() as u128 * n as u128) >> 64) as u64
+    }
+
+    /// Starts the job: fills the queue.
+    pub fn start(&mut self) {
+        self.start_tick = clock::ticks();
+        self.end_tick = self.start_tick + self.spec.duration_ticks;
+        for i in 0..self.slots.len() {
+            self.issue(i, self.start_tick);
+        }
+    }
+
+    /// Picks the unit a slot works on next. In verify mode a slot only ever
+    /// touches units congruent to its global index, so no two I/Os in flight
+    /// overlap and a read sees exactly the slot's own last write.
+    #[inline(always)]
+    fn next_unit(&mut self, slot: usize) -> u64 {
+        if self.spec.verify {
+            let stride = self.slots.len() as u64 * self.spec.cores as u64;
+            let me = (self.spec.core * self.slots.len() + slot) as u64;
+            return me + stride * self.below(self.units / stride);
+        }
+        if self.spec.workload.is_random() {
+            self.below(self.units)
+        } else {
+            let u = self.cursor;
+            self.cursor += 1;
+            if self.cursor >= self.range.1 {
+                self.cursor = self.range.0;
+            }
+            u
+        }
+    }
+
+    #[inline(always)]
+    fn issue(&mut self, slot: usize, now: u64) {
+        let unit = self.next_unit(slot);
+        let is_read = if self.spec.verify {
+            false
+        } else {
+            match self.spec.workload {
+                Workload::Read | Workload::RandRead => true,
+                Workload::Write | Workload::RandWrite => false,
+                Workload::Rw | Workload::RandRw => (self.below(100) as u32) < self.spec.read_pct,
+            }
+        };
+        let io_blocks = self.spec.io_blocks;
+        let bs = self.spec.block_size;
+        let s = &mut self.slots[slot];
+        s.unit = unit;
+        s.start = now;
+        let mut buf = s.buf.take().expect("an idle slot holds its buffer");
+        let io_type = if self.spec.verify {
+            s.seq += 1;
+            s.phase = Phase::VerifyWrite;
+            fill_pattern(&mut buf, unit * io_blocks, s.seq, bs);
+            IoType::Write
+        } else {
+            s.phase = Phase::Io;
+            if is_read {
+                IoType::Read
+            } else {
+                IoType::Write
+            }
+        };
+        let mut io = BdevIo::new(io_type, unit * io_blocks, io_blocks, slot as u64);
+        io.buf = Some(buf);
+        self.ch.submit(io);
+    }
+
+    /// One poller pass. Returns the number of completions handled.
+    #[inline]
+    pub fn poll(&mut self) -> usize {
+        if self.finished {
+            return 0;
+        }
+        let done = &mut self.done_ios;
+        let n = self.ch.poll(&mut |io| done.push(io));
+        let now = clock::ticks();
+        if now >= self.end_tick && !self.stopping {
+            self.stopping = true;
+            self.out.elapsed_ticks = now - self.start_tick;
+        }
+        let mut ios = std::mem::take(&mut self.done_ios);
+        for mut io in ios.drain(..) {
+            let slot = io.token as usize;
+            let lat = now.saturating_sub(self.slots[slot].start);
+            self.out.hist_ticks.saturating_record(lat.max(1));
+            self.out.ios += 1;
+            self.out.bytes += io.num_blocks * self.spec.block_size;
+            match io.io_type {
+                IoType::Read => self.out.reads += 1,
+                _ => self.out.writes += 1,
+            }
+            let ok = io.status == IoStatus::Success;
+            if !ok {
+                self.out.errors += 1;
+            }
+            let buf = io.buf.take().expect("read/write I/O returns its buffer");
+            if self.slots[slot].phase == Phase::VerifyWrite && ok && !self.stopping {
+                // Read back what was just written.
+                let s = &mut self.slots[slot];
+                s.phase = Phase::VerifyRead;
+                s.start = now;
+                let mut rio = BdevIo::new(IoType::Read, io.offset_blocks, io.num_blocks, io.token);
+                rio.buf = Some(buf);
+                self.ch.submit(rio);
+                continue;
+            }
+            if self.slots[slot].phase == Phase::VerifyRead && ok {
+                let s = &self.slots[slot];
+                if let Some(at) = check_pattern(&buf, io.offset_blocks, s.seq, self.spec.block_size) {
+                    self.out.verify_mismatches += 1;
+                    if self.out.first_mismatch.is_none() {
+                        self.out.first_mismatch = Some(format!(
+                            "core {} block {}: byte {} of the {}-byte I/O differs from what was written",
+                            self.spec.core,
+                            io.offset_blocks,
+                            at,
+                            buf.len()
+                        ));
+                    }
+                }
+            }
+            let s = &mut self.slots[slot];
+            s.buf = Some(buf);
+            s.phase = Phase::Idle;
+            if !self.stopping {
+                self.issue(slot, now);
+            }
+        }
+        self.done_ios = ios;
+        if self.stopping && self.ch.inflight() == 0 {
+            self.finished = true;
+        }
+        n
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Moves the results out (the job is finished; its poller may still hold it).
+    pub fn take_outcome(&mut self) -> CoreOutcome {
+        let empty = CoreOutcome {
+            core: self.out.core,
+            ios: 0,
+            reads: 0,
+            writes: 0,
+            bytes: 0,
+            errors: 0,
+            verify_mismatches: 0,
+            first_mismatch: None,
+            hist_ticks: Histogram::new_from(&self.out.hist_ticks),
+            elapsed_ticks: 0,
+        };
+        std::mem::replace(&mut self.out, empty)
+    }
+}
+
+/// Fills `buf` with words derived from the block address and sequence number.
+fn fill_pattern(buf: &mut [u8], first_block: u64, seq: u64, block_size: u64) {
+    for (b, block) in buf.chunks_exact_mut(block_size as usize).enumerate() {
+        let lba = first_block + b as u64;
+        for (w, word) in block.chunks_exact_mut(8).enumerate() {
+            word.copy_from_slice(&pattern_word(lba, seq, w as u64).to_le_bytes());
+        }
+    }
+}
+
+/// Returns the byte offset of the first mismatch, if any.
+fn check_pattern(buf: &[u8], first_block: u64, seq: u64, block_size: u64) -> Option<usize> {
+    for (b, block) in buf.chunks_exact(block_size as usize).enumerate() {
+        let lba = first_block + b as u64;
+        for (w, word) in block.chunks_exact(8).enumerate() {
+            let want = pattern_word(lba, seq, w as u64).to_le_bytes();
+            if word != want {
+                return Some(b * block_size as usize + w * 8);
+            }
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn pattern_word(lba: u64, seq: u64, word: u64) -> u64 {
+    let mut z = lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seq.rotate_left(32) ^ word;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 31)
+}
+
+/// A job shared with its poller closure.
+pub type SharedJob = Rc<RefCell<Job>>;
