@@ -62,7 +62,7 @@ pub struct Job {
     spec: JobSpec,
     ch: BdevChannel,
     slots: Vec<Slot>,
-    done_ios: Vec<BdevIo>,
+    done_slots: Vec<u32>,
     rng: u64,
     /// I/O units (io_size each) on the device.
     units: u64,
@@ -105,7 +105,7 @@ impl Job {
         .map_err(|e| e.to_string())?;
         let core = spec.core;
         Ok(Job {
-            done_ios: Vec::with_capacity(slots.len()),
+            done_slots: Vec::with_capacity(slots.len()),
             slots,
             rng: rng | 1,
             units,
@@ -217,67 +217,81 @@ impl Job {
     }
 
     /// One poller pass. Returns the number of completions handled.
+    ///
+    /// Completions are handled inside the channel's callback: latency is
+    /// recorded and the slot takes its buffer back; slots to restart are
+    /// listed and resubmitted after the callback (the channel is busy in it).
     #[inline]
-    pub fn poll(&mut self) -> usize {
+    pub fn poll(&mut self, now: u64) -> usize {
         if self.finished {
             return 0;
         }
-        let done = &mut self.done_ios;
-        let n = self.ch.poll(&mut |io| done.push(io));
-        let now = clock::ticks();
         if now >= self.end_tick && !self.stopping {
             self.stopping = true;
             self.out.elapsed_ticks = now - self.start_tick;
         }
-        let mut ios = std::mem::take(&mut self.done_ios);
-        for mut io in ios.drain(..) {
+        let Job { ch, slots, out, spec, done_slots, .. } = self;
+        let n = ch.poll(&mut |mut io| {
             let slot = io.token as usize;
-            let lat = now.saturating_sub(self.slots[slot].start);
-            self.out.hist_ticks.saturating_record(lat.max(1));
-            self.out.ios += 1;
-            self.out.bytes += io.num_blocks * self.spec.block_size;
-            match io.io_type {
-                IoType::Read => self.out.reads += 1,
-                _ => self.out.writes += 1,
+            let s = &mut slots[slot];
+            out.hist_ticks.saturating_record(now.saturating_sub(s.start).max(1));
+            out.ios += 1;
+            out.bytes += io.num_blocks * spec.block_size;
+            if io.io_type == IoType::Read {
+                out.reads += 1;
+            } else {
+                out.writes += 1;
             }
-            let ok = io.status == IoStatus::Success;
-            if !ok {
-                self.out.errors += 1;
+            if io.status != IoStatus::Success {
+                out.errors += 1;
+                s.phase = Phase::Idle;
             }
             let buf = io.buf.take().expect("read/write I/O returns its buffer");
-            if self.slots[slot].phase == Phase::VerifyWrite && ok && !self.stopping {
+            match s.phase {
+                Phase::VerifyWrite => s.phase = Phase::VerifyRead,
+                Phase::VerifyRead => {
+                    if let Some(at) = check_pattern(&buf, io.offset_blocks, s.seq, spec.block_size) {
+                        out.verify_mismatches += 1;
+                        if out.first_mismatch.is_none() {
+                            out.first_mismatch = Some(format!(
+                                "core {} block {}: byte {} of the {}-byte I/O differs from what was written",
+                                spec.core,
+                                io.offset_blocks,
+                                at,
+                                buf.len()
+                            ));
+                        }
+                    }
+                    s.phase = Phase::Idle;
+                }
+                _ => s.phase = Phase::Idle,
+            }
+            s.buf = Some(buf);
+            done_slots.push(slot as u32);
+        });
+        let mut restart = std::mem::take(&mut self.done_slots);
+        for &slot in restart.iter() {
+            let slot = slot as usize;
+            if self.stopping {
+                self.slots[slot].phase = Phase::Idle;
+            } else if self.slots[slot].phase == Phase::VerifyRead {
                 // Read back what was just written.
                 let s = &mut self.slots[slot];
-                s.phase = Phase::VerifyRead;
                 s.start = now;
-                let mut rio = BdevIo::new(IoType::Read, io.offset_blocks, io.num_blocks, io.token);
-                rio.buf = Some(buf);
+                let mut rio = BdevIo::new(
+                    IoType::Read,
+                    s.unit * self.spec.io_blocks,
+                    self.spec.io_blocks,
+                    slot as u64,
+                );
+                rio.buf = s.buf.take();
                 self.ch.submit(rio);
-                continue;
-            }
-            if self.slots[slot].phase == Phase::VerifyRead && ok {
-                let s = &self.slots[slot];
-                if let Some(at) = check_pattern(&buf, io.offset_blocks, s.seq, self.spec.block_size) {
-                    self.out.verify_mismatches += 1;
-                    if self.out.first_mismatch.is_none() {
-                        self.out.first_mismatch = Some(format!(
-                            "core {} block {}: byte {} of the {}-byte I/O differs from what was written",
-                            self.spec.core,
-                            io.offset_blocks,
-                            at,
-                            buf.len()
-                        ));
-                    }
-                }
-            }
-            let s = &mut self.slots[slot];
-            s.buf = Some(buf);
-            s.phase = Phase::Idle;
-            if !self.stopping {
+            } else {
                 self.issue(slot, now);
             }
         }
-        self.done_ios = ios;
+        restart.clear();
+        self.done_slots = restart;
         if self.stopping && self.ch.inflight() == 0 {
             self.finished = true;
         }
@@ -339,3 +353,19 @@ fn pattern_word(lba: u64, seq: u64, word: u64) -> u64 {
 
 /// A job shared with its poller closure.
 pub type SharedJob = Rc<RefCell<Job>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_check_finds_the_first_changed_byte() {
+        let mut buf = vec![0u8; 4096];
+        fill_pattern(&mut buf, 80, 3, 512);
+        assert_eq!(check_pattern(&buf, 80, 3, 512), None);
+        assert_eq!(check_pattern(&buf, 81, 3, 512), Some(0), "another block's pattern");
+        assert_eq!(check_pattern(&buf, 80, 4, 512), Some(0), "a stale write's pattern");
+        buf[1500] ^= 1;
+        assert_eq!(check_pattern(&buf, 80, 3, 512), Some(1496), "reported at word granularity");
+    }
+}

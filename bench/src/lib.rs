@@ -306,7 +306,7 @@ pub fn run(rt: &Runtime, reg: &BdevRegistry, params: &BenchParams) -> Result<Ben
             let job = j.borrow().clone().expect("job was set up on this reactor");
             job.borrow_mut().start();
             let poller = Poller::builder().name("bench").register(move || {
-                PollStatus::from_count(job.borrow_mut().poll())
+                PollStatus::from_count(job.borrow_mut().poll(clock::ticks()))
             });
             POLLER.with(|p| *p.borrow_mut() = Some(poller));
         })
