@@ -164,7 +164,8 @@ impl Bdev {
 
     /// The module's object behind this bdev, if it is a `T`.
     pub fn backend<T: BdevBackend>(&self) -> Option<&T> {
-        self.0.backend.as_any().downcast_ref::<T>()
+        // Deref the box first: `Box<dyn BdevBackend>` is itself `Any`.
+        (*self.0.backend).as_any().downcast_ref::<T>()
     }
 
     /// Who holds the exclusive claim, if anyone.

@@ -78,7 +78,7 @@ impl fmt::Debug for BufferPool {
 impl BufferPool {
     /// Creates `count` buffers of `buf_size` bytes (a multiple of 4 KiB).
     pub fn new(buf_size: usize, count: usize, mode: HugepageMode) -> Result<Self, PoolError> {
-        if buf_size == 0 || buf_size % PAGE_SIZE != 0 || buf_size > u32::MAX as usize {
+        if buf_size == 0 || !buf_size.is_multiple_of(PAGE_SIZE) || buf_size > u32::MAX as usize {
             return Err(PoolError::BadSize(buf_size));
         }
         let count = count.max(1);
