@@ -94,7 +94,13 @@ impl Job {
         let range = (per * spec.core as u64, per * (spec.core as u64 + 1));
         let slots = bufs
             .into_iter()
-            .map(|b| Slot { buf: Some(b), start: 0, phase: Phase::Idle, unit: 0, seq: 0 })
+            .map(|b| Slot {
+                buf: Some(b),
+                start: 0,
+                phase: Phase::Idle,
+                unit: 0,
+                seq: 0,
+            })
             .collect::<Vec<_>>();
         let rng = spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (spec.core as u64 + 1);
         let hist = Histogram::new_with_bounds(
@@ -230,7 +236,14 @@ impl Job {
             self.stopping = true;
             self.out.elapsed_ticks = now - self.start_tick;
         }
-        let Job { ch, slots, out, spec, done_slots, .. } = self;
+        let Job {
+            ch,
+            slots,
+            out,
+            spec,
+            done_slots,
+            ..
+        } = self;
         let n = ch.poll(&mut |mut io| {
             let slot = io.token as usize;
             let s = &mut slots[slot];
@@ -363,9 +376,21 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         fill_pattern(&mut buf, 80, 3, 512);
         assert_eq!(check_pattern(&buf, 80, 3, 512), None);
-        assert_eq!(check_pattern(&buf, 81, 3, 512), Some(0), "another block's pattern");
-        assert_eq!(check_pattern(&buf, 80, 4, 512), Some(0), "a stale write's pattern");
+        assert_eq!(
+            check_pattern(&buf, 81, 3, 512),
+            Some(0),
+            "another block's pattern"
+        );
+        assert_eq!(
+            check_pattern(&buf, 80, 4, 512),
+            Some(0),
+            "a stale write's pattern"
+        );
         buf[1500] ^= 1;
-        assert_eq!(check_pattern(&buf, 80, 3, 512), Some(1496), "reported at word granularity");
+        assert_eq!(
+            check_pattern(&buf, 80, 3, 512),
+            Some(1496),
+            "reported at word granularity"
+        );
     }
 }

@@ -15,8 +15,8 @@
 
 mod job;
 
-use std::rc::Rc;
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -43,7 +43,10 @@ pub enum Workload {
 
 impl Workload {
     pub fn is_random(self) -> bool {
-        matches!(self, Workload::RandRead | Workload::RandWrite | Workload::RandRw)
+        matches!(
+            self,
+            Workload::RandRead | Workload::RandWrite | Workload::RandRw
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -120,7 +123,13 @@ impl Latency {
     fn from_ticks(h: &Histogram<u64>) -> Latency {
         let us = |t: f64| t / clock::ticks_per_us();
         if h.is_empty() {
-            return Latency { avg: 0.0, p50: 0.0, p99: 0.0, p999: 0.0, max: 0.0 };
+            return Latency {
+                avg: 0.0,
+                p50: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+            };
         }
         Latency {
             avg: us(h.mean()),
@@ -222,7 +231,11 @@ impl BenchReport {
                     let _ = writeln!(s, "verify: OK, every block read back as written");
                 }
                 Some(m) => {
-                    let _ = writeln!(s, "verify: FAILED, {} mismatching I/Os; first: {m}", v.mismatches);
+                    let _ = writeln!(
+                        s,
+                        "verify: FAILED, {} mismatching I/Os; first: {m}",
+                        v.mismatches
+                    );
                 }
             }
         }
@@ -231,7 +244,11 @@ impl BenchReport {
             "peak RSS {:.1} MiB; I/O buffers {:.1} MiB, {}",
             self.peak_rss_mib,
             self.buffer_pool_mib,
-            if self.buffers_hugepage { "hugepage-backed" } else { "ordinary pages (no free hugepages)" }
+            if self.buffers_hugepage {
+                "hugepage-backed"
+            } else {
+                "ordinary pages (no free hugepages)"
+            }
         );
         s
     }
@@ -239,20 +256,30 @@ impl BenchReport {
 
 /// Runs the benchmark on every reactor of `rt` against the bdev named in
 /// `params`, registered in `reg`.
-pub fn run(rt: &Runtime, reg: &BdevRegistry, params: &BenchParams) -> Result<BenchReport, BenchError> {
+pub fn run(
+    rt: &Runtime,
+    reg: &BdevRegistry,
+    params: &BenchParams,
+) -> Result<BenchReport, BenchError> {
     let bdev = reg.lookup(&params.bdev)?;
     let bs = bdev.block_size() as usize;
     if params.queue_depth == 0 || params.queue_depth > 4096 {
-        return Err(BenchError::Params(format!("queue depth {} is not in 1..=4096", params.queue_depth)));
+        return Err(BenchError::Params(format!(
+            "queue depth {} is not in 1..=4096",
+            params.queue_depth
+        )));
     }
-    if params.io_size == 0 || params.io_size % bs != 0 {
+    if params.io_size == 0 || !params.io_size.is_multiple_of(bs) {
         return Err(BenchError::Params(format!(
             "I/O size {} is not a positive multiple of the block size {bs}",
             params.io_size
         )));
     }
     if params.read_pct > 100 {
-        return Err(BenchError::Params(format!("read percentage {} is over 100", params.read_pct)));
+        return Err(BenchError::Params(format!(
+            "read percentage {} is over 100",
+            params.read_pct
+        )));
     }
     if params.verify && bdev.info().product == "null" {
         return Err(BenchError::Params(
@@ -261,7 +288,10 @@ pub fn run(rt: &Runtime, reg: &BdevRegistry, params: &BenchParams) -> Result<Ben
     }
     let writes = params.verify || !matches!(params.workload, Workload::Read | Workload::RandRead);
     if writes && !bdev.supports(IoType::Write) {
-        return Err(BenchError::Params(format!("bdev {} does not support writes", bdev.name())));
+        return Err(BenchError::Params(format!(
+            "bdev {} does not support writes",
+            bdev.name()
+        )));
     }
     let desc: BdevDesc = bdev.open(writes)?;
     let cores = rt.num_reactors();
@@ -298,16 +328,20 @@ pub fn run(rt: &Runtime, reg: &BdevRegistry, params: &BenchParams) -> Result<Ben
             Ok(())
         }
     });
-    for (core, r) in jobs_ready.map_err(|_| BenchError::Reactor)?.into_iter().enumerate() {
+    for (core, r) in jobs_ready
+        .map_err(|_| BenchError::Reactor)?
+        .into_iter()
+        .enumerate()
+    {
         r.map_err(|why| BenchError::Job { core, why })?;
     }
     rt.exec_all(|_| {
         JOB.with(|j| {
             let job = j.borrow().clone().expect("job was set up on this reactor");
             job.borrow_mut().start();
-            let poller = Poller::builder().name("bench").register(move || {
-                PollStatus::from_count(job.borrow_mut().poll(clock::ticks()))
-            });
+            let poller = Poller::builder()
+                .name("bench")
+                .register(move || PollStatus::from_count(job.borrow_mut().poll(clock::ticks())));
             POLLER.with(|p| *p.borrow_mut() = Some(poller));
         })
     })
@@ -317,13 +351,20 @@ pub fn run(rt: &Runtime, reg: &BdevRegistry, params: &BenchParams) -> Result<Ben
     // Wait for every job to drain its queue, then collect.
     let outcomes: Vec<CoreOutcome> = loop {
         let done = rt
-            .exec_all(|_| JOB.with(|j| j.borrow().as_ref().is_none_or(|job| job.borrow().is_finished())))
+            .exec_all(|_| {
+                JOB.with(|j| {
+                    j.borrow()
+                        .as_ref()
+                        .is_none_or(|job| job.borrow().is_finished())
+                })
+            })
             .map_err(|_| BenchError::Reactor)?;
         if done.iter().all(|d| *d) {
             let outs = rt
                 .exec_all(|_| {
                     POLLER.with(|p| p.borrow_mut().take());
-                    JOB.with(|j| j.borrow_mut().take()).map(|job| job.borrow_mut().take_outcome())
+                    JOB.with(|j| j.borrow_mut().take())
+                        .map(|job| job.borrow_mut().take_outcome())
                 })
                 .map_err(|_| BenchError::Reactor)?;
             break outs.into_iter().flatten().collect();
@@ -390,15 +431,21 @@ fn summarize(
         mibps,
         ios,
         errors,
-        lat_us: total_hist.as_ref().map(Latency::from_ticks).unwrap_or(Latency {
-            avg: 0.0,
-            p50: 0.0,
-            p99: 0.0,
-            p999: 0.0,
-            max: 0.0,
-        }),
+        lat_us: total_hist
+            .as_ref()
+            .map(Latency::from_ticks)
+            .unwrap_or(Latency {
+                avg: 0.0,
+                p50: 0.0,
+                p99: 0.0,
+                p999: 0.0,
+                max: 0.0,
+            }),
         cores,
-        verify: params.verify.then_some(VerifyReport { mismatches: mism, first_mismatch }),
+        verify: params.verify.then_some(VerifyReport {
+            mismatches: mism,
+            first_mismatch,
+        }),
         peak_rss_mib: sys::peak_rss_bytes() as f64 / (1024.0 * 1024.0),
         buffers_hugepage: pool.is_hugepage(),
         buffer_pool_mib: pool.footprint() as f64 / (1024.0 * 1024.0),
@@ -432,7 +479,14 @@ mod tests {
         malloc::create(&reg, "m0", 64 << 20, 512).unwrap();
         passthru::create(&reg, "pt0", "m0").unwrap();
         null::create(&reg, "n0", 1 << 30, 512).unwrap();
-        for w in [Workload::Read, Workload::Write, Workload::RandRead, Workload::RandWrite, Workload::Rw, Workload::RandRw] {
+        for w in [
+            Workload::Read,
+            Workload::Write,
+            Workload::RandRead,
+            Workload::RandWrite,
+            Workload::Rw,
+            Workload::RandRw,
+        ] {
             let r = run(&rt, &reg, &params("n0", w, false)).unwrap();
             assert!(r.ios > 1000, "{w:?}: {} I/Os", r.ios);
             assert_eq!(r.cores.len(), 2);
@@ -457,9 +511,15 @@ mod tests {
         assert!(e.contains("null bdev stores nothing"), "{e}");
         p.verify = false;
         p.io_size = 1000;
-        assert!(run(&rt, &reg, &p).unwrap_err().to_string().contains("multiple of the block size"));
+        assert!(run(&rt, &reg, &p)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of the block size"));
         p.io_size = 4096;
         p.bdev = "nope".into();
-        assert!(run(&rt, &reg, &p).unwrap_err().to_string().contains("no bdev named \"nope\""));
+        assert!(run(&rt, &reg, &p)
+            .unwrap_err()
+            .to_string()
+            .contains("no bdev named \"nope\""));
     }
 }

@@ -27,6 +27,11 @@ pub fn on_reactor<T: Send + 'static>(f: impl FnOnce(&Reactor) -> T + Send + 'sta
 
 /// A temporary directory under /var/tmp (disk-backed, so O_DIRECT works).
 pub fn scratch_dir() -> tempfile::TempDir {
-    let base = std::env::var_os("HOTCOPY_SCRATCH").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
-    tempfile::Builder::new().prefix("hotcopy-test-").tempdir_in(base).expect("create scratch dir")
+    let base = std::env::var_os("HOTCOPY_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
+    tempfile::Builder::new()
+        .prefix("hotcopy-test-")
+        .tempdir_in(base)
+        .expect("create scratch dir")
 }

@@ -16,7 +16,10 @@ fn exercise(reg: &BdevRegistry, name: &'static str, stores_data: bool) {
         let mut ch = desc.channel().unwrap();
         let bs = ch.block_size() as usize;
         let last = ch.num_blocks() - 8;
-        for (i, (lba, blocks)) in [(0u64, 1usize), (1, 8), (100, 256), (last, 8)].into_iter().enumerate() {
+        for (i, (lba, blocks)) in [(0u64, 1usize), (1, 8), (100, 256), (last, 8)]
+            .into_iter()
+            .enumerate()
+        {
             let data = pattern(i as u64 + 1, blocks * bs);
             assert_eq!(write(&mut ch, lba, &data), IoStatus::Success);
             let back = read(&mut ch, lba, blocks as u64).unwrap();
@@ -28,8 +31,14 @@ fn exercise(reg: &BdevRegistry, name: &'static str, stores_data: bool) {
         assert_eq!(unmap(&mut ch, 100, 256), IoStatus::Success);
         assert_eq!(write_zeroes(&mut ch, 0, 1), IoStatus::Success);
         if stores_data {
-            assert!(read(&mut ch, 100, 256).unwrap().iter().all(|b| *b == 0), "{name}: unmapped reads zero");
-            assert!(read(&mut ch, 0, 1).unwrap().iter().all(|b| *b == 0), "{name}: zeroed");
+            assert!(
+                read(&mut ch, 100, 256).unwrap().iter().all(|b| *b == 0),
+                "{name}: unmapped reads zero"
+            );
+            assert!(
+                read(&mut ch, 0, 1).unwrap().iter().all(|b| *b == 0),
+                "{name}: zeroed"
+            );
             // Neighbours of the zeroed range are untouched.
             assert_eq!(read(&mut ch, 1, 8).unwrap(), pattern(2, 8 * bs));
         }
@@ -67,7 +76,10 @@ fn passthru_writes_land_on_its_base() {
         assert_eq!(write(&mut t, 40, &data), IoStatus::Success);
         assert_eq!(read(&mut b, 40, 8).unwrap(), data);
         // Read-only descriptors refuse writes.
-        assert_eq!(write(&mut b, 40, &data), IoStatus::Failed(IoError::ReadOnly));
+        assert_eq!(
+            write(&mut b, 40, &data),
+            IoStatus::Failed(IoError::ReadOnly)
+        );
     });
 }
 
@@ -76,12 +88,24 @@ fn claims_are_exclusive_and_released_with_their_holder() {
     let reg = BdevRegistry::new();
     malloc::create(&reg, "m", 1 << 20, 512).unwrap();
     passthru::create(&reg, "p1", "m").unwrap();
-    assert!(matches!(passthru::create(&reg, "p2", "m"), Err(BdevError::Claimed { by, .. }) if by == "p1"));
-    assert!(matches!(reg.open("m", true), Err(BdevError::Claimed { .. })));
+    assert!(
+        matches!(passthru::create(&reg, "p2", "m"), Err(BdevError::Claimed { by, .. }) if by == "p1")
+    );
+    assert!(matches!(
+        reg.open("m", true),
+        Err(BdevError::Claimed { .. })
+    ));
     assert!(reg.open("m", false).is_ok(), "read-only opens are allowed");
-    assert!(matches!(reg.unregister("m"), Err(BdevError::Claimed { .. })));
+    assert!(matches!(
+        reg.unregister("m"),
+        Err(BdevError::Claimed { .. })
+    ));
     drop(reg.unregister("p1").unwrap());
-    assert_eq!(reg.get("m").unwrap().claimed_by(), None, "removing p1 released its claim");
+    assert_eq!(
+        reg.get("m").unwrap().claimed_by(),
+        None,
+        "removing p1 released its claim"
+    );
     passthru::create(&reg, "p2", "m").unwrap();
     assert_eq!(reg.get("m").unwrap().claimed_by().as_deref(), Some("p2"));
 }
@@ -90,10 +114,22 @@ fn claims_are_exclusive_and_released_with_their_holder() {
 fn registry_rejects_bad_names_duplicates_and_geometry() {
     let reg = BdevRegistry::new();
     malloc::create(&reg, "m", 1 << 20, 512).unwrap();
-    assert!(matches!(malloc::create(&reg, "m", 1 << 20, 512), Err(BdevError::Exists(_))));
-    assert!(matches!(malloc::create(&reg, "bad name", 1 << 20, 512), Err(BdevError::InvalidName(_))));
-    assert!(matches!(malloc::create(&reg, "odd", 1 << 20, 520), Err(BdevError::InvalidGeometry { .. })));
-    assert!(matches!(null::create(&reg, "empty", 100, 512), Err(BdevError::InvalidGeometry { .. })));
+    assert!(matches!(
+        malloc::create(&reg, "m", 1 << 20, 512),
+        Err(BdevError::Exists(_))
+    ));
+    assert!(matches!(
+        malloc::create(&reg, "bad name", 1 << 20, 512),
+        Err(BdevError::InvalidName(_))
+    ));
+    assert!(matches!(
+        malloc::create(&reg, "odd", 1 << 20, 520),
+        Err(BdevError::InvalidGeometry { .. })
+    ));
+    assert!(matches!(
+        null::create(&reg, "empty", 100, 512),
+        Err(BdevError::InvalidGeometry { .. })
+    ));
     let e = reg.lookup("nope").unwrap_err().to_string();
     assert!(e.contains("nope") && e.contains("known: m"), "{e}");
 }
@@ -110,12 +146,30 @@ fn channel_validates_range_buffer_and_support() {
         let mut ch2 = desc.channel().unwrap();
         let mut st2 = |io| run_io(&mut ch2, io).status;
         let buf = || DmaBuf::alloc(4096).unwrap();
-        assert_eq!(st(BdevIo::read(n - 7, 8, buf(), 1)), IoStatus::Failed(IoError::OutOfRange));
-        assert_eq!(st2(BdevIo::read(u64::MAX, 2, buf(), 1)), IoStatus::Failed(IoError::OutOfRange));
-        assert_eq!(st2(BdevIo::write(0, 16, buf(), 1)), IoStatus::Failed(IoError::BadBuffer));
-        assert_eq!(st2(BdevIo::new(IoType::Write, 0, 1, 1)), IoStatus::Failed(IoError::BadBuffer));
-        assert_eq!(st2(BdevIo::read(0, 0, buf(), 1)), IoStatus::Failed(IoError::BadBuffer));
-        assert_eq!(st2(BdevIo::unmap(n, 1, 1)), IoStatus::Failed(IoError::OutOfRange));
+        assert_eq!(
+            st(BdevIo::read(n - 7, 8, buf(), 1)),
+            IoStatus::Failed(IoError::OutOfRange)
+        );
+        assert_eq!(
+            st2(BdevIo::read(u64::MAX, 2, buf(), 1)),
+            IoStatus::Failed(IoError::OutOfRange)
+        );
+        assert_eq!(
+            st2(BdevIo::write(0, 16, buf(), 1)),
+            IoStatus::Failed(IoError::BadBuffer)
+        );
+        assert_eq!(
+            st2(BdevIo::new(IoType::Write, 0, 1, 1)),
+            IoStatus::Failed(IoError::BadBuffer)
+        );
+        assert_eq!(
+            st2(BdevIo::read(0, 0, buf(), 1)),
+            IoStatus::Failed(IoError::BadBuffer)
+        );
+        assert_eq!(
+            st2(BdevIo::unmap(n, 1, 1)),
+            IoStatus::Failed(IoError::OutOfRange)
+        );
         assert_eq!(st2(BdevIo::read(n - 8, 8, buf(), 1)), IoStatus::Success);
     });
 }
@@ -136,8 +190,11 @@ fn completions_keep_their_tokens_and_buffers_under_load() {
         while ch.inflight() > 0 {
             ch.poll(&mut |io| {
                 assert!(io.status.is_success());
-                assert_eq!(&io.buf.as_deref().unwrap()[..], &pattern(io.token, 4096)[..]);
-                assert!(!std::mem::replace(&mut seen[io.token as usize], true), "token returned twice");
+                assert_eq!(io.buf.as_deref().unwrap(), &pattern(io.token, 4096)[..]);
+                assert!(
+                    !std::mem::replace(&mut seen[io.token as usize], true),
+                    "token returned twice"
+                );
             });
         }
         assert!(seen.iter().all(|s| *s));
@@ -173,7 +230,8 @@ fn each_core_has_its_own_channel_and_sees_the_others_writes() {
             move |core| {
                 let other = 1 - core;
                 let mut ch = desc.channel().unwrap();
-                read(&mut ch, other as u64 * 128, 128).unwrap() == pattern(100 + other as u64, 64 * 1024)
+                read(&mut ch, other as u64 * 128, 128).unwrap()
+                    == pattern(100 + other as u64, 64 * 1024)
             }
         })
         .unwrap();
@@ -185,7 +243,11 @@ fn each_core_has_its_own_channel_and_sees_the_others_writes() {
 fn malloc_reports_allocated_ranges_for_skipping_free_space() {
     let reg = BdevRegistry::new();
     let m = malloc::create(&reg, "m", 4 << 20, 512).unwrap();
-    assert_eq!(m.allocated_ranges(), Some(vec![]), "a fresh RAM disk holds no data");
+    assert_eq!(
+        m.allocated_ranges(),
+        Some(vec![]),
+        "a fresh RAM disk holds no data"
+    );
     let desc = reg.open("m", true).unwrap();
     on_reactor(move |_| {
         let mut ch = desc.channel().unwrap();

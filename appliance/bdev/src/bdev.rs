@@ -23,7 +23,12 @@ pub struct BdevInfo {
 }
 
 impl BdevInfo {
-    pub fn new(name: impl Into<String>, product: &'static str, block_size: u32, num_blocks: u64) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        product: &'static str,
+        block_size: u32,
+        num_blocks: u64,
+    ) -> Self {
         BdevInfo {
             name: name.into(),
             uuid: new_uuid(),
@@ -48,7 +53,10 @@ fn new_uuid() -> u128 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let local = 0u8;
-    let mut x = t ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let mut x = t
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (&local as *const u8 as u64);
     let mut next = || {
         x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -64,7 +72,14 @@ fn new_uuid() -> u128 {
 /// Formats a UUID in the usual 8-4-4-4-12 form.
 pub fn format_uuid(u: u128) -> String {
     let h = format!("{u:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// What a module implements for each bdev it creates (SPDK's fn_table).
@@ -178,7 +193,10 @@ impl Bdev {
     pub fn claim(&self, owner: &str) -> Result<Claim, BdevError> {
         let mut c = lock(&self.0.claimed_by);
         if let Some(by) = c.as_ref() {
-            return Err(BdevError::Claimed { bdev: self.name().to_string(), by: by.clone() });
+            return Err(BdevError::Claimed {
+                bdev: self.name().to_string(),
+                by: by.clone(),
+            });
         }
         *c = Some(owner.to_string());
         Ok(Claim { bdev: self.clone() })
@@ -189,10 +207,16 @@ impl Bdev {
     pub fn open(&self, writable: bool) -> Result<BdevDesc, BdevError> {
         if writable {
             if let Some(by) = self.claimed_by() {
-                return Err(BdevError::Claimed { bdev: self.name().to_string(), by });
+                return Err(BdevError::Claimed {
+                    bdev: self.name().to_string(),
+                    by,
+                });
             }
         }
-        Ok(BdevDesc { bdev: self.clone(), writable })
+        Ok(BdevDesc {
+            bdev: self.clone(),
+            writable,
+        })
     }
 
     fn same(&self, other: &Bdev) -> bool {
@@ -218,7 +242,10 @@ impl Claim {
 
     /// A writable descriptor for the claim holder.
     pub fn open(&self) -> BdevDesc {
-        BdevDesc { bdev: self.bdev.clone(), writable: true }
+        BdevDesc {
+            bdev: self.bdev.clone(),
+            writable: true,
+        }
     }
 }
 
@@ -308,7 +335,10 @@ impl BdevChannel {
             _ => return Err(IoError::OutOfRange),
         }
         if io.io_type.needs_buffer() {
-            let need = io.num_blocks.checked_mul(self.block_size).ok_or(IoError::BadBuffer)?;
+            let need = io
+                .num_blocks
+                .checked_mul(self.block_size)
+                .ok_or(IoError::BadBuffer)?;
             match &io.buf {
                 Some(b) if b.len() as u64 >= need && io.num_blocks > 0 => {}
                 _ => return Err(IoError::BadBuffer),
@@ -388,16 +418,15 @@ impl BdevRegistry {
     }
 
     /// Registers a bdev built by a module.
-    pub fn register(
-        &self,
-        info: BdevInfo,
-        backend: impl BdevBackend,
-    ) -> Result<Bdev, BdevError> {
+    pub fn register(&self, info: BdevInfo, backend: impl BdevBackend) -> Result<Bdev, BdevError> {
         validate_name(&info.name)?;
         if !info.block_size.is_power_of_two() || !(512..=65536).contains(&info.block_size) {
             return Err(BdevError::InvalidGeometry {
                 name: info.name.clone(),
-                why: format!("block size {} is not a power of two in 512..=65536", info.block_size),
+                why: format!(
+                    "block size {} is not a power of two in 512..=65536",
+                    info.block_size
+                ),
             });
         }
         if info.num_blocks == 0 {
@@ -416,7 +445,11 @@ impl BdevRegistry {
             claimed_by: Mutex::new(None),
         }));
         map.insert(bdev.name().to_string(), bdev.clone());
-        tracing::debug!(bdev = bdev.name(), product = bdev.info().product, "bdev registered");
+        tracing::debug!(
+            bdev = bdev.name(),
+            product = bdev.info().product,
+            "bdev registered"
+        );
         Ok(bdev)
     }
 
@@ -454,7 +487,10 @@ impl BdevRegistry {
             known: map.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
         if let Some(by) = bdev.claimed_by() {
-            return Err(BdevError::Claimed { bdev: name.to_string(), by });
+            return Err(BdevError::Claimed {
+                bdev: name.to_string(),
+                by,
+            });
         }
         let removed = map.remove(name).expect("present: checked above");
         debug_assert!(removed.same(&bdev));
@@ -465,7 +501,9 @@ impl BdevRegistry {
 fn validate_name(name: &str) -> Result<(), BdevError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if ok {
         Ok(())
     } else {

@@ -29,7 +29,12 @@ pub fn create_one(reg: &BdevRegistry, name: &str, cfg: &BdevConfig) -> Result<Bd
     match cfg {
         BdevConfig::Null { size, block_size } => null::create(reg, name, size.0, *block_size),
         BdevConfig::Malloc { size, block_size } => malloc::create(reg, name, size.0, *block_size),
-        BdevConfig::Uring { path, size, block_size, direct } => {
+        BdevConfig::Uring {
+            path,
+            size,
+            block_size,
+            direct,
+        } => {
             let mut opts = uring::UringOptions::new(path.clone());
             opts.size = size.map(|s| s.0);
             opts.block_size = *block_size;
@@ -40,7 +45,13 @@ pub fn create_one(reg: &BdevRegistry, name: &str, cfg: &BdevConfig) -> Result<Bd
             let base = base_name(base)?;
             passthru::create(reg, name, &base)
         }
-        BdevConfig::Fault { base, read_error_rate, write_error_rate, latency_us, volatile_cache } => {
+        BdevConfig::Fault {
+            base,
+            read_error_rate,
+            write_error_rate,
+            latency_us,
+            volatile_cache,
+        } => {
             let base = base_name(base)?;
             let opts = fault::FaultOptions {
                 read_error_rate: *read_error_rate,
@@ -56,5 +67,8 @@ pub fn create_one(reg: &BdevRegistry, name: &str, cfg: &BdevConfig) -> Result<Bd
 
 /// Creates every bdev of a config, bases before the bdevs stacked on them.
 pub fn create_all(reg: &BdevRegistry, cfg: &Config) -> Result<Vec<Bdev>, BdevError> {
-    cfg.build_order().into_iter().map(|b| create_one(reg, &b.name, &b.bdev)).collect()
+    cfg.build_order()
+        .into_iter()
+        .map(|b| create_one(reg, &b.name, &b.bdev))
+        .collect()
 }

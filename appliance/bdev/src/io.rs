@@ -21,8 +21,13 @@ pub enum IoType {
 }
 
 impl IoType {
-    pub const ALL: [IoType; 5] =
-        [IoType::Read, IoType::Write, IoType::Flush, IoType::Unmap, IoType::WriteZeroes];
+    pub const ALL: [IoType; 5] = [
+        IoType::Read,
+        IoType::Write,
+        IoType::Flush,
+        IoType::Unmap,
+        IoType::WriteZeroes,
+    ];
 
     /// Whether the operation changes the device (and so needs a writable descriptor).
     pub fn is_mutating(self) -> bool {
@@ -115,11 +120,17 @@ impl BdevIo {
     }
 
     pub fn read(offset_blocks: u64, num_blocks: u64, buf: DmaBuf, token: u64) -> Self {
-        BdevIo { buf: Some(buf), ..Self::new(IoType::Read, offset_blocks, num_blocks, token) }
+        BdevIo {
+            buf: Some(buf),
+            ..Self::new(IoType::Read, offset_blocks, num_blocks, token)
+        }
     }
 
     pub fn write(offset_blocks: u64, num_blocks: u64, buf: DmaBuf, token: u64) -> Self {
-        BdevIo { buf: Some(buf), ..Self::new(IoType::Write, offset_blocks, num_blocks, token) }
+        BdevIo {
+            buf: Some(buf),
+            ..Self::new(IoType::Write, offset_blocks, num_blocks, token)
+        }
     }
 
     /// Flush of the whole device: every completed write becomes durable.

@@ -20,15 +20,15 @@
 //! power-cut injection for tests).
 
 pub mod bdev;
-// construct: enabled once the uring and fault modules land
-// pub mod construct;
+
+pub mod construct;
 pub mod io;
 pub mod modules;
 pub mod testing;
 
 pub use bdev::{
-    format_uuid, AsAny, BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevInfo, BdevRegistry,
-    ChannelStats, Claim,
+    format_uuid, AsAny, BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevInfo,
+    BdevRegistry, ChannelStats, Claim,
 };
 pub use io::{BdevIo, IoError, IoStatus, IoType};
 

@@ -21,11 +21,17 @@ pub fn run_io(ch: &mut BdevChannel, io: BdevIo) -> BdevIo {
     let mut out = None;
     while out.is_none() {
         ch.poll(&mut |done| {
-            assert_eq!(done.token, token, "completion for a request that was not submitted");
+            assert_eq!(
+                done.token, token,
+                "completion for a request that was not submitted"
+            );
             out = Some(done);
         });
         if out.is_none() {
-            assert!(start.elapsed() < IO_TIMEOUT, "I/O (token {token}) did not complete in {IO_TIMEOUT:?}");
+            assert!(
+                start.elapsed() < IO_TIMEOUT,
+                "I/O (token {token}) did not complete in {IO_TIMEOUT:?}"
+            );
             std::hint::spin_loop();
         }
     }
@@ -36,11 +42,19 @@ pub fn run_io(ch: &mut BdevChannel, io: BdevIo) -> BdevIo {
 pub fn write(ch: &mut BdevChannel, offset_blocks: u64, data: &[u8]) -> IoStatus {
     let bs = ch.block_size() as usize;
     let buf = DmaBuf::from_slice(data).expect("map buffer");
-    run_io(ch, BdevIo::write(offset_blocks, (data.len() / bs) as u64, buf, 1)).status
+    run_io(
+        ch,
+        BdevIo::write(offset_blocks, (data.len() / bs) as u64, buf, 1),
+    )
+    .status
 }
 
 /// Reads `num_blocks` at `offset_blocks`; returns the data or the failed status.
-pub fn read(ch: &mut BdevChannel, offset_blocks: u64, num_blocks: u64) -> Result<Vec<u8>, IoStatus> {
+pub fn read(
+    ch: &mut BdevChannel,
+    offset_blocks: u64,
+    num_blocks: u64,
+) -> Result<Vec<u8>, IoStatus> {
     let len = num_blocks as usize * ch.block_size() as usize;
     let buf = DmaBuf::alloc(len).expect("map buffer");
     let mut io = run_io(ch, BdevIo::read(offset_blocks, num_blocks, buf, 2));

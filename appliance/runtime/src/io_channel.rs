@@ -90,7 +90,9 @@ mod tests {
             Cell::new(0u32)
         };
         let a = get_io_channel(dev, mk);
-        let b = get_io_channel::<Cell<u32>>(dev, || unreachable!("second get shares the first channel"));
+        let b = get_io_channel::<Cell<u32>>(dev, || {
+            unreachable!("second get shares the first channel")
+        });
         a.set(5);
         assert_eq!(b.get(), 5);
         assert_eq!(IoChannel::ref_count(&a), 2);

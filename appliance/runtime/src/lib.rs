@@ -50,7 +50,10 @@ mod tests {
     #[test]
     fn runtime_runs_reactors_and_messages_cross_cores() {
         let rt = Runtime::start(RuntimeConfig::with_cores(2, IdlePolicy::SLEEP)).unwrap();
-        assert_eq!(rt.exec_all(|i| Reactor::current().core() == i).unwrap(), vec![true, true]);
+        assert_eq!(
+            rt.exec_all(|i| Reactor::current().core() == i).unwrap(),
+            vec![true, true]
+        );
         // Reactor 0 forwards a counter increment to reactor 1 through its handle.
         let counter = Arc::new(AtomicUsize::new(0));
         let to1 = rt.reactor(1).clone();

@@ -65,7 +65,9 @@ pub enum IdlePolicy {
 
 impl IdlePolicy {
     /// The default sleep policy: back off to at most 1 ms.
-    pub const SLEEP: IdlePolicy = IdlePolicy::Sleep { max: Duration::from_millis(1) };
+    pub const SLEEP: IdlePolicy = IdlePolicy::Sleep {
+        max: Duration::from_millis(1),
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -238,7 +240,10 @@ impl Reactor {
     }
 
     pub fn handle(&self) -> ReactorHandle {
-        ReactorHandle { core: self.inner.core, inbox: self.inner.inbox.clone() }
+        ReactorHandle {
+            core: self.inner.core,
+            inbox: self.inner.inbox.clone(),
+        }
     }
 
     /// Number of live pollers (registered and not dropped).
@@ -251,7 +256,11 @@ impl Reactor {
     pub fn poller_names(&self) -> Vec<&'static str> {
         let p = self.inner.pollers.borrow();
         let a = self.inner.added.borrow();
-        p.iter().chain(a.iter()).filter(|e| e.alive.get()).map(|e| e.name).collect()
+        p.iter()
+            .chain(a.iter())
+            .filter(|e| e.alive.get())
+            .map(|e| e.name)
+            .collect()
     }
 
     /// (passes, busy passes) since the reactor started.
@@ -348,7 +357,9 @@ impl Reactor {
                 backoff = Duration::from_micros(1);
                 continue;
             }
-            let IdlePolicy::Sleep { max } = self.inner.idle else { continue };
+            let IdlePolicy::Sleep { max } = self.inner.idle else {
+                continue;
+            };
             idle_passes += 1;
             // Sleep only after a run of idle passes, so that I/O in flight on a
             // device (which completes within microseconds) is not slowed.
@@ -399,7 +410,10 @@ impl std::fmt::Debug for Poller {
 
 impl Poller {
     pub fn builder() -> PollerBuilder {
-        PollerBuilder { name: "poller", period: None }
+        PollerBuilder {
+            name: "poller",
+            period: None,
+        }
     }
 
     /// Whether the poller is still registered.
@@ -449,7 +463,10 @@ impl PollerBuilder {
             period_ticks,
             next_tick: 0,
         });
-        Poller { alive, name: self.name }
+        Poller {
+            alive,
+            name: self.name,
+        }
     }
 }
 
@@ -507,7 +524,11 @@ mod tests {
                 }
             });
             r.poll_times(4);
-            assert_eq!(hits.get(), 3, "child starts on the pass after it was registered");
+            assert_eq!(
+                hits.get(),
+                3,
+                "child starts on the pass after it was registered"
+            );
         });
     }
 
@@ -515,13 +536,15 @@ mod tests {
     fn timed_pollers_wait_for_their_period() {
         with_reactor(|r| {
             let n = Rc::new(Cell::new(0));
-            let _p = Poller::builder().period(Duration::from_millis(50)).register({
-                let n = n.clone();
-                move || {
-                    n.set(n.get() + 1);
-                    PollStatus::Busy
-                }
-            });
+            let _p = Poller::builder()
+                .period(Duration::from_millis(50))
+                .register({
+                    let n = n.clone();
+                    move || {
+                        n.set(n.get() + 1);
+                        PollStatus::Busy
+                    }
+                });
             r.poll_times(1000);
             assert_eq!(n.get(), 1, "only the first pass is due within 50 ms");
             std::thread::sleep(Duration::from_millis(60));
@@ -545,10 +568,17 @@ mod tests {
         });
         let h: ReactorHandle = rx.recv().unwrap();
         for i in 0..1000u64 {
-            assert_eq!(h.exec(move || (Reactor::current().core(), i)).unwrap(), (3, i));
+            assert_eq!(
+                h.exec(move || (Reactor::current().core(), i)).unwrap(),
+                (3, i)
+            );
         }
         stop.store(true, Ordering::Relaxed);
         t.join().unwrap();
-        assert_eq!(h.send(|| {}), Err(SendError::Stopped), "a stopped reactor refuses messages");
+        assert_eq!(
+            h.send(|| {}),
+            Err(SendError::Stopped),
+            "a stopped reactor refuses messages"
+        );
     }
 }

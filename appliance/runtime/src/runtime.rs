@@ -20,7 +20,11 @@ pub struct RuntimeConfig {
 impl RuntimeConfig {
     /// `n` reactors on CPUs 0..n, pinned, with the given idle policy.
     pub fn with_cores(n: usize, idle: IdlePolicy) -> Self {
-        RuntimeConfig { cores: (0..n.max(1)).collect(), idle, pin: true }
+        RuntimeConfig {
+            cores: (0..n.max(1)).collect(),
+            idle,
+            pin: true,
+        }
     }
 }
 
@@ -78,7 +82,12 @@ impl Runtime {
             threads.push(t);
             pinned.push(ok);
         }
-        Ok(Runtime { handles, threads, stop, pinned })
+        Ok(Runtime {
+            handles,
+            threads,
+            stop,
+            pinned,
+        })
     }
 
     pub fn reactors(&self) -> &[ReactorHandle] {
@@ -126,7 +135,9 @@ impl Runtime {
                 .map(|_| rx)
             })
             .collect::<Result<_, _>>()?;
-        rxs.into_iter().map(|rx| rx.recv().map_err(|_| SendError::Stopped)).collect()
+        rxs.into_iter()
+            .map(|rx| rx.recv().map_err(|_| SendError::Stopped))
+            .collect()
     }
 
     /// Stops every reactor after its current pass and joins the threads.

@@ -92,8 +92,13 @@ impl Region {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
-        Ok(Region { ptr, len, hugepages })
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Region {
+            ptr,
+            len,
+            hugepages,
+        })
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -124,7 +129,11 @@ impl Region {
         // SAFETY: [start, end) lies inside our private anonymous mapping; after
         // MADV_DONTNEED those pages read as zero, which is what callers want.
         let rc = unsafe {
-            libc::madvise(self.ptr.as_ptr().add(start).cast(), end - start, libc::MADV_DONTNEED)
+            libc::madvise(
+                self.ptr.as_ptr().add(start).cast(),
+                end - start,
+                libc::MADV_DONTNEED,
+            )
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -257,7 +266,9 @@ pub fn logical_block_size(file: &File) -> io::Result<u32> {
 
 /// Whether `file` is a block device (unmap then needs BLKDISCARD, not a hole punch).
 pub fn is_block_device(file: &File) -> bool {
-    file.metadata().map(|m| m.file_type().is_block_device()).unwrap_or(false)
+    file.metadata()
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
 }
 
 /// Finds the next allocated byte at or after `offset` (`SEEK_DATA`), or `None`
@@ -297,7 +308,9 @@ pub fn pin_current_thread(core: usize) -> bool {
 
 /// Number of cores this process may run on.
 pub fn online_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]

@@ -76,7 +76,10 @@ impl MallocShared {
             return;
         }
         let (first, last) = if allocated {
-            (offset_blocks / self.granule_blocks, (offset_blocks + num_blocks - 1) / self.granule_blocks)
+            (
+                offset_blocks / self.granule_blocks,
+                (offset_blocks + num_blocks - 1) / self.granule_blocks,
+            )
         } else {
             // Only granules wholly inside the range become deallocated.
             let first = offset_blocks.div_ceil(self.granule_blocks);
@@ -171,7 +174,18 @@ pub fn create(
         })?;
     let granule_blocks = (ALLOC_GRANULE / bs).max(1);
     let granules = num_blocks.div_ceil(granule_blocks);
-    let allocated = (0..granules.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-    let shared = Arc::new(MallocShared { region, block_size: bs, allocated, granule_blocks, num_blocks });
-    reg.register(BdevInfo::new(name, "malloc", block_size, num_blocks), MallocBdev { shared })
+    let allocated = (0..granules.div_ceil(64))
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let shared = Arc::new(MallocShared {
+        region,
+        block_size: bs,
+        allocated,
+        granule_blocks,
+        num_blocks,
+    });
+    reg.register(
+        BdevInfo::new(name, "malloc", block_size, num_blocks),
+        MallocBdev { shared },
+    )
 }

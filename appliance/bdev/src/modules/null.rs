@@ -22,7 +22,9 @@ impl BdevBackend for NullBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError> {
-        Ok(Box::new(NullChannel { done: VecDeque::with_capacity(QUEUE_HINT) }))
+        Ok(Box::new(NullChannel {
+            done: VecDeque::with_capacity(QUEUE_HINT),
+        }))
     }
 }
 
@@ -55,6 +57,11 @@ pub fn create(
     size_bytes: u64,
     block_size: u32,
 ) -> Result<Bdev, BdevError> {
-    let info = BdevInfo::new(name, "null", block_size, size_bytes / block_size.max(1) as u64);
+    let info = BdevInfo::new(
+        name,
+        "null",
+        block_size,
+        size_bytes / block_size.max(1) as u64,
+    );
     reg.register(info, NullBdev)
 }

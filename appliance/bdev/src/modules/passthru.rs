@@ -5,7 +5,9 @@
 //! template for virtual bdev modules: claim the base, open it through the
 //! claim, and create a base channel inside each of your own channels.
 
-use crate::bdev::{BackendChannel, BdevBackend, BdevChannel, BdevDesc, BdevInfo, BdevRegistry, Claim};
+use crate::bdev::{
+    BackendChannel, BdevBackend, BdevChannel, BdevDesc, BdevInfo, BdevRegistry, Claim,
+};
 use crate::io::{BdevIo, IoType};
 use crate::{Bdev, BdevError};
 
@@ -20,7 +22,9 @@ impl BdevBackend for PassthruBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError> {
-        Ok(Box::new(PassthruChannel { base: self.base.channel()? }))
+        Ok(Box::new(PassthruChannel {
+            base: self.base.channel()?,
+        }))
     }
 
     fn allocated_ranges(&self) -> Option<Vec<(u64, u64)>> {
@@ -52,5 +56,11 @@ pub fn create(reg: &BdevRegistry, name: &str, base: &str) -> Result<Bdev, BdevEr
     let mut info = BdevInfo::new(name, "passthru", b.block_size, b.num_blocks);
     info.volatile_write_cache = b.volatile_write_cache;
     let desc = claim.open();
-    reg.register(info, PassthruBdev { base: desc, _claim: claim })
+    reg.register(
+        info,
+        PassthruBdev {
+            base: desc,
+            _claim: claim,
+        },
+    )
 }

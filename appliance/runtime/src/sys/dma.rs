@@ -45,7 +45,9 @@ pub enum PoolError {
         #[source]
         source: std::io::Error,
     },
-    #[error("huge pages required but only {free} free (need {need}); set /proc/sys/vm/nr_hugepages")]
+    #[error(
+        "huge pages required but only {free} free (need {need}); set /proc/sys/vm/nr_hugepages"
+    )]
     NoHugepages { free: u64, need: u64 },
     #[error("buffer size {0} must be a non-zero multiple of {PAGE_SIZE} below 4 GiB")]
     BadSize(usize),
@@ -99,14 +101,31 @@ impl BufferPool {
             Ok(r) => r,
             // Huge pages can vanish between the check and the map; fall back.
             Err(_) if use_huge && mode == HugepageMode::Auto => Region::map(bytes, false, true)
-                .map_err(|source| PoolError::Map { size: buf_size, count, source })?,
-            Err(source) => return Err(PoolError::Map { size: buf_size, count, source }),
+                .map_err(|source| PoolError::Map {
+                    size: buf_size,
+                    count,
+                    source,
+                })?,
+            Err(source) => {
+                return Err(PoolError::Map {
+                    size: buf_size,
+                    count,
+                    source,
+                })
+            }
         };
         let free = ArrayQueue::new(count);
         for i in 0..count as u32 {
             let _ = free.push(i);
         }
-        Ok(BufferPool { inner: Arc::new(PoolInner { region, buf_size, count, free }) })
+        Ok(BufferPool {
+            inner: Arc::new(PoolInner {
+                region,
+                buf_size,
+                count,
+                free,
+            }),
+        })
     }
 
     /// Takes a buffer of `len` bytes (`len <= buf_size`), or `None` when the
@@ -118,7 +137,12 @@ impl BufferPool {
         }
         let idx = self.inner.free.pop()?;
         // SAFETY: idx < count, so the offset lies inside the region.
-        let ptr = unsafe { self.inner.region.as_ptr().add(idx as usize * self.inner.buf_size) };
+        let ptr = unsafe {
+            self.inner
+                .region
+                .as_ptr()
+                .add(idx as usize * self.inner.buf_size)
+        };
         Some(DmaBuf {
             ptr: NonNull::new(ptr).expect("region pointer is non-null"),
             len: len as u32,
@@ -204,7 +228,11 @@ impl DmaBuf {
     /// Changes the visible length, up to the capacity.
     #[inline]
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap as usize, "DmaBuf::set_len {len} beyond capacity {}", self.cap);
+        assert!(
+            len <= self.cap as usize,
+            "DmaBuf::set_len {len} beyond capacity {}",
+            self.cap
+        );
         self.len = len as u32;
     }
 
@@ -238,7 +266,8 @@ impl DerefMut for DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        let idx = (self.ptr.as_ptr() as usize - self.pool.region.as_ptr() as usize) / self.pool.buf_size;
+        let idx =
+            (self.ptr.as_ptr() as usize - self.pool.region.as_ptr() as usize) / self.pool.buf_size;
         // The queue has room for every index, so this cannot fail.
         let _ = self.pool.free.push(idx as u32);
     }
@@ -246,7 +275,11 @@ impl Drop for DmaBuf {
 
 impl fmt::Debug for DmaBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DmaBuf({} of {} bytes @ {:p})", self.len, self.cap, self.ptr)
+        write!(
+            f,
+            "DmaBuf({} of {} bytes @ {:p})",
+            self.len, self.cap, self.ptr
+        )
     }
 }
 
@@ -282,6 +315,9 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_rejected() {
-        assert!(matches!(BufferPool::new(1000, 1, HugepageMode::Off), Err(PoolError::BadSize(1000))));
+        assert!(matches!(
+            BufferPool::new(1000, 1, HugepageMode::Off),
+            Err(PoolError::BadSize(1000))
+        ));
     }
 }

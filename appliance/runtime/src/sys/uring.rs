@@ -62,7 +62,10 @@ impl<T: UringCtx> UringQueue<T> {
     /// of the queue.
     pub fn new(fd: RawFd, depth: u32) -> io::Result<Self> {
         let depth = depth.clamp(1, 4096).next_power_of_two();
-        let ring = IoUring::builder().setup_single_issuer().build(depth).or_else(|_| IoUring::new(depth))?;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .build(depth)
+            .or_else(|_| IoUring::new(depth))?;
         let cap = depth as usize * 2;
         Ok(UringQueue {
             ring,
@@ -96,7 +99,9 @@ impl<T: UringCtx> UringQueue<T> {
                 let Some(buf) = ctx.dma_buf().filter(|b| b.len() >= len as usize) else {
                     return Err(PushError::BadBuffer(ctx));
                 };
-                opcode::Read::new(fd, buf.as_mut_ptr(), len).offset(offset).build()
+                opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                    .offset(offset)
+                    .build()
             }
             UringOp::Write { offset, len, fua } => {
                 let Some(buf) = ctx.dma_buf().filter(|b| b.len() >= len as usize) else {
@@ -108,10 +113,13 @@ impl<T: UringCtx> UringQueue<T> {
                 }
                 w.build()
             }
-            UringOp::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            UringOp::Fallocate { offset, len, mode } => {
-                opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()
-            }
+            UringOp::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            UringOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(mode)
+                .build(),
         }
         .user_data(slot as u64);
         if self.ring.submission().is_full() {
@@ -141,8 +149,10 @@ impl<T: UringCtx> UringQueue<T> {
     /// Hands every pushed operation to the kernel: one syscall per batch.
     pub fn flush(&mut self) -> io::Result<()> {
         if self.unsubmitted > 0 {
-            self.unsubmitted = 0;
-            self.ring.submit()?;
+            let r = self.ring.submit();
+            // Entries the kernel did not take stay queued for the next flush.
+            self.unsubmitted = self.ring.submission().len() as u32;
+            r?;
         }
         Ok(())
     }
@@ -152,7 +162,9 @@ impl<T: UringCtx> UringQueue<T> {
     pub fn reap(&mut self, mut f: impl FnMut(T, i32)) -> usize {
         let mut n = 0;
         loop {
-            let Some(cqe) = self.ring.completion().next() else { break };
+            let Some(cqe) = self.ring.completion().next() else {
+                break;
+            };
             let slot = cqe.user_data() as usize;
             if let Some(ctx) = self.slots.get_mut(slot).and_then(Option::take) {
                 self.free.push(slot as u32);
@@ -194,4 +206,3 @@ impl<T: UringCtx> Drop for UringQueue<T> {
         }
     }
 }
-

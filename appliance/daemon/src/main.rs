@@ -1,0 +1,49 @@
+//! The `hotcopy` command.
+
+mod bench_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hotcopy",
+    version,
+    about = "An SPDK-style storage appliance: polled reactors, a stackable bdev layer, online copy-on-write backup",
+    long_about = None
+)]
+struct Cli {
+    /// Log filter for stderr (error, warn, info, debug, trace, or a tracing filter).
+    #[arg(long, global = true, default_value = "warn", env = "HOTCOPY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure a bdev like SPDK's bdevperf: IOPS, MiB/s and latency percentiles per core.
+    Bench(bench_cmd::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let result = match cli.cmd {
+        Cmd::Bench(args) => bench_cmd::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hotcopy: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `hotcopy bench` as a user runs it: the real binary, its output and exit codes.
+
+use std::process::Command;
+
+fn hotcopy(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hotcopy"))
+        .args(args)
+        .env("HOTCOPY_LOG", "warn")
+        .output()
+        .expect("run hotcopy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("hotcopy-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+#[test]
+fn bench_json_has_the_documented_keys() {
+    let (code, out, err) = hotcopy(&[
+        "bench",
+        "--bdev-spec",
+        "malloc:64M",
+        "-q",
+        "8",
+        "-o",
+        "4k",
+        "-w",
+        "randrw",
+        "-M",
+        "70",
+        "-t",
+        "0.5",
+        "--cores",
+        "2",
+        "--json",
+        "--idle",
+        "sleep",
+    ]);
+    assert_eq!(code, 0, "stderr: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert!(v["iops"].as_f64().unwrap() > 0.0);
+    assert!(v["mibps"].as_f64().unwrap() > 0.0);
+    for k in ["avg", "p50", "p99", "p999", "max"] {
+        assert!(
+            v["lat_us"][k].as_f64().is_some(),
+            "lat_us.{k} missing: {out}"
+        );
+    }
+    let cores = v["cores"].as_array().unwrap();
+    assert_eq!(cores.len(), 2);
+    assert!(cores.iter().all(|c| c["iops"].as_f64().unwrap() > 0.0));
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    assert!(v["buffers_hugepage"].is_boolean());
+    assert_eq!(v["workload"], "randrw");
+}
+
+#[test]
+fn bench_verify_passes_on_every_storing_module() {
+    let dir = scratch();
+    let img = dir.path().join("disk.img");
+    let uring = format!("uring:{}@64M", img.display());
+    let fault = "fault:malloc:32M".to_string();
+    for spec in [
+        "malloc:32M",
+        "malloc:32M:4096",
+        "passthru:malloc:32M",
+        &uring,
+        &fault,
+    ] {
+        let (code, out, err) = hotcopy(&[
+            "bench",
+            "--bdev-spec",
+            spec,
+            "-q",
+            "16",
+            "-o",
+            "8k",
+            "-w",
+            "randwrite",
+            "-t",
+            "0.5",
+            "--verify",
+        ]);
+        assert_eq!(code, 0, "{spec}: {out}\n{err}");
+        assert!(out.contains("verify: OK"), "{spec}: {out}");
+    }
+}
+
+#[test]
+fn bench_verify_fails_loudly_when_the_device_fails_writes() {
+    let dir = scratch();
+    let cfg = dir.path().join("flaky.yaml");
+    std::fs::write(
+        &cfg,
+        "bdevs:\n  - name: flaky\n    type: fault\n    base: { type: malloc, size: 16MiB }\n    write_error_rate: 0.5\n",
+    )
+    .unwrap();
+    let (code, out, err) = hotcopy(&[
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "-q",
+        "4",
+        "-t",
+        "0.3",
+        "--verify",
+    ]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("bench failed") && err.contains("I/O errors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_reads_a_config_file_and_picks_the_named_bdev() {
+    let dir = scratch();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "reactors:\n  cores: 1\n  idle: sleep\nbdevs:\n  - name: m\n    type: malloc\n    size: 32MiB\n  - name: p\n    type: passthru\n    base: m\n",
+    )
+    .unwrap();
+    let (code, out, err) = hotcopy(&[
+        "bench",
+        "-c",
+        cfg.to_str().unwrap(),
+        "-b",
+        "p",
+        "-q",
+        "4",
+        "-t",
+        "0.3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["bdev"], "p");
+    assert_eq!(v["product"], "passthru");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let dir = scratch();
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "bdevs:\n  - name: m\n    type: malloc\n    size: 12X\n",
+    )
+    .unwrap();
+    let (code, _, err) = hotcopy(&["bench", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("bad.yaml:4") && err.contains("size"),
+        "names file, line and field: {err}"
+    );
+
+    let (code, _, err) = hotcopy(&["bench", "--bdev-spec", "floppy:1G"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("floppy"), "{err}");
+
+    let (code, _, err) = hotcopy(&["bench", "--bdev-spec", "null:1G", "--verify", "-t", "0.1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("null bdev stores nothing"), "{err}");
+
+    let (code, _, err) = hotcopy(&[
+        "bench",
+        "--bdev-spec",
+        "malloc:1M",
+        "-o",
+        "3000",
+        "-t",
+        "0.1",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("multiple of the block size"), "{err}");
+
+    let (code, _, err) = hotcopy(&["bench", "-w", "sideways"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("sideways"), "{err}");
+}
