@@ -244,10 +244,22 @@ impl Job {
             done_slots,
             ..
         } = self;
+        // I/Os submitted in one pass and reaped in another share a latency:
+        // record runs of equal values with one `record_n` (same histogram,
+        // a fraction of the cost at high queue depth).
+        let (mut run_lat, mut run_n) = (0u64, 0u64);
         let n = ch.poll(&mut |mut io| {
             let slot = io.token as usize;
             let s = &mut slots[slot];
-            out.hist_ticks.saturating_record(now.saturating_sub(s.start).max(1));
+            let lat = now.saturating_sub(s.start).max(1);
+            if lat == run_lat {
+                run_n += 1;
+            } else {
+                if run_n > 0 {
+                    out.hist_ticks.saturating_record_n(run_lat, run_n);
+                }
+                (run_lat, run_n) = (lat, 1);
+            }
             out.ios += 1;
             out.bytes += io.num_blocks * spec.block_size;
             if io.io_type == IoType::Read {
@@ -282,6 +294,12 @@ impl Job {
             s.buf = Some(buf);
             done_slots.push(slot as u32);
         });
+        if run_n > 0 {
+            self.out.hist_ticks.saturating_record_n(run_lat, run_n);
+        }
+        if run_n > 0 {
+            let _ = self.out.hist_ticks.record_n(run_lat, run_n);
+        }
         let mut restart = std::mem::take(&mut self.done_slots);
         for &slot in restart.iter() {
             let slot = slot as usize;
