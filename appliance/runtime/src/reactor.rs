@@ -108,6 +108,11 @@ impl ReactorHandle {
         self.core
     }
 
+    /// Whether two handles reach the same reactor.
+    pub fn same(&self, other: &ReactorHandle) -> bool {
+        Arc::ptr_eq(&self.inbox, &other.inbox)
+    }
+
     /// Queues `f` to run on the reactor. Lock-free; wakes a sleeping reactor.
     pub fn send(&self, f: impl FnOnce() + Send + 'static) -> Result<(), SendError> {
         self.send_boxed(Box::new(f))

@@ -302,9 +302,6 @@ struct CoreRing {
     retry: VecDeque<Op>,
     /// Operations pushed since the last `io_uring_enter`.
     unflushed: u32,
-    /// The last `io_uring_enter` failed: entries may still sit in the
-    /// submission ring, so the next flush must enter even with nothing new.
-    enter_failed: bool,
     file: Arc<UringFile>,
 }
 
@@ -321,7 +318,6 @@ impl CoreRing {
             free_owners: Vec::with_capacity(4),
             retry: VecDeque::with_capacity(cap.min(64)),
             unflushed: 0,
-            enter_failed: false,
             file,
         })
     }
@@ -535,19 +531,11 @@ impl CoreRing {
 
     /// Hands everything pushed since the last call to the kernel: one syscall.
     fn flush(&mut self) {
-        if self.unflushed == 0 && !self.enter_failed {
-            return;
-        }
-        // After a failed enter the queue no longer counts the entries still in
-        // the submission ring; `wait(0)` enters unconditionally (and, wanting
-        // no completion, does not block).
-        let res = if self.enter_failed {
-            self.queue.wait(0)
-        } else {
-            self.queue.flush()
-        };
+        // The queue enters the kernel when it has entries to hand over or the
+        // kernel flags completion work for us; a failed enter leaves the
+        // entries counted there, and the next flush retries them.
+        let _ = self.queue.flush();
         self.unflushed = 0;
-        self.enter_failed = res.is_err();
     }
 }
 

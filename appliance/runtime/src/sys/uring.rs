@@ -62,9 +62,16 @@ impl<T: UringCtx> UringQueue<T> {
     /// of the queue.
     pub fn new(fd: RawFd, depth: u32) -> io::Result<Self> {
         let depth = depth.clamp(1, 4096).next_power_of_two();
+        // COOP_TASKRUN + TASKRUN_FLAG: the kernel does not interrupt a busy
+        // polling reactor to post completions; it raises a flag in the shared
+        // ring instead, and `flush` enters the kernel when it sees it. Older
+        // kernels lack the flags: fall back to a plain ring.
         let ring = IoUring::builder()
             .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(depth)
+            .or_else(|_| IoUring::builder().setup_single_issuer().build(depth))
             .or_else(|_| IoUring::new(depth))?;
         let cap = depth as usize * 2;
         Ok(UringQueue {
@@ -147,8 +154,10 @@ impl<T: UringCtx> UringQueue<T> {
     }
 
     /// Hands every pushed operation to the kernel: one syscall per batch.
+    /// Also enters the kernel, with nothing to submit, when the ring flags
+    /// completion work it is waiting to run for us (`IORING_SQ_TASKRUN`).
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.unsubmitted > 0 {
+        if self.unsubmitted > 0 || (self.inflight() > 0 && self.ring.submission().taskrun()) {
             let r = self.ring.submit();
             // Entries the kernel did not take stay queued for the next flush.
             self.unsubmitted = self.ring.submission().len() as u32;
