@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hotcopy_bdev::modules::{malloc, null, passthru};
+use hotcopy_bdev::modules::{fault, malloc, null, passthru, uring};
 use hotcopy_bdev::{BdevError, BdevIo, BdevRegistry, IoError, IoStatus, IoType};
 use hotcopy_runtime::{DmaBuf, IdlePolicy, Runtime, RuntimeConfig};
 use hotcopy_tests::*;
@@ -60,6 +60,18 @@ fn every_base_module_reads_writes_flushes_and_unmaps() {
     exercise(&reg, "malloc0", true);
     exercise(&reg, "malloc4k", true);
     exercise(&reg, "pt0", true);
+
+    // uring on a real file, and the fault bdev (no faults armed) on malloc.
+    let dir = scratch_dir();
+    let opts = uring::UringOptions {
+        size: Some(64 << 20),
+        ..uring::UringOptions::new(dir.path().join("u.img"))
+    };
+    uring::create(&reg, "uring0", &opts).unwrap();
+    malloc::create(&reg, "fbase", 64 << 20, 512).unwrap();
+    fault::create(&reg, "fault0", "fbase", fault::FaultOptions::default()).unwrap();
+    exercise(&reg, "uring0", true);
+    exercise(&reg, "fault0", true);
 }
 
 #[test]
