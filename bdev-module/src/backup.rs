@@ -1,0 +1,417 @@
+//! Starting, watching and steering a backup job (control path).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam::queue::ArrayQueue;
+use hotcopy_bdev::{testing, Bdev, BdevDesc, IoStatus};
+use hotcopy_runtime::{clock, BufferPool, HugepageMode, PollStatus, Poller, ReactorHandle};
+use serde::Serialize;
+
+use crate::chunk_map::ChunkMap;
+use crate::job::{Container, ControlQueue, JobCounters, JobShared, JobState, JobTuning, Streams};
+use crate::scope::{BlockRange, Scope};
+use crate::target::BackupTarget;
+use crate::vbdev::CowBdev;
+
+/// The default chunk: 64 KiB, the tracking and copy unit.
+pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
+
+/// Where the intermediate container lives: `slots` chunk-sized slots starting
+/// at `offset_blocks` of `desc` (a malloc bdev for RAM, a uring bdev for a
+/// file, or a region of any bdev).
+#[derive(Clone)]
+pub struct ContainerConfig {
+    pub desc: BdevDesc,
+    pub offset_blocks: u64,
+    pub slots: u32,
+}
+
+/// Everything a job needs.
+#[derive(Clone)]
+pub struct BackupConfig {
+    pub target: Arc<dyn BackupTarget>,
+    pub container: ContainerConfig,
+    pub chunk_size: u64,
+    pub scope: Scope,
+    pub tuning: JobTuning,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CowError {
+    #[error("{0} is not a cow bdev")]
+    NotCow(String),
+    #[error("a backup job is already running on {0}")]
+    Busy(String),
+    #[error("invalid backup configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Target(#[from] crate::target::TargetError),
+    #[error("starting the job: {0}")]
+    Start(String),
+}
+
+/// Per-submitter pacing figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitterStats {
+    pub name: String,
+    pub paced_writes: u64,
+    pub held_now: u64,
+    pub slot_waits: u64,
+    pub delay_us: f64,
+}
+
+/// A snapshot of a job's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobStatus {
+    pub id: u64,
+    pub source: String,
+    pub target: String,
+    pub state: JobState,
+    pub error: Option<String>,
+    pub chunk_size: u64,
+    pub chunks_total: u64,
+    pub chunks_in_scope: u64,
+    pub chunks_done: u64,
+    pub chunks_pending: u64,
+    pub chunks_copied: u64,
+    pub chunks_saved: u64,
+    pub container_slots: u32,
+    pub container_used: u32,
+    pub container_peak: u64,
+    pub held_writes: u64,
+    pub paced_writes: u64,
+    pub slot_waits: u64,
+    pub freeze_us: f64,
+    pub elapsed_s: f64,
+    pub copy_mibps: f64,
+    pub drain_mibps: f64,
+    pub backup_mibps: f64,
+    pub stream_budget: u64,
+    pub submitters: Vec<SubmitterStats>,
+}
+
+/// A handle on a running or finished job.
+#[derive(Clone)]
+pub struct BackupJob {
+    pub(crate) job: Arc<JobShared>,
+    cow: Bdev,
+}
+
+impl BackupJob {
+    pub fn shared(&self) -> &Arc<JobShared> {
+        &self.job
+    }
+
+    pub fn state(&self) -> JobState {
+        self.job.state()
+    }
+
+    /// Waits until the job ends (or `timeout` passes); returns its final state.
+    pub fn wait(&self, timeout: Duration) -> JobState {
+        let deadline = Instant::now() + timeout;
+        while !self.job.state().is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The streams poller uninstalls the job after it ends; wait for that too.
+        while self.installed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.job.state()
+    }
+
+    fn installed(&self) -> bool {
+        let cow = self.cow.backend::<CowBdev>().expect("checked at start");
+        let j = cow.shared.job.lock().unwrap_or_else(|e| e.into_inner());
+        j.as_ref().is_some_and(|j| Arc::ptr_eq(j, &self.job))
+    }
+
+    /// Asks the job to stop; held writes are released.
+    pub fn cancel(&self) {
+        self.job.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Moves a range of source blocks to the front of the copy schedule.
+    pub fn prioritize(&self, range: BlockRange) {
+        let (c0, c1) = self.job.chunk_span(range.start, range.len.max(1));
+        let c1 = c1.min(self.job.map.len().saturating_sub(1));
+        self.job
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prioritize
+            .push_back((c0, c1 + 1));
+    }
+
+    /// Changes the copy stream's rate limit (bytes per second, 0 = none).
+    pub fn set_rate_limit(&self, bytes_per_sec: u64) {
+        self.job.rate_limit.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    pub fn status(&self) -> JobStatus {
+        let j = &self.job;
+        let c = &j.counters;
+        let tpu = clock::ticks_per_us();
+        let end = match c.end_tick.load(Ordering::Relaxed) {
+            0 => clock::ticks(),
+            e => e,
+        };
+        let secs =
+            (end.saturating_sub(c.start_tick.load(Ordering::Relaxed)) as f64 / tpu / 1e6).max(1e-9);
+        let mib = |b: u64| b as f64 / secs / (1024.0 * 1024.0);
+        let (copied, drained) = (
+            c.bytes_copied.load(Ordering::Relaxed),
+            c.bytes_drained.load(Ordering::Relaxed),
+        );
+        let done = c.chunks_done.load(Ordering::Relaxed);
+        let cow = self.cow.backend::<CowBdev>().expect("checked at start");
+        JobStatus {
+            id: j.id,
+            source: j.source.clone(),
+            target: j.target.describe(),
+            state: j.state(),
+            error: j.error(),
+            chunk_size: j.chunk_blocks * j.block_size,
+            chunks_total: j.map.len(),
+            chunks_in_scope: j.scope.chunks_in_scope,
+            chunks_done: done,
+            chunks_pending: j.scope.chunks_in_scope.saturating_sub(done),
+            chunks_copied: c.chunks_copied.load(Ordering::Relaxed),
+            chunks_saved: c.chunks_saved.load(Ordering::Relaxed),
+            container_slots: j.container.slots,
+            container_used: j.container.used(),
+            container_peak: c.container_peak.load(Ordering::Relaxed),
+            held_writes: c.held_writes.load(Ordering::Relaxed),
+            paced_writes: c.paced_writes.load(Ordering::Relaxed),
+            slot_waits: c.slot_waits.load(Ordering::Relaxed),
+            freeze_us: c.freeze_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            elapsed_s: secs,
+            copy_mibps: mib(copied),
+            drain_mibps: mib(drained),
+            backup_mibps: mib(copied + drained),
+            stream_budget: c.budget.load(Ordering::Relaxed),
+            submitters: cow
+                .channels()
+                .iter()
+                .map(|ch| SubmitterStats {
+                    name: ch.name.clone(),
+                    paced_writes: ch.paced_writes.load(Ordering::Relaxed),
+                    held_now: ch.held.load(Ordering::Relaxed),
+                    slot_waits: ch.slot_waits.load(Ordering::Relaxed),
+                    delay_us: ch.pace_delay_ticks.load(Ordering::Relaxed) as f64 / tpu,
+                })
+                .collect(),
+        }
+    }
+}
+
+static NEXT_JOB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Starts a backup of the cow bdev `cow`, running its streams on `home`.
+///
+/// Control path: it blocks while it quiesces the source (see the consistency
+/// point in [`crate::vbdev`]), so call it from a control thread, never from a
+/// reactor.
+pub fn start_backup(
+    cow: &Bdev,
+    home: &ReactorHandle,
+    cfg: BackupConfig,
+) -> Result<BackupJob, CowError> {
+    let cb = cow
+        .backend::<CowBdev>()
+        .ok_or_else(|| CowError::NotCow(cow.name().to_string()))?;
+    if cb.job().is_some_and(|j| j.state() == JobState::Running) {
+        return Err(CowError::Busy(cow.name().to_string()));
+    }
+    let source = cb.source().bdev().clone();
+    let bs = source.block_size() as u64;
+    let chunk = cfg.chunk_size;
+    if !chunk.is_power_of_two() || chunk < bs || !(4096..=64 << 20).contains(&chunk) {
+        return Err(CowError::Config(format!(
+            "chunk size {chunk} must be a power of two between max(4 KiB, block size {bs}) and 64 MiB"
+        )));
+    }
+    let cont = &cfg.container;
+    let cbs = cont.desc.bdev().block_size() as u64;
+    if !chunk.is_multiple_of(cbs) {
+        return Err(CowError::Config(format!(
+            "chunk size {chunk} is not a multiple of the container's block size {cbs}"
+        )));
+    }
+    if cont.slots == 0 {
+        return Err(CowError::Config(
+            "the container needs at least one slot".into(),
+        ));
+    }
+    if !cont.desc.is_writable() {
+        return Err(CowError::Config(format!(
+            "container {} is opened read-only",
+            cont.desc.bdev().name()
+        )));
+    }
+    let slot_blocks = chunk / cbs;
+    let need = cont.offset_blocks + cont.slots as u64 * slot_blocks;
+    if need > cont.desc.bdev().num_blocks() {
+        return Err(CowError::Config(format!(
+            "container {} has {} blocks; {} slots of {chunk} bytes from block {} need {need}",
+            cont.desc.bdev().name(),
+            cont.desc.bdev().num_blocks(),
+            cont.slots,
+            cont.offset_blocks
+        )));
+    }
+    cfg.target.prepare(&source, chunk)?;
+    let chunk_blocks = chunk / bs;
+    let chunks = source.num_blocks().div_ceil(chunk_blocks);
+    let map = ChunkMap::new(chunks);
+    let allocated = source.allocated_ranges();
+    let scope = cfg.scope.apply(
+        &map,
+        chunk_blocks,
+        source.num_blocks(),
+        allocated.as_deref(),
+    );
+    let soft_slots =
+        ((cont.slots as f64 * cfg.tuning.soft_watermark.clamp(0.0, 1.0)) as u32).max(1);
+    let capture_bufs = BufferPool::new(
+        chunk as usize,
+        cont.slots.min(256) as usize,
+        HugepageMode::Auto,
+    )
+    .map_err(|e| CowError::Start(e.to_string()))?;
+    let job = Arc::new(JobShared {
+        id: NEXT_JOB.fetch_add(1, Ordering::Relaxed),
+        source: source.name().to_string(),
+        chunk_blocks,
+        chunk_shift: chunk_blocks.trailing_zeros(),
+        block_size: bs,
+        num_blocks: source.num_blocks(),
+        map,
+        scope,
+        container: Container::new(
+            cont.desc.clone(),
+            cont.offset_blocks,
+            slot_blocks,
+            cont.slots,
+        ),
+        saved: ArrayQueue::new(cont.slots as usize),
+        capture_bufs,
+        target: cfg.target.clone(),
+        state: Default::default(),
+        error: Mutex::new(None),
+        counters: JobCounters::default(),
+        next_admit: Default::default(),
+        admit_interval: Default::default(),
+        soft_slots,
+        control: Mutex::new(ControlQueue::default()),
+        rate_limit: cfg.tuning.rate_limit.into(),
+        cancel: Default::default(),
+        consistency_point_us: Default::default(),
+        tuning: cfg.tuning.clone(),
+        t0_writes: Mutex::new(Vec::new()),
+    });
+    // The streams' channels and poller live on the home reactor.
+    let streams = {
+        let (job, src, tgt, cont) = (
+            job.clone(),
+            cb.source().clone(),
+            cfg.target.desc().clone(),
+            cont.desc.clone(),
+        );
+        home.exec(move || -> Result<SendStreams, String> {
+            let s = Streams::new(
+                job,
+                src.channel().map_err(|e| e.to_string())?,
+                tgt.channel().map_err(|e| e.to_string())?,
+                cont.channel().map_err(|e| e.to_string())?,
+            )?;
+            STAGED.with(|st| *st.borrow_mut() = Some(s));
+            Ok(SendStreams)
+        })
+        .map_err(|e| CowError::Start(e.to_string()))?
+        .map_err(CowError::Start)?
+    };
+    let _ = streams;
+    // Consistency point: freeze, drain, flush the source, install, resume.
+    let flush_desc = cb.source().clone();
+    let flush_home = home.clone();
+    let install_job = job.clone();
+    let (_, frozen) = cb
+        .with_frozen(
+            move || {
+                flush_home
+                    .exec(move || {
+                        let mut ch = flush_desc.channel().map_err(|e| e.to_string())?;
+                        match testing::run_io(&mut ch, hotcopy_bdev::BdevIo::flush(0)).status {
+                            IoStatus::Success => Ok(()),
+                            s => Err(format!("flushing the source: {s:?}")),
+                        }
+                    })
+                    .map_err(|e| e.to_string())?
+            },
+            || {
+                install_job
+                    .counters
+                    .start_tick
+                    .store(clock::ticks(), Ordering::Relaxed);
+                let now_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0);
+                install_job
+                    .consistency_point_us
+                    .store(now_us, Ordering::Relaxed);
+                *install_job
+                    .t0_writes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = cb
+                    .channels()
+                    .iter()
+                    .map(|c| (c.name.clone(), c.forwarded_writes.load(Ordering::Acquire)))
+                    .collect();
+                *cb.shared.job.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(install_job.clone());
+            },
+        )
+        .map_err(CowError::Start)?;
+    job.counters
+        .freeze_us
+        .store(frozen.as_nanos() as u64, Ordering::Relaxed);
+    // Start the streams.
+    let cow_shared = cb.shared.clone();
+    home.exec(move || {
+        let streams = STAGED
+            .with(|st| st.borrow_mut().take())
+            .expect("staged above");
+        let streams = Rc::new(RefCell::new(streams));
+        let me: Rc<RefCell<Option<Poller>>> = Rc::new(RefCell::new(None));
+        let me2 = me.clone();
+        let poller = Poller::builder().name("cow_streams").register(move || {
+            let mut s = streams.borrow_mut();
+            let n = s.poll();
+            if s.is_done() {
+                // Uninstall: channels drop the job at their next I/O or poll.
+                *cow_shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                cow_shared.gen.fetch_add(1, Ordering::SeqCst);
+                me2.borrow_mut().take();
+            }
+            PollStatus::from_count(n)
+        });
+        *me.borrow_mut() = Some(poller);
+    })
+    .map_err(|e| CowError::Start(e.to_string()))?;
+    Ok(BackupJob {
+        job,
+        cow: cow.clone(),
+    })
+}
+
+/// Marker returned from the staging step (the streams themselves stay on the reactor).
+struct SendStreams;
+
+thread_local! {
+    static STAGED: RefCell<Option<Streams>> = const { RefCell::new(None) };
+}

@@ -1,0 +1,54 @@
+//! # hotcopy-cow: online backup by copy-on-write interception
+//!
+//! A `cow` virtual bdev sits on a source bdev. While no job runs it forwards
+//! I/O unchanged. A backup job copies the source, as it was at one instant
+//! (the *consistency point*), to a backup target while hosts keep writing:
+//!
+//! * **Consistency point**: new I/O is held at channel entry, in-flight I/O
+//!   drains, the source is flushed, the job is installed, I/O resumes
+//!   ([`vbdev`] documents the protocol). The freeze is measured.
+//! * **Scope** ([`scope`]): the whole device, include/exclude ranges, minus
+//!   space the source reports as deallocated.
+//! * **Chunk states** ([`chunk_map`]): one byte per chunk; every transition a
+//!   compare-and-swap, so the copy stream and writers on every core agree on
+//!   who captures each chunk.
+//! * **Copy stream** ([`job`]): reads pending chunks in schedule order (which
+//!   can be changed while running) and writes them to the target.
+//! * **Interception**: the first write to a pending chunk saves the chunk's
+//!   old content into a container slot before it proceeds; later writes, and
+//!   writes to chunks already captured or out of scope, pass straight through.
+//!   Reads never wait.
+//! * **Drain stream**: saved chunks go from the container to the target; a
+//!   slot is reused only after its chunk is on the target.
+//! * **Credits**: free slots. Above a soft watermark, captures are admitted at
+//!   the drain rate; with none free, the writer that needs one waits. Only the
+//!   writers that need a slot are slowed, and each one's delay is accounted.
+//! * **Scheduling**: the streams share a queue-depth budget that an AIMD
+//!   controller shrinks when their device latency rises above the best level
+//!   seen and grows otherwise; drain goes first as the container fills.
+//! * **Failure**: if the target fails, the job fails, held writes are released
+//!   and foreground I/O carries on.
+//!
+//! The invariant every test checks: **the target holds exactly the source's
+//! content at the consistency point, for every chunk in scope, whatever writes
+//! ran during the job.** It holds because a chunk's content on the source can
+//! only change after the chunk leaves `Pending` and its old content has been
+//! read (by the copy stream or a capture), and that read content is what
+//! reaches the target.
+
+pub mod backup;
+pub mod chunk_map;
+pub mod job;
+pub mod scope;
+pub mod target;
+pub mod vbdev;
+
+pub use backup::{
+    start_backup, BackupConfig, BackupJob, ContainerConfig, CowError, JobStatus, SubmitterStats,
+    DEFAULT_CHUNK_SIZE,
+};
+pub use chunk_map::{ChunkMap, ChunkState};
+pub use job::{JobState, JobTuning};
+pub use scope::{BlockRange, Scope, ScopeSummary};
+pub use target::{BackupTarget, CommitInfo, RawImageTarget, TargetError};
+pub use vbdev::{create, CowBdev};

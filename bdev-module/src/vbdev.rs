@@ -1,0 +1,590 @@
+//! The `cow` virtual bdev: passthrough while idle, interception during a job.
+//!
+//! # Idle
+//! A cow channel forwards I/O to the source like passthru does. Per I/O it
+//! adds one relaxed load of the freeze flag, one of the job generation, and a
+//! store to its own in-flight counter (a cache line no other core writes).
+//!
+//! # Consistency point (quiesce)
+//! 1. The controller sets `freeze`, then sends a message to every reactor that
+//!    has a cow channel and waits for each to run it. A reactor runs messages
+//!    between poller calls, so after the round trip every `submit` on that
+//!    reactor sees `freeze` and holds new I/O at channel entry.
+//! 2. It waits until every channel's in-flight count is zero (completions keep
+//!    flowing: channels are still polled).
+//! 3. It flushes the source, installs the job (bumping the generation), and
+//!    clears `freeze`. Channels pick up the job on their next I/O and release
+//!    what they held. The time from 1 to 3 is the freeze time.
+//!
+//! # Interception (while a job runs)
+//! A write, write-zeroes or unmap touching a chunk that is `Pending` claims it
+//! (`Pending` → `Saving`), takes a container slot and a bounce buffer, reads
+//! the chunk's old content from the source and writes it to the slot; then the
+//! chunk is `Saved`, goes on the drain queue, and the write proceeds. Writes to
+//! chunks that are `Copying` or `Saving` wait for the read of old content to
+//! finish; every other write goes straight through. Reads never wait. Held
+//! writes are rechecked at every `poll` of the channel.
+//!
+//! # Credits
+//! Free container slots are the credits. Above the soft watermark a capture is
+//! admitted at most once per measured drain interval (shared by all writers
+//! that need a slot, so admission matches the drain rate); with no free slot
+//! the writer waits for one. Writes that need no slot are never slowed, and
+//! the delay is accounted to the channel (the submitter) that waited.
+//!
+//! Internal I/O uses tokens with the top bit set; submitters of a cow bdev
+//! must keep that bit clear in their own tokens.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use hotcopy_bdev::{
+    BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevError, BdevInfo, BdevIo,
+    BdevRegistry, Claim, IoStatus, IoType,
+};
+use hotcopy_runtime::{clock, Reactor, ReactorHandle};
+
+use crate::chunk_map::ChunkState;
+use crate::job::{JobShared, JobState};
+
+/// Tokens of the cow module's own I/O.
+pub(crate) const INTERNAL: u64 = 1 << 63;
+
+/// Per-channel counters the controller reads (written only by the owner).
+pub struct ChannelCounters {
+    pub reactor: ReactorHandle,
+    pub name: String,
+    pub inflight: AtomicU64,
+    pub held: AtomicU64,
+    pub paced_writes: AtomicU64,
+    pub pace_delay_ticks: AtomicU64,
+    pub slot_waits: AtomicU64,
+    /// Mutating I/Os handed to the source, in submission order until the
+    /// first one is held. The job records each channel's count at its
+    /// consistency point: exactly those writes are in the backup.
+    pub forwarded_writes: AtomicU64,
+}
+
+pub(crate) struct CowShared {
+    pub name: String,
+    pub source: BdevDesc,
+    pub freeze: AtomicBool,
+    pub gen: AtomicU64,
+    pub job: Mutex<Option<Arc<JobShared>>>,
+    pub channels: Mutex<Vec<Weak<ChannelCounters>>>,
+    pub chan_seq: AtomicU64,
+}
+
+/// The cow bdev module object (find it with `Bdev::backend::<CowBdev>()`).
+pub struct CowBdev {
+    pub(crate) shared: Arc<CowShared>,
+    _claim: Claim,
+}
+
+impl CowBdev {
+    /// The job running now, or the last one installed.
+    pub fn job(&self) -> Option<Arc<JobShared>> {
+        self.shared
+            .job
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn source(&self) -> &BdevDesc {
+        &self.shared.source
+    }
+
+    /// Counters of every live channel.
+    pub fn channels(&self) -> Vec<Arc<ChannelCounters>> {
+        let mut v = self
+            .shared
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Quiesces the source, runs `install` while it is frozen, and resumes.
+    /// Returns the freeze duration. Control path: blocks the caller, and must
+    /// not run on a reactor that has a channel of this bdev.
+    pub(crate) fn with_frozen<T>(
+        &self,
+        flush: impl FnOnce() -> Result<(), String>,
+        install: impl FnOnce() -> T,
+    ) -> Result<(T, Duration), String> {
+        let s = &self.shared;
+        let start = Instant::now();
+        s.freeze.store(true, Ordering::SeqCst);
+        let result = (|| {
+            // Round trip to every reactor with a channel: afterwards no submit
+            // can miss the flag.
+            let me = Reactor::try_current().map(|r| r.handle());
+            let mut seen: Vec<ReactorHandle> = Vec::new();
+            for c in self.channels() {
+                if seen.iter().any(|h| h.same(&c.reactor))
+                    || me.as_ref().is_some_and(|m| m.same(&c.reactor))
+                {
+                    continue;
+                }
+                seen.push(c.reactor.clone());
+            }
+            for h in &seen {
+                h.exec(|| ())
+                    .map_err(|e| format!("reactor {} during quiesce: {e}", h.core()))?;
+            }
+            // Drain what was already in flight.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let busy: u64 = self
+                    .channels()
+                    .iter()
+                    .map(|c| c.inflight.load(Ordering::Acquire))
+                    .sum();
+                if busy == 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{busy} I/Os still in flight after 30 s of quiesce"));
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            flush()?;
+            let out = install();
+            s.gen.fetch_add(1, Ordering::SeqCst);
+            Ok(out)
+        })();
+        s.freeze.store(false, Ordering::SeqCst);
+        result.map(|out| (out, start.elapsed()))
+    }
+}
+
+impl BdevBackend for CowBdev {
+    fn supports(&self, io_type: IoType) -> bool {
+        self.shared.source.bdev().supports(io_type)
+    }
+
+    fn create_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError> {
+        let reactor = Reactor::try_current().ok_or_else(|| BdevError::Channel {
+            name: self.shared.name.clone(),
+            source: std::io::Error::other("cow channels must be created on a reactor"),
+        })?;
+        let seq = self.shared.chan_seq.fetch_add(1, Ordering::Relaxed);
+        let counters = Arc::new(ChannelCounters {
+            name: format!("{}/core{}/ch{}", self.shared.name, reactor.core(), seq),
+            reactor: reactor.handle(),
+            inflight: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            paced_writes: AtomicU64::new(0),
+            pace_delay_ticks: AtomicU64::new(0),
+            slot_waits: AtomicU64::new(0),
+            forwarded_writes: AtomicU64::new(0),
+        });
+        {
+            let mut v = self
+                .shared
+                .channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(&counters));
+        }
+        Ok(Box::new(CowChannel {
+            base: self.shared.source.channel()?,
+            shared: self.shared.clone(),
+            counters,
+            inflight: 0,
+            forwarded: 0,
+            gen: u64::MAX,
+            job: None,
+            jc: None,
+            held: VecDeque::with_capacity(256),
+            held_since: VecDeque::with_capacity(256),
+            out: VecDeque::with_capacity(64),
+        }))
+    }
+
+    fn allocated_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        self.shared.source.bdev().allocated_ranges()
+    }
+}
+
+/// A capture in flight on a channel.
+struct Capture {
+    chunk: u64,
+    slot: u32,
+    writing: bool,
+}
+
+/// A channel's state for the job it is working with.
+struct JobChannel {
+    job: Arc<JobShared>,
+    container: BdevChannel,
+    caps: Vec<Option<Capture>>,
+    free_caps: Vec<u32>,
+}
+
+/// Most captures one channel runs at once.
+const MAX_CAPTURES: usize = 64;
+
+struct CowChannel {
+    base: BdevChannel,
+    shared: Arc<CowShared>,
+    counters: Arc<ChannelCounters>,
+    inflight: u64,
+    forwarded: u64,
+    gen: u64,
+    job: Option<Arc<JobShared>>,
+    jc: Option<JobChannel>,
+    held: VecDeque<BdevIo>,
+    held_since: VecDeque<u64>,
+    out: VecDeque<BdevIo>,
+}
+
+enum Admit {
+    Pass,
+    Wait,
+}
+
+impl CowChannel {
+    #[inline]
+    fn refresh_job(&mut self) {
+        let g = self.shared.gen.load(Ordering::Acquire);
+        if g == self.gen {
+            return;
+        }
+        self.gen = g;
+        let job = self
+            .shared
+            .job
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.job = job.filter(|j| j.state() == JobState::Running);
+        // A new job needs a container channel; an old one's is kept until its
+        // captures have finished.
+        let stale = match (&self.jc, &self.job) {
+            (Some(jc), Some(j)) => !Arc::ptr_eq(&jc.job, j),
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if stale
+            && self
+                .jc
+                .as_ref()
+                .is_some_and(|jc| jc.free_caps.len() == MAX_CAPTURES)
+        {
+            self.jc = None;
+        }
+        if self.jc.is_none() {
+            if let Some(j) = &self.job {
+                match j.container.desc.channel() {
+                    Ok(container) => {
+                        self.jc = Some(JobChannel {
+                            job: j.clone(),
+                            container,
+                            caps: (0..MAX_CAPTURES).map(|_| None).collect(),
+                            free_caps: (0..MAX_CAPTURES as u32).rev().collect(),
+                        })
+                    }
+                    Err(e) => {
+                        j.finish(JobState::Failed, Some(format!("container channel: {e}")));
+                        self.job = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides whether a mutating I/O may go to the source now; starts the
+    /// captures it needs.
+    fn admit(&mut self, io: &BdevIo, now: u64) -> Admit {
+        let Some(job) = self.job.clone() else {
+            return Admit::Pass;
+        };
+        if job.state() != JobState::Running {
+            return Admit::Pass;
+        }
+        let (first, last) = job.chunk_span(io.offset_blocks, io.num_blocks.max(1));
+        let mut pass = true;
+        for c in first..=last {
+            match job.map.get(c) {
+                s if s.write_may_pass() => {}
+                ChunkState::Pending => {
+                    pass = false;
+                    self.start_capture(&job, c, now);
+                }
+                _ => pass = false,
+            }
+        }
+        if pass {
+            Admit::Pass
+        } else {
+            Admit::Wait
+        }
+    }
+
+    fn start_capture(&mut self, job: &Arc<JobShared>, chunk: u64, now: u64) {
+        let Some(jc) = self.jc.as_mut().filter(|jc| Arc::ptr_eq(&jc.job, job)) else {
+            return;
+        };
+        let Some(&cap_idx) = jc.free_caps.last() else {
+            return;
+        };
+        // Credits: past the soft watermark, admit at the drain rate.
+        if job.container.used() >= job.soft_slots {
+            let interval = job.admit_interval.load(Ordering::Relaxed);
+            if interval > 0 {
+                let next = job.next_admit.load(Ordering::Relaxed);
+                if now < next {
+                    return;
+                }
+                if job
+                    .next_admit
+                    .compare_exchange(
+                        next,
+                        now.max(next) + interval,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                self.counters.paced_writes.fetch_add(1, Ordering::Relaxed);
+                job.counters.paced_writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let Some(slot) = job.container.take(chunk) else {
+            self.counters.slot_waits.fetch_add(1, Ordering::Relaxed);
+            job.counters.slot_waits.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(mut buf) = job.capture_bufs.get(job.capture_bufs.buf_size()) else {
+            job.container.give_back(slot);
+            return;
+        };
+        if !job
+            .map
+            .transition(chunk, ChunkState::Pending, ChunkState::Saving)
+        {
+            // Another core or the copy stream got there first.
+            job.container.give_back(slot);
+            return;
+        }
+        job.note_container_use();
+        jc.free_caps.pop();
+        jc.caps[cap_idx as usize] = Some(Capture {
+            chunk,
+            slot,
+            writing: false,
+        });
+        let blocks = job.chunk_len(chunk);
+        buf.set_len((blocks * job.block_size) as usize);
+        self.base.submit(BdevIo::read(
+            chunk << job.chunk_shift,
+            blocks,
+            buf,
+            INTERNAL | cap_idx as u64,
+        ));
+    }
+
+    fn forward(&mut self, io: BdevIo) {
+        if io.io_type.is_mutating() && io.io_type != IoType::Flush {
+            self.forwarded += 1;
+            self.counters
+                .forwarded_writes
+                .store(self.forwarded, Ordering::Relaxed);
+        }
+        self.inflight += 1;
+        self.counters
+            .inflight
+            .store(self.inflight, Ordering::Release);
+        self.base.submit(io);
+    }
+
+    /// Handles completions of the channel's own capture I/O.
+    fn capture_done(jc: &mut JobChannel, base_is_read: bool, mut io: BdevIo) {
+        let idx = (io.token & !INTERNAL) as usize;
+        let Some(cap) = jc.caps[idx].as_mut() else {
+            return;
+        };
+        let job = jc.job.clone();
+        let ok = io.status == IoStatus::Success;
+        if base_is_read && !cap.writing {
+            if !ok {
+                job.finish(
+                    JobState::Failed,
+                    Some(format!(
+                        "capturing chunk {}: source read {:?}",
+                        cap.chunk, io.status
+                    )),
+                );
+                job.container.give_back(cap.slot);
+                jc.caps[idx] = None;
+                jc.free_caps.push(idx as u32);
+                return;
+            }
+            cap.writing = true;
+            let mut buf = io.take_buf().expect("capture read carries its buffer");
+            let slot_bytes = job.container.slot_blocks * jc.container.block_size() as u64;
+            buf.set_len(slot_bytes as usize);
+            let lba = job.container.slot_lba(cap.slot);
+            jc.container
+                .submit(BdevIo::write(lba, job.container.slot_blocks, buf, io.token));
+            return;
+        }
+        // Container write finished.
+        let (chunk, slot) = (cap.chunk, cap.slot);
+        jc.caps[idx] = None;
+        jc.free_caps.push(idx as u32);
+        drop(io.take_buf());
+        if !ok {
+            job.finish(
+                JobState::Failed,
+                Some(format!(
+                    "saving chunk {chunk} to the container: {:?}",
+                    io.status
+                )),
+            );
+            job.container.give_back(slot);
+            return;
+        }
+        job.map
+            .transition(chunk, ChunkState::Saving, ChunkState::Saved);
+        job.counters.chunks_saved.fetch_add(1, Ordering::Relaxed);
+        if job.saved.push((chunk, slot)).is_err() {
+            // Cannot happen: the queue holds as many entries as there are slots.
+            job.finish(JobState::Failed, Some("drain queue overflow".into()));
+        }
+    }
+
+    /// Retries held I/O; returns how many were released.
+    fn release_held(&mut self) -> usize {
+        if self.shared.freeze.load(Ordering::Acquire) {
+            return 0;
+        }
+        let now = clock::ticks();
+        let mut released = 0;
+        for _ in 0..self.held.len() {
+            let Some(io) = self.held.pop_front() else {
+                break;
+            };
+            let since = self.held_since.pop_front().unwrap_or(now);
+            let pass = !io.io_type.is_mutating() || matches!(self.admit(&io, now), Admit::Pass);
+            if pass {
+                let waited = now.saturating_sub(since);
+                self.counters
+                    .pace_delay_ticks
+                    .fetch_add(waited, Ordering::Relaxed);
+                self.forward(io);
+                released += 1;
+            } else {
+                self.held.push_back(io);
+                self.held_since.push_back(since);
+            }
+        }
+        self.counters
+            .held
+            .store(self.held.len() as u64, Ordering::Relaxed);
+        released
+    }
+}
+
+impl BackendChannel for CowChannel {
+    #[inline]
+    fn submit(&mut self, io: BdevIo) {
+        if self.shared.freeze.load(Ordering::Acquire) {
+            // Consistency point in progress: hold at channel entry.
+            self.held.push_back(io);
+            self.held_since.push_back(clock::ticks());
+            return;
+        }
+        if self.shared.gen.load(Ordering::Acquire) != self.gen {
+            self.refresh_job();
+        }
+        if self.job.is_some() && io.io_type.is_mutating() && io.io_type != IoType::Flush {
+            let now = clock::ticks();
+            if matches!(self.admit(&io, now), Admit::Wait) {
+                if let Some(j) = &self.job {
+                    j.counters.held_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                self.held.push_back(io);
+                self.held_since.push_back(now);
+                return;
+            }
+        }
+        self.forward(io);
+    }
+
+    #[inline]
+    fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+        let CowChannel {
+            base,
+            jc,
+            inflight,
+            counters,
+            out,
+            ..
+        } = self;
+        let mut n = 0;
+        let mut user = 0;
+        base.poll(&mut |io| {
+            if io.token & INTERNAL != 0 {
+                if let Some(jc) = jc.as_mut() {
+                    Self::capture_done(jc, true, io);
+                }
+            } else {
+                user += 1;
+                done(io);
+            }
+        });
+        if user > 0 {
+            *inflight -= user;
+            counters.inflight.store(*inflight, Ordering::Release);
+            n += user as usize;
+        }
+        if let Some(jc) = jc.as_mut() {
+            let c = &mut jc.container;
+            let mut writes = std::mem::take(out);
+            c.poll(&mut |io| writes.push_back(io));
+            for io in writes.drain(..) {
+                Self::capture_done(jc, false, io);
+            }
+            *out = writes;
+        }
+        if !self.held.is_empty() || self.shared.gen.load(Ordering::Relaxed) != self.gen {
+            self.refresh_job();
+            self.release_held();
+        }
+        n
+    }
+}
+
+/// Creates the cow bdev `name` on `source`, claiming it.
+pub fn create(reg: &BdevRegistry, name: &str, source: &str) -> Result<Bdev, BdevError> {
+    let base = reg.lookup(source)?;
+    let claim = base.claim(name)?;
+    let b = claim.bdev().info();
+    let mut info = BdevInfo::new(name, "cow", b.block_size, b.num_blocks);
+    info.volatile_write_cache = b.volatile_write_cache;
+    let shared = Arc::new(CowShared {
+        name: name.to_string(),
+        source: claim.open(),
+        freeze: AtomicBool::new(false),
+        gen: AtomicU64::new(0),
+        job: Mutex::new(None),
+        channels: Mutex::new(Vec::new()),
+        chan_seq: AtomicU64::new(0),
+    });
+    reg.register(
+        info,
+        CowBdev {
+            shared,
+            _claim: claim,
+        },
+    )
+}

@@ -1,0 +1,420 @@
+//! The copy-on-write backup: the backup equals the source at the consistency
+//! point, byte for byte, whatever writes ran during the job; no write is ever
+//! failed or lost; a failing target ends the job cleanly.
+//!
+//! Writers run as pollers on both reactors of a real two-core runtime, each
+//! in its own half of the source, keeping several writes in flight (never two
+//! overlapping ones), and log every write in submission order. The job records
+//! how many writes each channel had forwarded at the consistency point, so
+//! the test can rebuild the source as it was then and compare.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hotcopy_bdev::modules::{fault, malloc};
+use hotcopy_bdev::{BdevChannel, BdevIo, BdevRegistry, IoStatus};
+use hotcopy_cow::{
+    start_backup, BackupConfig, BlockRange, ContainerConfig, JobState, JobTuning, RawImageTarget,
+    Scope,
+};
+use hotcopy_runtime::{DmaBuf, IdlePolicy, PollStatus, Poller, Runtime, RuntimeConfig};
+use hotcopy_tests::*;
+use proptest::prelude::*;
+
+const BS: u64 = 512;
+const SOURCE_BYTES: u64 = 4 << 20;
+const BLOCKS: u64 = SOURCE_BYTES / BS;
+
+/// One logged write: first block, block count, data seed.
+type Write = (u64, u64, u64);
+
+struct WriterState {
+    ch: BdevChannel,
+    core: usize,
+    region: (u64, u64),
+    max_blocks: u64,
+    rng: u64,
+    seq: u64,
+    inflight: Vec<(u64, u64)>,
+    log: Vec<Write>,
+    errors: u64,
+    done: u64,
+    stop: Arc<AtomicBool>,
+}
+
+impl WriterState {
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn try_issue(&mut self) {
+        let (lo, hi) = self.region;
+        let n = 1 + self.rand() % self.max_blocks;
+        let start = lo + self.rand() % (hi - lo - n);
+        if self
+            .inflight
+            .iter()
+            .any(|&(s, l)| start < s + l && s < start + n)
+        {
+            return;
+        }
+        self.seq += 1;
+        let seed = ((self.core as u64) << 40) | self.seq;
+        let buf = DmaBuf::from_slice(&pattern(seed, (n * BS) as usize)).unwrap();
+        self.inflight.push((start, n));
+        self.log.push((start, n, seed));
+        self.ch.submit(BdevIo::write(start, n, buf, start));
+    }
+
+    fn poll(&mut self, qd: usize) -> usize {
+        let mut finished = Vec::new();
+        let n = self.ch.poll(&mut |io| finished.push((io.token, io.status)));
+        for (start, status) in finished {
+            if status != IoStatus::Success {
+                self.errors += 1;
+            }
+            self.done += 1;
+            self.inflight.retain(|&(s, _)| s != start);
+        }
+        if !self.stop.load(Ordering::Relaxed) {
+            while self.inflight.len() < qd {
+                let before = self.inflight.len();
+                self.try_issue();
+                if self.inflight.len() == before {
+                    break;
+                }
+            }
+        }
+        n
+    }
+}
+
+struct Outcome {
+    log: Vec<Write>,
+    errors: u64,
+}
+
+/// Applies writes to an image.
+fn apply(image: &mut [u8], writes: &[Write]) {
+    for &(s, n, seed) in writes {
+        image[(s * BS) as usize..((s + n) * BS) as usize]
+            .copy_from_slice(&pattern(seed, (n * BS) as usize));
+    }
+}
+
+fn read_all(reg: &BdevRegistry, name: &str, bytes: u64) -> Vec<u8> {
+    let desc = reg.open(name, false).unwrap();
+    on_reactor(move |_| {
+        let mut ch = desc.channel().unwrap();
+        let bs = ch.block_size() as u64;
+        let mut out = Vec::with_capacity(bytes as usize);
+        let step = 1 << 20;
+        let mut off = 0;
+        while off < bytes {
+            let len = step.min(bytes - off);
+            out.extend(read(&mut ch, off / bs, len / bs).expect("read back"));
+            off += len;
+        }
+        out
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    chunk_kib: u64,
+    slots: u32,
+    writers: usize,
+    qd: usize,
+    max_write_blocks: u64,
+    target_latency_us: u64,
+    fail_target_after: Option<u64>,
+    include: Option<(u64, u64)>,
+    exclude: Option<(u64, u64)>,
+    prioritize: Option<(u64, u64)>,
+    soft_watermark: f64,
+    writes_before_ms: u64,
+}
+
+fn run_case(case: &Case, rt: &Runtime) {
+    let reg = BdevRegistry::new();
+    let chunk = case.chunk_kib * 1024;
+    malloc::create(&reg, "src", SOURCE_BYTES, BS as u32).unwrap();
+    malloc::create(&reg, "tgt_base", SOURCE_BYTES, BS as u32).unwrap();
+    malloc::create(&reg, "cont", chunk * case.slots as u64, BS as u32).unwrap();
+    let (_, tctl) = fault::create(&reg, "tgt", "tgt_base", fault::FaultOptions::default()).unwrap();
+    tctl.set_latency_us(case.target_latency_us);
+    // Initial content.
+    let mut image = pattern(0xC0FFEE, SOURCE_BYTES as usize);
+    {
+        let desc = reg.open("src", true).unwrap();
+        let data = image.clone();
+        on_reactor(move |_| {
+            let mut ch = desc.channel().unwrap();
+            assert_eq!(write(&mut ch, 0, &data), IoStatus::Success);
+        });
+    }
+    let cow = hotcopy_cow::create(&reg, "vol", "src").unwrap();
+    let desc = reg.open("vol", true).unwrap();
+
+    // Writers, one per reactor, each in its own half of the device.
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<(usize, Outcome)>>> = Arc::default();
+    let writers = case.writers;
+    for core in 0..writers {
+        let (desc, stop, qd, maxb) = (desc.clone(), stop.clone(), case.qd, case.max_write_blocks);
+        rt.exec(core, move || {
+            let half = BLOCKS / writers as u64;
+            let w = Rc::new(RefCell::new(WriterState {
+                ch: desc.channel().unwrap(),
+                core,
+                region: (half * core as u64, half * (core as u64 + 1)),
+                max_blocks: maxb,
+                rng: 0x9E37_79B9 ^ ((core as u64 + 1) * 7919),
+                seq: 0,
+                inflight: Vec::new(),
+                log: Vec::new(),
+                errors: 0,
+                done: 0,
+                stop,
+            }));
+            let p = Poller::builder().name("writer").register({
+                let w = w.clone();
+                move || PollStatus::from_count(w.borrow_mut().poll(qd))
+            });
+            WRITER.with(|slot| *slot.borrow_mut() = Some((w, p)));
+        })
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(case.writes_before_ms));
+
+    let scope = Scope {
+        include: case
+            .include
+            .map(|(s, l)| vec![BlockRange::new(s, l)])
+            .unwrap_or_default(),
+        exclude: case
+            .exclude
+            .map(|(s, l)| vec![BlockRange::new(s, l)])
+            .unwrap_or_default(),
+        skip_unallocated: true,
+    };
+    if let Some(n) = case.fail_target_after {
+        tctl.fail_writes_after(n);
+    }
+    let cfg = BackupConfig {
+        target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
+        container: ContainerConfig {
+            desc: reg.open("cont", true).unwrap(),
+            offset_blocks: 0,
+            slots: case.slots,
+        },
+        chunk_size: chunk,
+        scope: scope.clone(),
+        tuning: JobTuning {
+            max_queue_depth: 4,
+            soft_watermark: case.soft_watermark,
+            ..JobTuning::default()
+        },
+    };
+    let job = start_backup(&cow, rt.reactor(0), cfg).expect("job starts");
+    if let Some((s, l)) = case.prioritize {
+        job.prioritize(BlockRange::new(s, l));
+    }
+    let state = job.wait(Duration::from_secs(60));
+    let status = job.status();
+
+    // Stop the writers and collect their logs once everything has completed.
+    stop.store(true, Ordering::Relaxed);
+    for core in 0..writers {
+        let out = loop {
+            let r = rt
+                .exec(core, || {
+                    WRITER.with(|slot| {
+                        let slot = slot.borrow();
+                        let (w, _) = slot.as_ref().unwrap();
+                        let w = w.borrow();
+                        w.inflight.is_empty().then(|| Outcome {
+                            log: w.log.clone(),
+                            errors: w.errors,
+                        })
+                    })
+                })
+                .unwrap();
+            if let Some(o) = r {
+                break o;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        rt.exec(core, || drop(WRITER.with(|slot| slot.borrow_mut().take())))
+            .unwrap();
+        outcomes.lock().unwrap().push((core, out));
+    }
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+
+    // No write was ever failed, and none was lost.
+    for (core, o) in &outcomes {
+        assert_eq!(
+            o.errors, 0,
+            "writer {core}: foreground writes failed ({status:?})"
+        );
+    }
+    let mut final_image = image.clone();
+    for (_, o) in &outcomes {
+        apply(&mut final_image, &o.log);
+    }
+    assert!(
+        read_all(&reg, "src", SOURCE_BYTES) == final_image,
+        "a write was lost on the source"
+    );
+
+    if case.fail_target_after.is_some() && state == JobState::Failed {
+        assert!(status.error.is_some());
+        return;
+    }
+    assert_eq!(
+        state,
+        JobState::Complete,
+        "job did not complete: {status:?}"
+    );
+
+    // Rebuild the source at the consistency point.
+    let t0 = job.shared().t0_writes.lock().unwrap().clone();
+    for (core, o) in &outcomes {
+        let prefix = format!("vol/core{core}/");
+        let k = t0
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .map(|(_, k)| *k)
+            .sum::<u64>() as usize;
+        assert!(k <= o.log.len());
+        apply(&mut image, &o.log[..k]);
+    }
+    let target = read_all(&reg, "tgt_base", SOURCE_BYTES);
+    let map = hotcopy_cow::ChunkMap::new(SOURCE_BYTES / chunk);
+    scope.apply(&map, chunk / BS, BLOCKS, None);
+    let mut checked = 0;
+    for c in 0..map.len() {
+        if map.get(c) == hotcopy_cow::ChunkState::OutOfScope {
+            continue;
+        }
+        let r = (c * chunk) as usize..((c + 1) * chunk) as usize;
+        assert!(
+            target[r.clone()] == image[r],
+            "chunk {c} of the backup differs from the source at the consistency point ({status:?})"
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked, status.chunks_in_scope,
+        "every chunk in scope was checked"
+    );
+    assert!(
+        status.container_peak <= case.slots as u64,
+        "the container never held more than its slots"
+    );
+}
+
+thread_local! {
+    #[allow(clippy::type_complexity, reason = "a test's per-reactor slot")]
+    static WRITER: RefCell<Option<(Rc<RefCell<WriterState>>, Poller)>> = const { RefCell::new(None) };
+}
+
+fn base_case() -> Case {
+    Case {
+        chunk_kib: 64,
+        slots: 4,
+        writers: 2,
+        qd: 4,
+        max_write_blocks: 16,
+        target_latency_us: 0,
+        fail_target_after: None,
+        include: None,
+        exclude: None,
+        prioritize: None,
+        soft_watermark: 0.5,
+        writes_before_ms: 20,
+    }
+}
+
+fn runtime() -> Runtime {
+    Runtime::start(RuntimeConfig::with_cores(2, IdlePolicy::Poll)).unwrap()
+}
+
+#[test]
+fn backup_equals_the_source_at_the_consistency_point_under_concurrent_writes() {
+    let rt = runtime();
+    run_case(&base_case(), &rt);
+}
+
+#[test]
+fn a_one_slot_container_and_a_slow_target_still_give_an_exact_backup() {
+    let rt = runtime();
+    run_case(
+        &Case {
+            slots: 1,
+            target_latency_us: 300,
+            qd: 8,
+            ..base_case()
+        },
+        &rt,
+    );
+}
+
+#[test]
+fn a_failing_target_ends_the_job_and_every_foreground_write_succeeds() {
+    let rt = runtime();
+    run_case(
+        &Case {
+            fail_target_after: Some(5),
+            target_latency_us: 100,
+            ..base_case()
+        },
+        &rt,
+    );
+}
+
+#[test]
+fn include_exclude_and_prioritize_keep_the_backup_exact() {
+    let rt = runtime();
+    run_case(
+        &Case {
+            include: Some((1024, 4096)),
+            exclude: Some((2048, 512)),
+            prioritize: Some((4000, 800)),
+            ..base_case()
+        },
+        &rt,
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn randomized_jobs_keep_the_invariant(
+        chunk_kib in prop::sample::select(vec![4u64, 16, 64]),
+        slots in 1u32..=8,
+        writers in 1usize..=2,
+        qd in 1usize..=8,
+        max_write_blocks in 1u64..=64,
+        target_latency_us in prop::sample::select(vec![0u64, 0, 50, 400]),
+        fail in prop::option::weighted(0.2, 0u64..40),
+        include in prop::option::weighted(0.3, (0u64..BLOCKS / 2, 1u64..BLOCKS / 2)),
+        exclude in prop::option::weighted(0.3, (0u64..BLOCKS / 2, 1u64..BLOCKS / 2)),
+        prioritize in prop::option::weighted(0.4, (0u64..BLOCKS - 1, 1u64..512)),
+        soft_watermark in prop::sample::select(vec![0.0f64, 0.5, 1.0]),
+    ) {
+        let rt = runtime();
+        run_case(&Case {
+            chunk_kib, slots, writers, qd, max_write_blocks, target_latency_us,
+            fail_target_after: fail, include, exclude, prioritize, soft_watermark,
+            writes_before_ms: 5,
+        }, &rt);
+    }
+}
