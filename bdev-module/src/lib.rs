@@ -42,6 +42,7 @@ pub mod job;
 pub mod scope;
 pub mod target;
 pub mod vbdev;
+pub mod view;
 
 pub use backup::{
     start_backup, BackupConfig, BackupJob, ContainerConfig, CowError, JobStatus, SubmitterStats,

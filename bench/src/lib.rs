@@ -14,6 +14,7 @@
 //!   histograms have fixed bounds. Nothing grows with run length.
 
 mod job;
+pub mod plot;
 
 use std::cell::RefCell;
 use std::rc::Rc;
