@@ -267,10 +267,15 @@ enum OpKind {
 
 struct Op {
     kind: OpKind,
+    /// First chunk (copy ops cover `count` consecutive chunks).
     chunk: u64,
+    count: u64,
     slot: u32,
     start: u64,
 }
+
+/// Largest copy I/O: consecutive pending chunks are copied together up to this.
+pub const COPY_RUN_BYTES: u64 = 1 << 20;
 
 enum Phase {
     Running,
@@ -317,7 +322,7 @@ impl Streams {
         cont: BdevChannel,
     ) -> Result<Streams, String> {
         let qd = job.tuning.max_queue_depth.max(1) as usize;
-        let bytes = (job.chunk_blocks * job.block_size) as usize;
+        let bytes = (job.chunk_blocks * job.block_size).max(COPY_RUN_BYTES) as usize;
         let bufs = (0..qd)
             .map(|_| DmaBuf::alloc(bytes).map_err(|e| format!("stream buffers: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
@@ -359,6 +364,7 @@ impl Streams {
         self.ops[i] = Some(Op {
             kind,
             chunk,
+            count: 1,
             slot,
             start: now,
         });
@@ -433,17 +439,22 @@ impl Streams {
                         op.chunk, io.status
                     ));
                 }
-                // The chunk's T0 content is in our buffer: writers may pass now.
-                let moved = job
-                    .map
-                    .transition(op.chunk, ChunkState::Copying, ChunkState::Copied);
-                debug_assert!(moved, "only the copy stream moves a Copying chunk");
+                // The chunks' T0 content is in our buffer: writers may pass now.
+                for c in op.chunk..op.chunk + op.count {
+                    let moved = job
+                        .map
+                        .transition(c, ChunkState::Copying, ChunkState::Copied);
+                    debug_assert!(moved, "only the copy stream moves a Copying chunk");
+                }
                 let blocks = io.num_blocks;
                 let lba = job
                     .target
                     .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
                 let tb = self.tgt.block_size() as u64;
                 let j = self.start_op(OpKind::CopyWrite, op.chunk, 0, now);
+                if let Some(o) = self.ops[j].as_mut() {
+                    o.count = op.count;
+                }
                 let w = BdevIo::write(lba, blocks * job.block_size / tb, buf, j as u64);
                 self.tgt.submit(w);
             }
@@ -457,14 +468,19 @@ impl Streams {
                         op.chunk, io.status
                     ));
                 }
-                job.map
-                    .transition(op.chunk, ChunkState::Copied, ChunkState::Done);
-                job.counters.chunks_copied.fetch_add(1, Ordering::Relaxed);
+                for c in op.chunk..op.chunk + op.count {
+                    job.map.transition(c, ChunkState::Copied, ChunkState::Done);
+                }
+                job.counters
+                    .chunks_copied
+                    .fetch_add(op.count, Ordering::Relaxed);
                 job.counters.bytes_copied.fetch_add(
                     io.num_blocks * self.tgt.block_size() as u64,
                     Ordering::Relaxed,
                 );
-                job.counters.chunks_done.fetch_add(1, Ordering::Release);
+                job.counters
+                    .chunks_done
+                    .fetch_add(op.count, Ordering::Release);
             }
             OpKind::DrainRead => {
                 let buf = buf.expect("drain read carries a buffer");
@@ -539,9 +555,16 @@ impl Streams {
         let job = self.job.clone();
         let mut issued = 0;
         let fill = job.container.used();
-        // Drain has priority; copy gets what is left, and stays out of the way
-        // entirely while the container is past half its soft watermark.
-        while (self.inflight() as u32) < self.budget && !self.bufs.is_empty() {
+        // Drain has priority and a budget of its own that grows with the
+        // container's fill (full budget at the soft watermark): a full container
+        // is what forces writers to be paced, so draining it is never throttled
+        // by the latency controller. Copy gets the AIMD budget, and stays out of
+        // the way entirely while the container is past half its soft watermark.
+        let max = job.tuning.max_queue_depth.max(1);
+        let drain_budget = ((max as u64 * fill as u64).div_ceil(job.soft_slots.max(1) as u64)
+            as u32)
+            .clamp(1, max);
+        while (self.inflight() as u32) < drain_budget.max(self.budget) && !self.bufs.is_empty() {
             let Some((chunk, slot)) = job.saved.pop() else {
                 break;
             };
@@ -577,10 +600,30 @@ impl Streams {
             let Some(chunk) = self.next_pending() else {
                 break;
             };
-            let blocks = job.chunk_len(chunk);
+            // Extend to a run of consecutive pending chunks (one read, one
+            // target write) when the target keeps consecutive chunks together.
+            let max_run = if job.target.contiguous() {
+                (COPY_RUN_BYTES / chunk_bytes).max(1)
+            } else {
+                1
+            };
+            let mut count = 1;
+            while count < max_run
+                && chunk + count < job.map.len()
+                && job
+                    .map
+                    .transition(chunk + count, ChunkState::Pending, ChunkState::Copying)
+            {
+                count += 1;
+            }
+            let blocks =
+                (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
             let mut buf = self.bufs.pop().expect("checked non-empty");
             buf.set_len((blocks * job.block_size) as usize);
             let i = self.start_op(OpKind::CopyRead, chunk, 0, now);
+            if let Some(o) = self.ops[i].as_mut() {
+                o.count = count;
+            }
             self.src.submit(BdevIo::read(
                 chunk << job.chunk_shift,
                 blocks,
@@ -626,7 +669,10 @@ impl Streams {
         let elapsed = now - self.win_start;
         if self.win_n > 0 && self.job.tuning.adaptive {
             let mean = self.win_sum / self.win_n;
-            self.best_lat = self.best_lat.min(mean);
+            // The reference is the best recent window: it follows the load up
+            // slowly (2% a window, doubling in ~175 ms) so that one quiet moment
+            // does not pin the budget at the floor for the rest of the job.
+            self.best_lat = self.best_lat.saturating_add(self.best_lat / 50).min(mean);
             let max = self.job.tuning.max_queue_depth.max(1);
             if mean > self.best_lat.saturating_mul(2) {
                 // The devices are queueing behind someone: back off.

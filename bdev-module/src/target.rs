@@ -38,6 +38,12 @@ pub trait BackupTarget: Send + Sync + 'static {
     /// The first target block of `chunk`. Fixed for the life of a job.
     fn chunk_lba(&self, chunk: u64, chunk_bytes: u64) -> u64;
 
+    /// Whether consecutive chunks land at consecutive target blocks, so the
+    /// copy stream may write several in one I/O.
+    fn contiguous(&self) -> bool {
+        false
+    }
+
     /// Called after every chunk is on the target and the target is flushed.
     fn commit(&self, info: &CommitInfo) -> Result<(), TargetError>;
 
@@ -90,6 +96,10 @@ impl BackupTarget for RawImageTarget {
 
     fn chunk_lba(&self, chunk: u64, chunk_bytes: u64) -> u64 {
         chunk * chunk_bytes / self.desc.bdev().block_size() as u64
+    }
+
+    fn contiguous(&self) -> bool {
+        true
     }
 
     fn commit(&self, _info: &CommitInfo) -> Result<(), TargetError> {

@@ -393,6 +393,21 @@ impl CowChannel {
     }
 
     fn forward(&mut self, io: BdevIo) {
+        #[cfg(debug_assertions)]
+        if io.io_type.is_mutating() && io.io_type != IoType::Flush {
+            // The invariant's guard: with a job running, a write reaches the
+            // source only when every chunk it touches has its old content safe.
+            if let Some(job) = self.job.as_ref().filter(|j| j.state() == JobState::Running) {
+                let (first, last) = job.chunk_span(io.offset_blocks, io.num_blocks.max(1));
+                for c in first..=last {
+                    let st = job.map.get(c);
+                    assert!(
+                        st.write_may_pass(),
+                        "write to chunk {c} forwarded in state {st:?}"
+                    );
+                }
+            }
+        }
         if io.io_type.is_mutating() && io.io_type != IoType::Flush {
             self.forwarded += 1;
             self.counters
@@ -467,6 +482,14 @@ impl CowChannel {
         if self.shared.freeze.load(Ordering::Acquire) {
             return 0;
         }
+        // The freeze may have ended since the caller last looked at the job:
+        // the job is installed before `freeze` clears, so refreshing after
+        // seeing it clear is what guarantees held writes meet the new job.
+        // (Releasing with a stale "no job" here let writes held at the
+        // consistency point reach the source before their chunks were saved.)
+        if self.shared.gen.load(Ordering::Acquire) != self.gen {
+            self.refresh_job();
+        }
         let now = clock::ticks();
         let mut released = 0;
         for _ in 0..self.held.len() {
@@ -522,6 +545,20 @@ impl BackendChannel for CowChannel {
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+        if self.jc.is_none()
+            && self.held.is_empty()
+            && self.shared.gen.load(Ordering::Relaxed) == self.gen
+        {
+            // Idle: no internal I/O exists, so every completion is the caller's.
+            let n = self.base.poll(done);
+            if n > 0 {
+                self.inflight -= n as u64;
+                self.counters
+                    .inflight
+                    .store(self.inflight, Ordering::Release);
+            }
+            return n;
+        }
         let CowChannel {
             base,
             jc,

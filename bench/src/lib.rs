@@ -13,6 +13,7 @@
 //! * Memory: one buffer per slot, allocated from a pool before the run; the
 //!   histograms have fixed bounds. Nothing grows with run length.
 
+pub mod cow;
 mod job;
 pub mod plot;
 
@@ -121,7 +122,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn from_ticks(h: &Histogram<u64>) -> Latency {
+    pub fn from_ticks(h: &Histogram<u64>) -> Latency {
         let us = |t: f64| t / clock::ticks_per_us();
         if h.is_empty() {
             return Latency {

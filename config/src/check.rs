@@ -165,7 +165,7 @@ pub(crate) fn check_body(bdev: &BdevConfig, path: &FieldPath) -> Result<(), Issu
                 None => Ok(()),
             }
         }
-        BdevConfig::Passthru { base } => check_base(base, path),
+        BdevConfig::Passthru { base } | BdevConfig::Cow { base } => check_base(base, path),
         BdevConfig::Fault {
             base,
             read_error_rate,

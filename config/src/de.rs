@@ -206,15 +206,17 @@ pub(crate) enum BdevType {
     Uring,
     Passthru,
     Fault,
+    Cow,
 }
 
 impl BdevType {
-    const ALL: [BdevType; 5] = [
+    const ALL: [BdevType; 6] = [
         BdevType::Null,
         BdevType::Malloc,
         BdevType::Uring,
         BdevType::Passthru,
         BdevType::Fault,
+        BdevType::Cow,
     ];
 
     fn name(self) -> &'static str {
@@ -226,7 +228,7 @@ impl BdevType {
         match self {
             BdevType::Null | BdevType::Malloc => &["size", "block_size"],
             BdevType::Uring => &["path", "size", "block_size", "direct"],
-            BdevType::Passthru => &["base"],
+            BdevType::Passthru | BdevType::Cow => &["base"],
             BdevType::Fault => &[
                 "base",
                 "read_error_rate",
@@ -506,6 +508,9 @@ pub(crate) fn convert_bdev(
             direct: raw.direct.unwrap_or(true),
         },
         BdevType::Passthru => BdevConfig::Passthru {
+            base: base(raw.base)?,
+        },
+        BdevType::Cow => BdevConfig::Cow {
             base: base(raw.base)?,
         },
         BdevType::Fault => BdevConfig::Fault {

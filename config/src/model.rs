@@ -177,6 +177,12 @@ pub enum BdevConfig {
         /// The bdev underneath.
         base: BaseRef,
     },
+    /// Copy-on-write backup module: passthrough while idle; online backups of
+    /// its base by interception while a job runs.
+    Cow {
+        /// The source volume being protected.
+        base: BaseRef,
+    },
     /// Injects errors, latency and volatile-cache behaviour in front of its base.
     Fault {
         /// The bdev underneath.
@@ -208,7 +214,7 @@ pub enum BaseRef {
 }
 
 /// The names of the bdev types, as written in `type:`.
-pub const BDEV_TYPES: [&str; 5] = ["null", "malloc", "uring", "passthru", "fault"];
+pub const BDEV_TYPES: [&str; 6] = ["null", "malloc", "uring", "passthru", "fault", "cow"];
 
 impl BdevConfig {
     /// The `type:` name: `"null"`, `"malloc"`, `"uring"`, `"passthru"` or `"fault"`.
@@ -219,13 +225,16 @@ impl BdevConfig {
             BdevConfig::Uring { .. } => "uring",
             BdevConfig::Passthru { .. } => "passthru",
             BdevConfig::Fault { .. } => "fault",
+            BdevConfig::Cow { .. } => "cow",
         }
     }
 
     /// The base of a stacked bdev (`passthru`, `fault`); `None` for leaf bdevs.
     pub fn base(&self) -> Option<&BaseRef> {
         match self {
-            BdevConfig::Passthru { base } | BdevConfig::Fault { base, .. } => Some(base),
+            BdevConfig::Passthru { base }
+            | BdevConfig::Cow { base }
+            | BdevConfig::Fault { base, .. } => Some(base),
             _ => None,
         }
     }

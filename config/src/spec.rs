@@ -9,7 +9,7 @@ use crate::size::ByteSize;
 
 /// The accepted spec forms, as shown in [`SpecError`] messages.
 pub const SPEC_FORMS: &str =
-    "null:SIZE[:BLOCK], malloc:SIZE[:BLOCK], uring:PATH[@SIZE], passthru:SPEC, fault:SPEC";
+    "null:SIZE[:BLOCK], malloc:SIZE[:BLOCK], uring:PATH[@SIZE], passthru:SPEC, fault:SPEC, cow:SPEC";
 
 /// How many `passthru:`/`fault:` layers a spec may stack.
 pub const MAX_SPEC_DEPTH: usize = 32;
@@ -29,6 +29,7 @@ pub struct SpecError {
 enum Layer {
     Passthru,
     Fault,
+    Cow,
 }
 
 /// Parse a bdev spec.
@@ -42,6 +43,7 @@ enum Layer {
 /// | `uring:PATH` | `uring` on `PATH` (everything after `uring:`, colons included), `O_DIRECT`, detected block size |
 /// | `uring:PATH@SIZE` | same, creating or extending the file to `SIZE` (only if the text after the last `@` is a size) |
 /// | `passthru:SPEC` | `passthru` over the bdev `SPEC` describes (inline base) |
+/// | `cow:SPEC` | the copy-on-write backup module over `SPEC` (the protected volume) |
 /// | `fault:SPEC` | `fault` with default knobs (no errors, no latency, no volatile cache) over `SPEC` |
 ///
 /// `SIZE` and `BLOCK` take the same forms as YAML sizes (`4096`, `4K`, `1GiB`, ...). Layers nest
@@ -80,7 +82,7 @@ pub fn parse_spec(spec: &str) -> Result<BdevConfig, SpecError> {
         };
         let kind = kind.to_ascii_lowercase();
         match kind.as_str() {
-            "passthru" | "fault" => {
+            "passthru" | "fault" | "cow" => {
                 if layers.len() >= MAX_SPEC_DEPTH {
                     return Err(fail(format!(
                         "too many stacked layers (at most {MAX_SPEC_DEPTH})"
@@ -91,10 +93,10 @@ pub fn parse_spec(spec: &str) -> Result<BdevConfig, SpecError> {
                         "{kind:?} needs a base spec, e.g. {kind}:malloc:1GiB"
                     )));
                 };
-                layers.push(if kind == "passthru" {
-                    Layer::Passthru
-                } else {
-                    Layer::Fault
+                layers.push(match kind.as_str() {
+                    "passthru" => Layer::Passthru,
+                    "cow" => Layer::Cow,
+                    _ => Layer::Fault,
                 });
                 rest = args;
             }
@@ -153,6 +155,7 @@ pub fn parse_spec(spec: &str) -> Result<BdevConfig, SpecError> {
         let base = BaseRef::Inline(Box::new(bdev));
         bdev = match layer {
             Layer::Passthru => BdevConfig::Passthru { base },
+            Layer::Cow => BdevConfig::Cow { base },
             Layer::Fault => BdevConfig::Fault {
                 base,
                 read_error_rate: 0.0,
@@ -221,6 +224,7 @@ impl BdevConfig {
             }
             BdevConfig::Uring { .. } => None,
             BdevConfig::Passthru { base } => Some(format!("passthru:{}", inline(base)?)),
+            BdevConfig::Cow { base } => Some(format!("cow:{}", inline(base)?)),
             BdevConfig::Fault {
                 base,
                 read_error_rate,
@@ -347,7 +351,7 @@ mod tests {
         assert_eq!(err(""), "the spec is empty");
         assert_eq!(
             err("disk:1G"),
-            "unknown bdev type \"disk\", expected one of null, malloc, uring, passthru, fault"
+            "unknown bdev type \"disk\", expected one of null, malloc, uring, passthru, fault, cow"
         );
         assert_eq!(err("malloc"), "\"malloc\" needs a size, e.g. malloc:1GiB");
         assert_eq!(err("malloc:"), "\"malloc\" needs a size, e.g. malloc:1GiB");
@@ -382,7 +386,7 @@ mod tests {
         );
         assert_eq!(
             err("fault:passthru:bogus:1"),
-            "unknown bdev type \"bogus\", expected one of null, malloc, uring, passthru, fault"
+            "unknown bdev type \"bogus\", expected one of null, malloc, uring, passthru, fault, cow"
         );
         assert!(err("uring:").contains("needs a file or device path"));
         assert_eq!(err("uring:@1G"), "the uring path is empty");

@@ -294,7 +294,7 @@ fn missing_fields() {
     let text = "bdevs:\n  - name: a\n    size: 1G\n";
     assert_eq!(
         at(text, 2, 5, "bdevs[0]", Schema),
-        "missing field \"type\" (one of null, malloc, uring, passthru, fault)"
+        "missing field \"type\" (one of null, malloc, uring, passthru, fault, cow)"
     );
     let text = "bdevs:\n  - type: malloc\n    size: 1G\n";
     assert_eq!(

@@ -21,7 +21,6 @@
 
 pub mod bdev;
 
-pub mod construct;
 pub mod io;
 pub mod modules;
 pub mod testing;

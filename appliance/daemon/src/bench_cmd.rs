@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use hotcopy_bdev::{construct, BdevRegistry};
+use hotcopy_bdev::BdevRegistry;
+
+use crate::construct;
 use hotcopy_bench::{BenchParams, Workload};
 use hotcopy_config::{ByteSize, Config, HugepagesMode, IdleMode};
 use hotcopy_runtime::{HugepageMode, IdlePolicy, Runtime, RuntimeConfig};

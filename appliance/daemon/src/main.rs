@@ -1,6 +1,8 @@
 //! The `hotcopy` command.
 
 mod bench_cmd;
+mod construct;
+mod cow_cmd;
 
 use std::process::ExitCode;
 
@@ -23,8 +25,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Measure a bdev like SPDK's bdevperf: IOPS, MiB/s and latency percentiles per core.
-    Bench(bench_cmd::BenchArgs),
+    /// Measure a bdev like SPDK's bdevperf, or (`bench cow`) what an online backup costs writers.
+    Bench(BenchCmd),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCmd {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
+    #[command(flatten)]
+    args: bench_cmd::BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchSub {
+    /// Foreground random writes on a cow volume, without and then during a full online backup.
+    Cow(cow_cmd::CowArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,7 +54,11 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.cmd {
-        Cmd::Bench(args) => bench_cmd::run(args),
+        Cmd::Bench(BenchCmd {
+            sub: Some(BenchSub::Cow(a)),
+            ..
+        }) => cow_cmd::run(a),
+        Cmd::Bench(BenchCmd { sub: None, args }) => bench_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -54,7 +54,15 @@ pub struct UringQueue<T: UringCtx> {
     slots: Vec<Option<T>>,
     free: Vec<u32>,
     unsubmitted: u32,
+    /// `flush` calls in a row that had nothing to hand to the kernel while
+    /// I/O was in flight.
+    quiet_polls: u32,
 }
+
+/// See [`UringQueue::flush`]: empty polls before a precautionary enter.
+pub const QUIET_POLLS: u32 = 32;
+/// `IORING_ENTER_GETEVENTS`.
+const GETEVENTS: u32 = 1;
 
 impl<T: UringCtx> UringQueue<T> {
     /// Creates a ring of `depth` entries (rounded up to a power of two by the
@@ -80,6 +88,7 @@ impl<T: UringCtx> UringQueue<T> {
             slots: (0..cap).map(|_| None).collect(),
             free: (0..cap as u32).rev().collect(),
             unsubmitted: 0,
+            quiet_polls: 0,
         })
     }
 
@@ -156,7 +165,26 @@ impl<T: UringCtx> UringQueue<T> {
     /// Hands every pushed operation to the kernel: one syscall per batch.
     /// Also enters the kernel, with nothing to submit, when the ring flags
     /// completion work it is waiting to run for us (`IORING_SQ_TASKRUN`).
+    /// As a safety net, with I/O in flight and no reason to enter seen for
+    /// [`QUIET_POLLS`] calls, it enters with `GETEVENTS` anyway, so that a
+    /// completion the kernel holds without raising the flag is never stuck.
     pub fn flush(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 && self.inflight() > 0 && !self.ring.submission().taskrun() {
+            self.quiet_polls += 1;
+            if self.quiet_polls >= QUIET_POLLS && self.ring.completion().is_empty() {
+                self.quiet_polls = 0;
+                // SAFETY: an enter that submits nothing and waits for nothing
+                // (min_complete 0, no argument) only runs pending completion
+                // work; no memory is handed to the kernel.
+                unsafe {
+                    self.ring
+                        .submitter()
+                        .enter::<libc::sigset_t>(0, 0, GETEVENTS, None)?;
+                }
+            }
+            return Ok(());
+        }
+        self.quiet_polls = 0;
         if self.unsubmitted > 0 || (self.inflight() > 0 && self.ring.submission().taskrun()) {
             let r = self.ring.submit();
             // Entries the kernel did not take stay queued for the next flush.

@@ -4,13 +4,13 @@
 //! 1. write `modules/<name>.rs` with a `create(reg, name, …)` function that
 //!    registers the bdev (virtual bdevs claim their base there);
 //! 2. add its variant to `hotcopy_config::BdevConfig` (and the spec grammar);
-//! 3. add its arm to [`create_one`] below;
+//! 3. add its arm to [`create_one`] below (modules of other crates, like the
+//!    cow module, are linked here, in the binary that uses them all);
 //! 4. cover it in `tests/` (read, write, flush, unmap with data verification).
 
+use hotcopy_bdev::modules::{fault, malloc, null, passthru, uring};
+use hotcopy_bdev::{Bdev, BdevError, BdevRegistry};
 use hotcopy_config::{BaseRef, BdevConfig, Config};
-
-use crate::modules::{fault, malloc, null, passthru, uring};
-use crate::{Bdev, BdevError, BdevRegistry};
 
 /// Creates `name` from `cfg`, creating inline bases first (an inline base of
 /// `name` is registered as `name.base`, its own inline base as
@@ -44,6 +44,10 @@ pub fn create_one(reg: &BdevRegistry, name: &str, cfg: &BdevConfig) -> Result<Bd
         BdevConfig::Passthru { base } => {
             let base = base_name(base)?;
             passthru::create(reg, name, &base)
+        }
+        BdevConfig::Cow { base } => {
+            let base = base_name(base)?;
+            hotcopy_cow::create(reg, name, &base)
         }
         BdevConfig::Fault {
             base,
