@@ -2,7 +2,7 @@
 //!
 //! [`JobShared`] is what every core sees: the chunk map, the container's free
 //! slots, the queue of saved chunks waiting to drain, pacing state and the
-//! statistics, all atomics or lock-free queues. [`Streams`] runs on the job's
+//! statistics, all atomics or lock-free queues. `Streams` runs on the job's
 //! home reactor as one poller: it drains saved chunks from the container to
 //! the target and copies pending chunks from the source to the target, within
 //! a queue-depth budget that an AIMD controller adapts to the latency the
@@ -82,12 +82,18 @@ impl Container {
         }
     }
 
-    /// Takes a free slot for `chunk` (lock-free), or `None` when all are in use.
+    /// Takes a free slot (lock-free), or `None` when all are in use.
     #[inline]
-    pub(crate) fn take(&self, chunk: u64) -> Option<u32> {
-        let s = self.free.pop()?;
-        self.slot_chunk[s as usize].store(chunk, Ordering::Release);
-        Some(s)
+    pub(crate) fn take(&self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Records that `slot` now holds `chunk`: called only after the capture
+    /// has won its chunk (`Pending` → `Saving`), so no two slots ever name
+    /// the same chunk.
+    #[inline]
+    pub(crate) fn assign(&self, slot: u32, chunk: u64) {
+        self.slot_chunk[slot as usize].store(chunk, Ordering::Release);
     }
 
     /// Returns a slot. Only called once its chunk is safely on the target

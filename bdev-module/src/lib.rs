@@ -53,3 +53,4 @@ pub use job::{JobState, JobTuning};
 pub use scope::{BlockRange, Scope, ScopeSummary};
 pub use target::{BackupTarget, CommitInfo, RawImageTarget, TargetError};
 pub use vbdev::{create, CowBdev};
+pub use view::{create_view, CowView, ViewStats};

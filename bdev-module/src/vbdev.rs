@@ -358,7 +358,7 @@ impl CowChannel {
                 job.counters.paced_writes.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let Some(slot) = job.container.take(chunk) else {
+        let Some(slot) = job.container.take() else {
             self.counters.slot_waits.fetch_add(1, Ordering::Relaxed);
             job.counters.slot_waits.fetch_add(1, Ordering::Relaxed);
             return;
@@ -375,6 +375,7 @@ impl CowChannel {
             job.container.give_back(slot);
             return;
         }
+        job.container.assign(slot, chunk);
         job.note_container_use();
         jc.free_caps.pop();
         jc.caps[cap_idx as usize] = Some(Capture {

@@ -747,7 +747,10 @@ fn restrict(ws: &[WriterResult], offset: f64, from: f64, to: f64) -> Vec<WriterR
 }
 
 /// Checks the target against the source as it was at the consistency point.
-#[allow(clippy::too_many_arguments, reason = "one call site; the pieces are distinct")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces are distinct"
+)]
 fn verify_backup(
     rt: &Runtime,
     reg: &BdevRegistry,

@@ -187,3 +187,43 @@ fn bad_input_gets_a_clear_error() {
     assert_eq!(code, 2);
     assert!(err.contains("sideways"), "{err}");
 }
+
+#[test]
+fn bench_cow_reports_both_phases_and_verifies_the_backup() {
+    let dir = scratch();
+    let (code, out, err) = hotcopy(&[
+        "bench",
+        "cow",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--size",
+        "64M",
+        "-t",
+        "0.5",
+        "-q",
+        "8",
+        "--fairness",
+        "--json",
+        "--plot",
+        dir.path().join("cow.svg").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    for k in [
+        "iops_ratio",
+        "p99_ratio",
+        "backup_mibps",
+        "freeze_us",
+        "container_peak",
+        "paced_writes",
+    ] {
+        assert!(v[k].is_number(), "{k} missing: {out}");
+    }
+    assert!(v["baseline"]["iops"].as_f64().unwrap() > 0.0);
+    assert!(v["during"]["iops"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["verified"], true, "{out}");
+    assert!(v["fairness"]["ratio"].is_number());
+    assert_eq!(v["job"]["state"], "complete");
+    let svg = std::fs::read_to_string(dir.path().join("cow.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("backup start"));
+}
