@@ -125,6 +125,19 @@ pub trait BackendChannel {
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize;
 }
 
+/// Hands every queued completion to `done`, oldest first; returns how many.
+/// For modules that finish I/O during `submit` and deliver it on `poll`.
+#[inline]
+pub fn deliver(queue: &mut VecDeque<BdevIo>, done: &mut dyn FnMut(BdevIo)) -> usize {
+    let n = queue.len();
+    for _ in 0..n {
+        if let Some(io) = queue.pop_front() {
+            done(io);
+        }
+    }
+    n
+}
+
 struct BdevShared {
     info: BdevInfo,
     backend: Box<dyn BdevBackend>,

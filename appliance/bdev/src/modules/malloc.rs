@@ -144,13 +144,7 @@ impl BackendChannel for MallocChannel {
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
-        let n = self.done.len();
-        for _ in 0..n {
-            if let Some(io) = self.done.pop_front() {
-                done(io);
-            }
-        }
-        n
+        crate::bdev::deliver(&mut self.done, done)
     }
 }
 
