@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod construct;
 mod cow_cmd;
+mod demo_cmd;
 
 use std::process::ExitCode;
 
@@ -25,8 +26,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Back up a busy volume online and check the backup: the embedded default.
+    Demo(demo_cmd::DemoArgs),
     /// Measure a bdev like SPDK's bdevperf, or (`bench cow`) what an online backup costs writers.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
 }
 
 #[derive(clap::Args)]
@@ -54,11 +57,14 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.cmd {
-        Cmd::Bench(BenchCmd {
-            sub: Some(BenchSub::Cow(a)),
-            ..
-        }) => cow_cmd::run(a),
-        Cmd::Bench(BenchCmd { sub: None, args }) => bench_cmd::run(args),
+        Cmd::Demo(a) => demo_cmd::run(a),
+        Cmd::Bench(b) => match *b {
+            BenchCmd {
+                sub: Some(BenchSub::Cow(a)),
+                ..
+            } => cow_cmd::run(a),
+            BenchCmd { sub: None, args } => bench_cmd::run(args),
+        },
     };
     match result {
         Ok(code) => code,

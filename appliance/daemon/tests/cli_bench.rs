@@ -227,3 +227,26 @@ fn bench_cow_reports_both_phases_and_verifies_the_backup() {
     let svg = std::fs::read_to_string(dir.path().join("cow.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("backup start"));
 }
+
+#[test]
+fn demo_backs_up_a_busy_volume_and_checks_it() {
+    let dir = scratch();
+    let (code, out, err) = hotcopy(&[
+        "demo",
+        "--size",
+        "64M",
+        "-t",
+        "0.5",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("backup == source at T0") && out.contains("yes, byte for byte"),
+        "{out}"
+    );
+    assert!(
+        out.contains("foreground write IOPS") && out.contains("freeze"),
+        "{out}"
+    );
+}
