@@ -365,12 +365,13 @@ impl Streams {
         self.ops.len() - self.free_ops.len()
     }
 
-    fn start_op(&mut self, kind: OpKind, chunk: u64, slot: u32, now: u64) -> usize {
+    /// Takes an op slot for `count` chunks from `chunk` (drain ops: one).
+    fn start_op(&mut self, kind: OpKind, chunk: u64, count: u64, slot: u32, now: u64) -> usize {
         let i = self.free_ops.pop().expect("budget keeps a free op");
         self.ops[i] = Some(Op {
             kind,
             chunk,
-            count: 1,
+            count,
             slot,
             start: now,
         });
@@ -412,7 +413,7 @@ impl Streams {
                     c.chunks_done.load(Ordering::Acquire) >= self.job.scope.chunks_in_scope;
                 if settled && self.inflight() == 0 {
                     // Everything is on the target: make it durable.
-                    let i = self.start_op(OpKind::FlushTarget, 0, 0, now);
+                    let i = self.start_op(OpKind::FlushTarget, 0, 0, 0, now);
                     self.tgt.submit(BdevIo::flush(i as u64));
                     self.phase = Phase::Flushing;
                 }
@@ -457,10 +458,7 @@ impl Streams {
                     .target
                     .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
                 let tb = self.tgt.block_size() as u64;
-                let j = self.start_op(OpKind::CopyWrite, op.chunk, 0, now);
-                if let Some(o) = self.ops[j].as_mut() {
-                    o.count = op.count;
-                }
+                let j = self.start_op(OpKind::CopyWrite, op.chunk, op.count, 0, now);
                 let w = BdevIo::write(lba, blocks * job.block_size / tb, buf, j as u64);
                 self.tgt.submit(w);
             }
@@ -502,7 +500,7 @@ impl Streams {
                     .target
                     .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
                 let tb = self.tgt.block_size() as u64;
-                let j = self.start_op(OpKind::DrainWrite, op.chunk, op.slot, now);
+                let j = self.start_op(OpKind::DrainWrite, op.chunk, 1, op.slot, now);
                 let mut buf = buf;
                 buf.set_len((blocks * job.block_size) as usize);
                 self.tgt.submit(BdevIo::write(
@@ -577,7 +575,7 @@ impl Streams {
             let mut buf = self.bufs.pop().expect("checked non-empty");
             let slot_bytes = job.container.slot_blocks * self.cont.block_size() as u64;
             buf.set_len(slot_bytes as usize);
-            let i = self.start_op(OpKind::DrainRead, chunk, slot, now);
+            let i = self.start_op(OpKind::DrainRead, chunk, 1, slot, now);
             self.cont.submit(BdevIo::read(
                 job.container.slot_lba(slot),
                 job.container.slot_blocks,
@@ -626,10 +624,7 @@ impl Streams {
                 (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
             let mut buf = self.bufs.pop().expect("checked non-empty");
             buf.set_len((blocks * job.block_size) as usize);
-            let i = self.start_op(OpKind::CopyRead, chunk, 0, now);
-            if let Some(o) = self.ops[i].as_mut() {
-                o.count = count;
-            }
+            let i = self.start_op(OpKind::CopyRead, chunk, count, 0, now);
             self.src.submit(BdevIo::read(
                 chunk << job.chunk_shift,
                 blocks,
