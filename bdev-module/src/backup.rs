@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam::queue::ArrayQueue;
-use hotcopy_bdev::{testing, Bdev, BdevDesc, IoStatus};
+use hotcopy_bdev::{Bdev, BdevDesc};
 use hotcopy_runtime::{clock, BufferPool, HugepageMode, PollStatus, Poller, ReactorHandle};
 use serde::Serialize;
 
@@ -90,7 +90,13 @@ pub struct JobStatus {
     pub copy_mibps: f64,
     pub drain_mibps: f64,
     pub backup_mibps: f64,
-    pub stream_budget: u64,
+    /// The streams' budget in chunks in flight (below 1: the share of time
+    /// one chunk is in flight).
+    pub stream_budget: f64,
+    /// Hosts' mean I/O latency on the source in the scheduler's last window,
+    /// and the no-backup reference it holds them to (µs; 0: not measured).
+    pub fg_latency_us: f64,
+    pub fg_reference_us: f64,
     pub submitters: Vec<SubmitterStats>,
 }
 
@@ -192,7 +198,9 @@ impl BackupJob {
             copy_mibps: mib(copied),
             drain_mibps: mib(drained),
             backup_mibps: mib(copied + drained),
-            stream_budget: c.budget.load(Ordering::Relaxed),
+            stream_budget: c.budget.load(Ordering::Relaxed) as f64 / 16.0,
+            fg_latency_us: c.fg_lat_ticks.load(Ordering::Relaxed) as f64 / tpu,
+            fg_reference_us: c.fg_ref_ticks.load(Ordering::Relaxed) as f64 / tpu,
             submitters: cow
                 .channels()
                 .iter()
@@ -311,6 +319,7 @@ pub fn start_backup(
         cancel: Default::default(),
         consistency_point_us: Default::default(),
         tuning: cfg.tuning.clone(),
+        fg: cb.fg_meter().clone(),
         t0_writes: Mutex::new(Vec::new()),
     });
     // The streams' channels and poller live on the home reactor.
@@ -335,47 +344,39 @@ pub fn start_backup(
         .map_err(CowError::Start)?
     };
     let _ = streams;
-    // Consistency point: freeze, drain, flush the source, install, resume.
-    let flush_desc = cb.source().clone();
-    let flush_home = home.clone();
+    // The hosts' latency without a backup: the scheduler's reference.
+    if cfg.tuning.adaptive {
+        job.counters
+            .fg_ref_ticks
+            .store(calibrate(cb), Ordering::Relaxed);
+    }
+    // Consistency point: freeze, drain, install, resume. The streams' first
+    // I/O flushes the source (see the protocol in `vbdev`).
     let install_job = job.clone();
-    let (_, frozen) = cb
-        .with_frozen(
-            move || {
-                flush_home
-                    .exec(move || {
-                        let mut ch = flush_desc.channel().map_err(|e| e.to_string())?;
-                        match testing::run_io(&mut ch, hotcopy_bdev::BdevIo::flush(0)).status {
-                            IoStatus::Success => Ok(()),
-                            s => Err(format!("flushing the source: {s:?}")),
-                        }
-                    })
-                    .map_err(|e| e.to_string())?
-            },
-            || {
-                install_job
-                    .counters
-                    .start_tick
-                    .store(clock::ticks(), Ordering::Relaxed);
-                let now_us = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as u64)
-                    .unwrap_or(0);
-                install_job
-                    .consistency_point_us
-                    .store(now_us, Ordering::Relaxed);
-                *install_job
-                    .t0_writes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = cb
-                    .channels()
-                    .iter()
-                    .map(|c| (c.name.clone(), c.forwarded_writes.load(Ordering::Acquire)))
-                    .collect();
-                *cb.shared.job.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(install_job.clone());
-            },
-        )
+    let cow_shared = cb.shared.clone();
+    let frozen = cb
+        .freeze_on(home, move || {
+            install_job
+                .counters
+                .start_tick
+                .store(clock::ticks(), Ordering::Relaxed);
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            install_job
+                .consistency_point_us
+                .store(now_us, Ordering::Relaxed);
+            *install_job
+                .t0_writes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = cow_shared
+                .channels()
+                .iter()
+                .map(|c| (c.name.clone(), c.forwarded_writes.load(Ordering::Acquire)))
+                .collect();
+            *cow_shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(install_job.clone());
+        })
         .map_err(CowError::Start)?;
     job.counters
         .freeze_us
@@ -407,6 +408,28 @@ pub fn start_backup(
         job,
         cow: cow.clone(),
     })
+}
+
+/// How long the channels measure the hosts' latency before a job starts.
+pub const CALIBRATION: Duration = Duration::from_millis(30);
+
+/// Measures the hosts' mean I/O latency on `cb` for [`CALIBRATION`] (ticks;
+/// 0 when they did too little I/O to tell).
+fn calibrate(cb: &CowBdev) -> u64 {
+    let fg = cb.fg_meter();
+    cb.set_measuring(true);
+    // Channels start measuring at their next I/O or poll.
+    std::thread::sleep(Duration::from_millis(2));
+    let (a0, d0) = fg.read();
+    std::thread::sleep(CALIBRATION);
+    let (a1, d1) = fg.read();
+    cb.set_measuring(false);
+    let done = d1 - d0;
+    if done < 32 {
+        0
+    } else {
+        (a1 - a0) / done
+    }
 }
 
 /// Marker returned from the staging step (the streams themselves stay on the reactor).

@@ -5,9 +5,34 @@
 //! statistics, all atomics or lock-free queues. `Streams` runs on the job's
 //! home reactor as one poller: it drains saved chunks from the container to
 //! the target and copies pending chunks from the source to the target, within
-//! a queue-depth budget that an AIMD controller adapts to the latency the
-//! streams observe on the devices, with drain taking priority as the container
-//! fills.
+//! a budget of bytes in flight that an AIMD controller adapts to the latency
+//! hosts see on the source (the foreground meter of [`crate::vbdev`]), with
+//! drain taking priority as the container fills.
+//!
+//! # Scheduling against foreground load
+//! Before the consistency point the channels measure the hosts' I/O latency
+//! for a short calibration window: the no-backup level, `ref`. Every window
+//! (5 ms) after that the streams compare the hosts' latency with it:
+//!
+//! * above `ref` × [`FG_TOLERANCE`]: the budget shrinks by a third
+//!   (multiplicative decrease), never below one chunk, the floor that
+//!   guarantees progress;
+//! * otherwise it grows by a sixteenth (at least one chunk) up to
+//!   `max_queue_depth` copy runs; with no host I/O at all it doubles.
+//!
+//! A host at a fixed queue depth gets IOPS inversely proportional to its
+//! latency, so holding latency within 1.2× of the no-backup level holds
+//! IOPS above 0.8× of it, as far as the streams are concerned. If the
+//! latency stays high with the budget at the floor, the load has changed
+//! and it is not the streams' doing: after 200 ms `ref` starts to rise, 1%
+//! every 50 ms. Copy runs
+//! are cut to the budget, so at a small budget the streams issue small I/Os
+//! that do not park a host's write behind a megabyte of transfer.
+//!
+//! Drain shares the budget and goes first. Once the container passes its
+//! soft watermark, writers that need a slot are being paced, and drain may
+//! use the full queue depth regardless of the budget: the credits slow the
+//! writers that fill the container, and draining it is what frees them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -22,6 +47,7 @@ use serde::Serialize;
 use crate::chunk_map::{ChunkMap, ChunkState};
 use crate::scope::ScopeSummary;
 use crate::target::{BackupTarget, CommitInfo};
+use crate::vbdev::FgMeter;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -139,7 +165,11 @@ pub struct JobCounters {
     pub freeze_us: AtomicU64,
     pub start_tick: AtomicU64,
     pub end_tick: AtomicU64,
+    /// The streams' budget, in sixteenths of a chunk in flight.
     pub budget: AtomicU64,
+    /// Hosts' latency in the last window, and the no-backup reference (ticks; 0: unknown).
+    pub fg_lat_ticks: AtomicU64,
+    pub fg_ref_ticks: AtomicU64,
 }
 
 /// Requests from the control path to the streams.
@@ -151,13 +181,14 @@ pub(crate) struct ControlQueue {
 /// How the job behaves.
 #[derive(Debug, Clone)]
 pub struct JobTuning {
-    /// Most stream I/Os in flight at once (copy + drain).
+    /// Most stream I/Os in flight at once (copy + drain); copy I/Os are up to
+    /// 1 MiB, so the largest budget is this many megabytes in flight.
     pub max_queue_depth: u32,
     /// Copy-stream rate limit in bytes per second (0: none).
     pub rate_limit: u64,
     /// Container fill (0..1) above which writers that need a slot are paced.
     pub soft_watermark: f64,
-    /// Adapt the stream budget to device latency (AIMD).
+    /// Adapt the stream budget to the hosts' latency (AIMD); off: always the full budget.
     pub adaptive: bool,
 }
 
@@ -202,6 +233,8 @@ pub struct JobShared {
     /// Microseconds since the Unix epoch at the consistency point.
     pub consistency_point_us: AtomicU64,
     pub tuning: JobTuning,
+    /// The cow bdev's foreground meter.
+    pub fg: Arc<FgMeter>,
     /// Per channel (by name): writes forwarded to the source before the
     /// consistency point. Recorded while the source is frozen.
     pub t0_writes: Mutex<Vec<(String, u64)>>,
@@ -264,6 +297,7 @@ impl JobShared {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum OpKind {
+    FlushSource,
     CopyRead,
     CopyWrite,
     DrainRead,
@@ -277,11 +311,23 @@ struct Op {
     chunk: u64,
     count: u64,
     slot: u32,
+    /// Chunks this op holds of the budget.
+    weight: u32,
+    /// When the op (or the read that led to it) was issued.
     start: u64,
 }
 
 /// Largest copy I/O: consecutive pending chunks are copied together up to this.
 pub const COPY_RUN_BYTES: u64 = 1 << 20;
+
+/// Ticks between AIMD/pacing updates.
+const WINDOW: Duration = Duration::from_millis(5);
+
+/// Hosts' latency, relative to the no-backup level, above which the streams back off.
+pub const FG_TOLERANCE: f64 = 1.2;
+
+/// Fewest host completions in a window for its latency to count.
+const FG_MIN_SAMPLES: u64 = 8;
 
 enum Phase {
     Running,
@@ -303,12 +349,24 @@ pub(crate) struct Streams {
     cursor: u64,
     prio: VecDeque<(u64, u64)>,
     phase: Phase,
-    budget: u32,
-    /// AIMD: latency window and the best window seen (the no-contention level).
-    win_sum: u64,
-    win_n: u64,
+    /// The source flush of the consistency point is still to be submitted.
+    flush_source: bool,
+    /// Budget in sixteenths of a chunk in flight (below 16: one chunk at a
+    /// time, idle between ops for the rest of the duty cycle), the largest
+    /// budget, use in chunks, and the most a copy run may cover.
+    budget_q: u32,
+    max_budget_q: u32,
+    paused_until: u64,
+    inflight_chunks: u32,
+    run_chunks: u32,
+    /// Foreground meter reading at the start of the window, the no-backup
+    /// reference latency (ticks; 0: not known yet), and how many windows in a
+    /// row the hosts were above it with the budget at its floor.
+    fg_prev: (u64, u64),
+    fg_ref: u64,
+    ref_calibrated: bool,
+    floor_windows: u32,
     win_start: u64,
-    best_lat: u64,
     /// Drain rate measurement for pacing.
     drained_in_window: u64,
     /// Rate limit: bytes the copy stream may have issued so far.
@@ -316,9 +374,6 @@ pub(crate) struct Streams {
     rate_issued: u64,
     tick_us: f64,
 }
-
-/// Ticks between AIMD/pacing updates.
-const WINDOW: Duration = Duration::from_millis(5);
 
 impl Streams {
     pub(crate) fn new(
@@ -328,24 +383,44 @@ impl Streams {
         cont: BdevChannel,
     ) -> Result<Streams, String> {
         let qd = job.tuning.max_queue_depth.max(1) as usize;
-        let bytes = (job.chunk_blocks * job.block_size).max(COPY_RUN_BYTES) as usize;
+        let chunk_bytes = job.chunk_blocks * job.block_size;
+        let bytes = chunk_bytes.max(COPY_RUN_BYTES) as usize;
         let bufs = (0..qd)
             .map(|_| DmaBuf::alloc(bytes).map_err(|e| format!("stream buffers: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
+        let run_chunks = if job.target.contiguous() {
+            (COPY_RUN_BYTES / chunk_bytes).max(1) as u32
+        } else {
+            1
+        };
+        let max_budget_q = qd as u32 * run_chunks * 16;
         let now = clock::ticks();
+        let fg_ref = job.counters.fg_ref_ticks.load(Ordering::Relaxed);
         Ok(Streams {
-            budget: qd as u32,
-            ops: (0..qd + 1).map(|_| None).collect(),
-            free_ops: (0..qd + 1).rev().collect(),
-            completed: Vec::with_capacity(qd + 1),
+            // Start small when hosts are busy; the controller opens up fast
+            // if they are not.
+            budget_q: if job.tuning.adaptive && fg_ref > 0 {
+                16
+            } else {
+                max_budget_q
+            },
+            max_budget_q,
+            paused_until: 0,
+            inflight_chunks: 0,
+            run_chunks,
+            ops: (0..qd + 2).map(|_| None).collect(),
+            free_ops: (0..qd + 2).rev().collect(),
+            completed: Vec::with_capacity(qd + 2),
             bufs,
             cursor: 0,
             prio: VecDeque::new(),
             phase: Phase::Running,
-            win_sum: 0,
-            win_n: 0,
+            flush_source: true,
+            fg_prev: job.fg.read(),
+            fg_ref,
+            ref_calibrated: fg_ref > 0,
+            floor_windows: 0,
             win_start: now,
-            best_lat: u64::MAX,
             drained_in_window: 0,
             rate_start: now,
             rate_issued: 0,
@@ -366,16 +441,48 @@ impl Streams {
     }
 
     /// Takes an op slot for `count` chunks from `chunk` (drain ops: one).
-    fn start_op(&mut self, kind: OpKind, chunk: u64, count: u64, slot: u32, now: u64) -> usize {
+    #[allow(clippy::too_many_arguments, reason = "the fields of one op")]
+    fn start_op(
+        &mut self,
+        kind: OpKind,
+        chunk: u64,
+        count: u64,
+        slot: u32,
+        weight: u32,
+        start: u64,
+    ) -> usize {
         let i = self.free_ops.pop().expect("budget keeps a free op");
+        self.inflight_chunks += weight;
         self.ops[i] = Some(Op {
             kind,
             chunk,
             count,
             slot,
-            start: now,
+            weight,
+            start,
         });
         i
+    }
+
+    /// Chunks the streams may have in flight now (outside forced drains).
+    #[inline]
+    fn cap_chunks(&self, now: u64) -> u32 {
+        if now < self.paused_until {
+            0
+        } else {
+            (self.budget_q / 16).max(1)
+        }
+    }
+
+    /// After an op ends under a budget below one chunk, idle long enough that
+    /// the streams are busy `budget_q`/16 of the time.
+    #[inline]
+    fn duty_pause(&mut self, op_start: u64, now: u64) {
+        if self.budget_q < 16 {
+            let busy = now.saturating_sub(op_start);
+            let q = self.budget_q.max(1) as u64;
+            self.paused_until = now + busy * (16 - q) / q;
+        }
     }
 
     fn fail(&mut self, why: String) {
@@ -407,13 +514,20 @@ impl Streams {
                     }
                     return work;
                 }
+                if self.flush_source {
+                    // Covers every write completed before the consistency point.
+                    self.flush_source = false;
+                    let i = self.start_op(OpKind::FlushSource, 0, 0, 0, 0, now);
+                    self.src.submit(BdevIo::flush(i as u64));
+                    work += 1;
+                }
                 work += self.issue(now);
                 let c = &self.job.counters;
                 let settled =
                     c.chunks_done.load(Ordering::Acquire) >= self.job.scope.chunks_in_scope;
                 if settled && self.inflight() == 0 {
                     // Everything is on the target: make it durable.
-                    let i = self.start_op(OpKind::FlushTarget, 0, 0, 0, now);
+                    let i = self.start_op(OpKind::FlushTarget, 0, 0, 0, 0, now);
                     self.tgt.submit(BdevIo::flush(i as u64));
                     self.phase = Phase::Flushing;
                 }
@@ -430,13 +544,19 @@ impl Streams {
             return;
         };
         self.free_ops.push(i);
-        let lat = now.saturating_sub(op.start);
-        self.win_sum += lat;
-        self.win_n += 1;
+        self.inflight_chunks -= op.weight;
         let ok = io.status == IoStatus::Success;
         let buf = io.take_buf();
         let job = self.job.clone();
         match op.kind {
+            OpKind::FlushSource => {
+                if !ok {
+                    self.fail(format!(
+                        "flushing the source at the consistency point: {:?}",
+                        io.status
+                    ));
+                }
+            }
             OpKind::CopyRead => {
                 let buf = buf.expect("copy read carries a buffer");
                 if !ok {
@@ -458,7 +578,14 @@ impl Streams {
                     .target
                     .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
                 let tb = self.tgt.block_size() as u64;
-                let j = self.start_op(OpKind::CopyWrite, op.chunk, op.count, 0, now);
+                let j = self.start_op(
+                    OpKind::CopyWrite,
+                    op.chunk,
+                    op.count,
+                    0,
+                    op.weight,
+                    op.start,
+                );
                 let w = BdevIo::write(lba, blocks * job.block_size / tb, buf, j as u64);
                 self.tgt.submit(w);
             }
@@ -475,6 +602,7 @@ impl Streams {
                 for c in op.chunk..op.chunk + op.count {
                     job.map.transition(c, ChunkState::Copied, ChunkState::Done);
                 }
+                self.duty_pause(op.start, now);
                 job.counters
                     .chunks_copied
                     .fetch_add(op.count, Ordering::Relaxed);
@@ -500,7 +628,14 @@ impl Streams {
                     .target
                     .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
                 let tb = self.tgt.block_size() as u64;
-                let j = self.start_op(OpKind::DrainWrite, op.chunk, 1, op.slot, now);
+                let j = self.start_op(
+                    OpKind::DrainWrite,
+                    op.chunk,
+                    1,
+                    op.slot,
+                    op.weight,
+                    op.start,
+                );
                 let mut buf = buf;
                 buf.set_len((blocks * job.block_size) as usize);
                 self.tgt.submit(BdevIo::write(
@@ -531,6 +666,7 @@ impl Streams {
                 );
                 job.counters.chunks_done.fetch_add(1, Ordering::Release);
                 self.drained_in_window += 1;
+                self.duty_pause(op.start, now);
             }
             OpKind::FlushTarget => {
                 if !ok {
@@ -559,23 +695,18 @@ impl Streams {
         let job = self.job.clone();
         let mut issued = 0;
         let fill = job.container.used();
-        // Drain has priority and a budget of its own that grows with the
-        // container's fill (full budget at the soft watermark): a full container
-        // is what forces writers to be paced, so draining it is never throttled
-        // by the latency controller. Copy gets the AIMD budget, and stays out of
-        // the way entirely while the container is past half its soft watermark.
-        let max = job.tuning.max_queue_depth.max(1);
-        let drain_budget = ((max as u64 * fill as u64).div_ceil(job.soft_slots.max(1) as u64)
-            as u32)
-            .clamp(1, max);
-        while (self.inflight() as u32) < drain_budget.max(self.budget) && !self.bufs.is_empty() {
+        // Past the soft watermark writers are paced: drain at full depth.
+        // Below it, drain goes first within the budget.
+        let pressed = fill >= job.soft_slots;
+        let cap = self.cap_chunks(now);
+        while !self.bufs.is_empty() && (pressed || self.inflight_chunks < cap) {
             let Some((chunk, slot)) = job.saved.pop() else {
                 break;
             };
             let mut buf = self.bufs.pop().expect("checked non-empty");
             let slot_bytes = job.container.slot_blocks * self.cont.block_size() as u64;
             buf.set_len(slot_bytes as usize);
-            let i = self.start_op(OpKind::DrainRead, chunk, 1, slot, now);
+            let i = self.start_op(OpKind::DrainRead, chunk, 1, slot, 1, now);
             self.cont.submit(BdevIo::read(
                 job.container.slot_lba(slot),
                 job.container.slot_blocks,
@@ -584,8 +715,7 @@ impl Streams {
             ));
             issued += 1;
         }
-        let copy_ok = fill < job.soft_slots / 2 || job.saved.is_empty();
-        if !copy_ok {
+        if pressed {
             return issued;
         }
         {
@@ -594,7 +724,7 @@ impl Streams {
         }
         let rate = job.rate_limit.load(Ordering::Relaxed);
         let chunk_bytes = job.chunk_blocks * job.block_size;
-        while (self.inflight() as u32) < self.budget && !self.bufs.is_empty() {
+        while self.inflight_chunks < cap && !self.bufs.is_empty() {
             if rate > 0 {
                 let allowed = (now - self.rate_start) as f64 / self.tick_us / 1e6 * rate as f64;
                 if self.rate_issued as f64 + chunk_bytes as f64 > allowed + chunk_bytes as f64 {
@@ -605,12 +735,9 @@ impl Streams {
                 break;
             };
             // Extend to a run of consecutive pending chunks (one read, one
-            // target write) when the target keeps consecutive chunks together.
-            let max_run = if job.target.contiguous() {
-                (COPY_RUN_BYTES / chunk_bytes).max(1)
-            } else {
-                1
-            };
+            // target write) when the target keeps consecutive chunks
+            // together, as far as the budget allows.
+            let max_run = self.run_chunks.min(cap - self.inflight_chunks).max(1) as u64;
             let mut count = 1;
             while count < max_run
                 && chunk + count < job.map.len()
@@ -624,7 +751,7 @@ impl Streams {
                 (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
             let mut buf = self.bufs.pop().expect("checked non-empty");
             buf.set_len((blocks * job.block_size) as usize);
-            let i = self.start_op(OpKind::CopyRead, chunk, count, 0, now);
+            let i = self.start_op(OpKind::CopyRead, chunk, count, 0, count as u32, now);
             self.src.submit(BdevIo::read(
                 chunk << job.chunk_shift,
                 blocks,
@@ -661,36 +788,65 @@ impl Streams {
         None
     }
 
-    /// AIMD on the streams' own device latency, and the drain rate for pacing.
+    /// AIMD on the hosts' latency (see the module docs), and the drain rate
+    /// for pacing.
     fn adapt(&mut self, now: u64) {
         let window = clock::duration_to_ticks(WINDOW);
         if now - self.win_start < window {
             return;
         }
         let elapsed = now - self.win_start;
-        if self.win_n > 0 && self.job.tuning.adaptive {
-            let mean = self.win_sum / self.win_n;
-            // The reference is the best recent window: it follows the load up
-            // slowly (2% a window, doubling in ~175 ms) so that one quiet moment
-            // does not pin the budget at the floor for the rest of the job.
-            self.best_lat = self.best_lat.saturating_add(self.best_lat / 50).min(mean);
-            let max = self.job.tuning.max_queue_depth.max(1);
-            if mean > self.best_lat.saturating_mul(2) {
-                // The devices are queueing behind someone: back off.
-                self.budget = (self.budget / 2).max(1);
-            } else if self.budget < max {
-                self.budget += 1;
+        let (area, done) = self.job.fg.read();
+        let (d_area, d_done) = (area - self.fg_prev.0, done - self.fg_prev.1);
+        self.fg_prev = (area, done);
+        let floor = 1;
+        if self.job.tuning.adaptive {
+            if d_done < FG_MIN_SAMPLES {
+                if self.job.fg.held.load(Ordering::Relaxed) == 0 {
+                    // Hosts (nearly) idle: the device is ours.
+                    self.budget_q = (self.budget_q * 2).min(self.max_budget_q);
+                }
+                // Otherwise they are waiting on captures or credits: no
+                // signal this window, keep the budget.
+            } else {
+                let lat = d_area / d_done;
+                self.job.counters.fg_lat_ticks.store(lat, Ordering::Relaxed);
+                if self.fg_ref == 0 || (!self.ref_calibrated && lat < self.fg_ref) {
+                    // Hosts were idle at calibration: the lowest level seen
+                    // since stands in for the no-backup level.
+                    self.fg_ref = lat;
+                }
+                if (lat as f64) > self.fg_ref as f64 * FG_TOLERANCE {
+                    let pressed = self.job.container.used() >= self.job.soft_slots;
+                    if self.budget_q <= floor && !pressed {
+                        // Still over with the copy stream at its floor and no
+                        // forced drain: the load changed, not our share of
+                        // the device. Follow it up, slowly: after 200 ms,
+                        // 1% every 50 ms (doubling takes about 3.5 s).
+                        self.floor_windows += 1;
+                        if self.floor_windows >= 40 && self.floor_windows.is_multiple_of(10) {
+                            self.fg_ref += self.fg_ref / 100 + 1;
+                        }
+                    }
+                    self.budget_q = (self.budget_q * 2 / 3).max(floor);
+                } else {
+                    self.floor_windows = 0;
+                    self.budget_q =
+                        (self.budget_q + (self.budget_q / 16).max(1)).min(self.max_budget_q);
+                }
+                self.job
+                    .counters
+                    .fg_ref_ticks
+                    .store(self.fg_ref, Ordering::Relaxed);
             }
         }
         self.job
             .counters
             .budget
-            .store(self.budget as u64, Ordering::Relaxed);
+            .store(self.budget_q as u64, Ordering::Relaxed);
         // Pacing: admit captures at the rate the drain frees slots.
         let interval = elapsed.checked_div(self.drained_in_window).unwrap_or(0);
         self.job.admit_interval.store(interval, Ordering::Relaxed);
-        self.win_sum = 0;
-        self.win_n = 0;
         self.win_start = now;
         self.drained_in_window = 0;
     }

@@ -6,15 +6,21 @@
 //! store to its own in-flight counter (a cache line no other core writes).
 //!
 //! # Consistency point (quiesce)
-//! 1. The controller sets `freeze`, then sends a message to every reactor that
-//!    has a cow channel and waits for each to run it. A reactor runs messages
+//! 1. The controller, a poller on the job's home reactor, sets `freeze`, then
+//!    sends a message to every other reactor that has a cow channel and waits
+//!    for each to run it. A reactor runs messages
 //!    between poller calls, so after the round trip every `submit` on that
 //!    reactor sees `freeze` and holds new I/O at channel entry.
 //! 2. It waits until every channel's in-flight count is zero (completions keep
 //!    flowing: channels are still polled).
-//! 3. It flushes the source, installs the job (bumping the generation), and
-//!    clears `freeze`. Channels pick up the job on their next I/O and release
-//!    what they held. The time from 1 to 3 is the freeze time.
+//! 3. It installs the job (bumping the generation) and clears `freeze`.
+//!    Channels pick up the job on their next I/O and release what they held.
+//!    The time from 1 to 3 is the freeze time.
+//! 4. The job's first I/O is a flush of the source. A flush covers every write
+//!    completed before it was submitted, which after step 2 is exactly the set
+//!    of writes in the consistency point, so it need not hold I/O: keeping it
+//!    out of the freeze takes the device's cache flush (milliseconds on a
+//!    virtual disk) off the writers' critical path. If it fails, the job fails.
 //!
 //! # Interception (while a job runs)
 //! A write, write-zeroes or unmap touching a chunk that is `Pending` claims it
@@ -32,10 +38,23 @@
 //! the writer waits for one. Writes that need no slot are never slowed, and
 //! the delay is accounted to the channel (the submitter) that waited.
 //!
+//! # Foreground meter
+//! While a job runs (and while one is being started, to learn the
+//! no-backup level), channels measure the latency of the hosts' I/O that
+//! they hand to the source, by Little's law: each keeps the area under its
+//! in-flight count over time, which over a window equals the sum of the
+//! latencies of the I/Os completed in it, and publishes area and completions
+//! to the shared [`FgMeter`] once per poll that completed something. The
+//! job's scheduler divides the two. Time a write spent held is not counted:
+//! the meter sees what the device does to hosts, which is what the backup
+//! streams must not degrade. An idle channel does none of this.
+//!
 //! Internal I/O uses tokens with the top bit set; submitters of a cow bdev
 //! must keep that bit clear in their own tokens.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -44,7 +63,7 @@ use hotcopy_bdev::{
     BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevError, BdevInfo, BdevIo,
     BdevRegistry, Claim, IoStatus, IoType,
 };
-use hotcopy_runtime::{clock, Reactor, ReactorHandle};
+use hotcopy_runtime::{clock, PollStatus, Poller, Reactor, ReactorHandle};
 
 use crate::chunk_map::ChunkState;
 use crate::job::{JobShared, JobState};
@@ -67,8 +86,33 @@ pub struct ChannelCounters {
     pub forwarded_writes: AtomicU64,
 }
 
+/// What the channels of one cow bdev publish about their hosts' I/O.
+#[derive(Default)]
+pub struct FgMeter {
+    /// Channels measure while this is set, or while a job is installed.
+    pub measuring: AtomicBool,
+    /// Sum over completed host I/Os of their latency, in ticks (Little's law).
+    pub area: AtomicU64,
+    /// Host I/Os completed.
+    pub done: AtomicU64,
+    /// Host I/Os held right now (so a window with no completions can be told
+    /// apart from idle hosts).
+    pub held: AtomicU64,
+}
+
+impl FgMeter {
+    /// (area, completions) so far.
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.area.load(Ordering::Relaxed),
+            self.done.load(Ordering::Relaxed),
+        )
+    }
+}
+
 pub(crate) struct CowShared {
     pub name: String,
+    pub fg: Arc<FgMeter>,
     pub source: BdevDesc,
     pub freeze: AtomicBool,
     pub gen: AtomicU64,
@@ -97,68 +141,150 @@ impl CowBdev {
         &self.shared.source
     }
 
+    /// The foreground meter of this bdev's channels.
+    pub fn fg_meter(&self) -> &Arc<FgMeter> {
+        &self.shared.fg
+    }
+
+    /// Makes every channel measure host latency (or stop, unless a job runs).
+    pub(crate) fn set_measuring(&self, on: bool) {
+        self.shared.fg.measuring.store(on, Ordering::SeqCst);
+        self.shared.gen.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Counters of every live channel.
     pub fn channels(&self) -> Vec<Arc<ChannelCounters>> {
-        let mut v = self
-            .shared
-            .channels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        self.shared.channels()
+    }
+
+    /// Quiesces the source, runs `install` while it is frozen, and resumes;
+    /// returns the freeze duration.
+    ///
+    /// The protocol runs as a poller on `home`, a reactor: the freeze should
+    /// last as long as the in-flight I/O takes to drain and no longer, and a
+    /// control thread that has to be scheduled between the steps (on a machine
+    /// whose cores are all busy polling) would add its wake-up latency to
+    /// every step. The caller only waits for the outcome. Control path: it
+    /// blocks, so call it from a thread that is not a reactor.
+    pub(crate) fn freeze_on(
+        &self,
+        home: &ReactorHandle,
+        install: impl FnOnce() + Send + 'static,
+    ) -> Result<Duration, String> {
+        let mut others: Vec<ReactorHandle> = Vec::new();
+        for c in &self.channels() {
+            if c.reactor.same(home) || others.iter().any(|h| h.same(&c.reactor)) {
+                continue;
+            }
+            others.push(c.reactor.clone());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Duration, String>>(1);
+        let shared = self.shared.clone();
+        home.exec(move || {
+            let mut fz = Freeze {
+                shared,
+                chans: Vec::new(),
+                others,
+                sent: 0,
+                acks: Arc::new(AtomicU64::new(0)),
+                start: None,
+                install: Some(Box::new(install)),
+                tx,
+            };
+            let slot: Rc<RefCell<Option<Poller>>> = Rc::new(RefCell::new(None));
+            let me = slot.clone();
+            let p = Poller::builder().name("cow_freeze").register(move || {
+                let finished = fz.step();
+                if finished {
+                    me.borrow_mut().take();
+                }
+                PollStatus::Busy
+            });
+            *slot.borrow_mut() = Some(p);
+        })
+        .map_err(|e| format!("reactor {} for the consistency point: {e}", home.core()))?;
+        rx.recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "the consistency point did not finish within 60 s".to_string())?
+    }
+}
+
+impl CowShared {
+    pub(crate) fn channels(&self) -> Vec<Arc<ChannelCounters>> {
+        let mut v = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         v.retain(|w| w.strong_count() > 0);
         v.iter().filter_map(Weak::upgrade).collect()
     }
+}
 
-    /// Quiesces the source, runs `install` while it is frozen, and resumes.
-    /// Returns the freeze duration. Control path: blocks the caller, and must
-    /// not run on a reactor that has a channel of this bdev.
-    pub(crate) fn with_frozen<T>(
-        &self,
-        flush: impl FnOnce() -> Result<(), String>,
-        install: impl FnOnce() -> T,
-    ) -> Result<(T, Duration), String> {
+/// The consistency point as a state machine, stepped by a poller on the
+/// job's home reactor.
+struct Freeze {
+    shared: Arc<CowShared>,
+    chans: Vec<Arc<ChannelCounters>>,
+    /// Reactors other than this one with channels, and how many of them have
+    /// been sent the round-trip message / have run it.
+    others: Vec<ReactorHandle>,
+    sent: usize,
+    acks: Arc<AtomicU64>,
+    start: Option<Instant>,
+    install: Option<Box<dyn FnOnce() + Send>>,
+    tx: std::sync::mpsc::SyncSender<Result<Duration, String>>,
+}
+
+impl Freeze {
+    /// One step; returns true when the protocol has ended (either way).
+    fn step(&mut self) -> bool {
         let s = &self.shared;
-        let start = Instant::now();
-        s.freeze.store(true, Ordering::SeqCst);
-        let result = (|| {
-            // Round trip to every reactor with a channel: afterwards no submit
-            // can miss the flag.
-            let me = Reactor::try_current().map(|r| r.handle());
-            let mut seen: Vec<ReactorHandle> = Vec::new();
-            for c in self.channels() {
-                if seen.iter().any(|h| h.same(&c.reactor))
-                    || me.as_ref().is_some_and(|m| m.same(&c.reactor))
-                {
-                    continue;
-                }
-                seen.push(c.reactor.clone());
+        let start = *self.start.get_or_insert_with(|| {
+            // 1. From now on every submit on this reactor holds.
+            s.freeze.store(true, Ordering::SeqCst);
+            Instant::now()
+        });
+        // 1b. A message through every other reactor with a channel: once it
+        // has run there, no submit on that reactor can miss the flag.
+        while self.sent < self.others.len() {
+            let acks = self.acks.clone();
+            match self.others[self.sent].send(move || {
+                acks.fetch_add(1, Ordering::Release);
+            }) {
+                Ok(()) => self.sent += 1,
+                Err(hotcopy_runtime::SendError::Full) => return false,
+                Err(e) => return self.end(Err(format!("quiesce message: {e}"))),
             }
-            for h in &seen {
-                h.exec(|| ())
-                    .map_err(|e| format!("reactor {} during quiesce: {e}", h.core()))?;
-            }
-            // Drain what was already in flight.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let busy: u64 = self
-                    .channels()
-                    .iter()
-                    .map(|c| c.inflight.load(Ordering::Acquire))
-                    .sum();
-                if busy == 0 {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(format!("{busy} I/Os still in flight after 30 s of quiesce"));
-                }
-                std::thread::sleep(Duration::from_micros(20));
-            }
-            flush()?;
-            let out = install();
-            s.gen.fetch_add(1, Ordering::SeqCst);
-            Ok(out)
-        })();
-        s.freeze.store(false, Ordering::SeqCst);
-        result.map(|out| (out, start.elapsed()))
+        }
+        let timeout = start.elapsed() > Duration::from_secs(30);
+        if (self.acks.load(Ordering::Acquire) as usize) < self.others.len() {
+            return timeout && self.end(Err("a reactor did not answer within 30 s".into()));
+        }
+        // 2. What was in flight drains (completions keep flowing). The list
+        // is taken now, after every reactor has seen the flag, so a channel
+        // created a moment before the freeze is not missed.
+        if self.chans.is_empty() {
+            self.chans = s.channels();
+        }
+        let busy: u64 = self
+            .chans
+            .iter()
+            .map(|c| c.inflight.load(Ordering::Acquire))
+            .sum();
+        if busy > 0 {
+            return timeout
+                && self.end(Err(format!(
+                    "{busy} I/Os still in flight after 30 s of quiesce"
+                )));
+        }
+        // 3. Install and resume.
+        if let Some(install) = self.install.take() {
+            install();
+        }
+        s.gen.fetch_add(1, Ordering::SeqCst);
+        self.end(Ok(start.elapsed()))
+    }
+
+    fn end(&mut self, r: Result<Duration, String>) -> bool {
+        self.shared.freeze.store(false, Ordering::SeqCst);
+        let _ = self.tx.try_send(r);
+        true
     }
 }
 
@@ -198,6 +324,9 @@ impl BdevBackend for CowBdev {
             counters,
             inflight: 0,
             forwarded: 0,
+            measure: false,
+            m_last: 0,
+            m_area: 0,
             gen: u64::MAX,
             job: None,
             jc: None,
@@ -236,6 +365,11 @@ struct CowChannel {
     counters: Arc<ChannelCounters>,
     inflight: u64,
     forwarded: u64,
+    /// Foreground meter on: the tick of the last in-flight change, and the
+    /// area under the in-flight count not yet published.
+    measure: bool,
+    m_last: u64,
+    m_area: u64,
     gen: u64,
     job: Option<Arc<JobShared>>,
     jc: Option<JobChannel>,
@@ -264,6 +398,12 @@ impl CowChannel {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         self.job = job.filter(|j| j.state() == JobState::Running);
+        let measure = self.job.is_some() || self.shared.fg.measuring.load(Ordering::Acquire);
+        if measure && !self.measure {
+            self.m_last = clock::ticks();
+            self.m_area = 0;
+        }
+        self.measure = measure;
         // A new job needs a container channel; an old one's is kept until its
         // captures have finished.
         let stale = match (&self.jc, &self.job) {
@@ -415,6 +555,11 @@ impl CowChannel {
                 .forwarded_writes
                 .store(self.forwarded, Ordering::Relaxed);
         }
+        if self.measure {
+            let now = clock::ticks();
+            self.m_area += self.inflight * now.saturating_sub(self.m_last);
+            self.m_last = now;
+        }
         self.inflight += 1;
         self.counters
             .inflight
@@ -511,6 +656,12 @@ impl CowChannel {
                 self.held_since.push_back(since);
             }
         }
+        if released > 0 {
+            self.shared
+                .fg
+                .held
+                .fetch_sub(released as u64, Ordering::Relaxed);
+        }
         self.counters
             .held
             .store(self.held.len() as u64, Ordering::Relaxed);
@@ -523,6 +674,7 @@ impl BackendChannel for CowChannel {
     fn submit(&mut self, io: BdevIo) {
         if self.shared.freeze.load(Ordering::Acquire) {
             // Consistency point in progress: hold at channel entry.
+            self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
             self.held.push_back(io);
             self.held_since.push_back(clock::ticks());
             return;
@@ -536,6 +688,7 @@ impl BackendChannel for CowChannel {
                 if let Some(j) = &self.job {
                     j.counters.held_writes.fetch_add(1, Ordering::Relaxed);
                 }
+                self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
                 self.held.push_back(io);
                 self.held_since.push_back(now);
                 return;
@@ -547,6 +700,7 @@ impl BackendChannel for CowChannel {
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         if self.jc.is_none()
+            && !self.measure
             && self.held.is_empty()
             && self.shared.gen.load(Ordering::Relaxed) == self.gen
         {
@@ -566,6 +720,10 @@ impl BackendChannel for CowChannel {
             inflight,
             counters,
             out,
+            measure,
+            m_last,
+            m_area,
+            shared,
             ..
         } = self;
         let mut n = 0;
@@ -581,6 +739,14 @@ impl BackendChannel for CowChannel {
             }
         });
         if user > 0 {
+            if *measure {
+                let now = clock::ticks();
+                let area = *m_area + *inflight * now.saturating_sub(*m_last);
+                *m_last = now;
+                *m_area = 0;
+                shared.fg.area.fetch_add(area, Ordering::Relaxed);
+                shared.fg.done.fetch_add(user, Ordering::Relaxed);
+            }
             *inflight -= user;
             counters.inflight.store(*inflight, Ordering::Release);
             n += user as usize;
@@ -611,6 +777,7 @@ pub fn create(reg: &BdevRegistry, name: &str, source: &str) -> Result<Bdev, Bdev
     info.volatile_write_cache = b.volatile_write_cache;
     let shared = Arc::new(CowShared {
         name: name.to_string(),
+        fg: Arc::new(FgMeter::default()),
         source: claim.open(),
         freeze: AtomicBool::new(false),
         gen: AtomicU64::new(0),

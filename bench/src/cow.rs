@@ -134,6 +134,10 @@ struct Writer {
     first: u64,
     stride: u64,
     count: u64,
+    /// Skew: this share (per cent) of writes goes to the last `hot_units` of
+    /// the writer's units (0: uniform).
+    hot_pct: u64,
+    hot_units: u64,
     unit_blocks: u64,
     unit_bytes: usize,
     qd: usize,
@@ -171,7 +175,16 @@ impl Writer {
 
     fn issue(&mut self, slot: usize, now: u64) {
         let unit = loop {
-            let k = ((self.rand() as u128 * self.count as u128) >> 64) as u64;
+            let r = self.rand();
+            let k = if self.hot_pct == 0 || self.hot_units == 0 || self.hot_units >= self.count {
+                ((r as u128 * self.count as u128) >> 64) as u64
+            } else if r % 100 < self.hot_pct {
+                let h = self.rand();
+                self.count - self.hot_units + ((h as u128 * self.hot_units as u128) >> 64) as u64
+            } else {
+                let c = self.rand();
+                ((c as u128 * (self.count - self.hot_units) as u128) >> 64) as u64
+            };
             let u = self.first + k * self.stride;
             if !self
                 .slot_unit
@@ -264,6 +277,11 @@ pub struct WriterSpec {
     pub first_unit: u64,
     pub stride: u64,
     pub count: u64,
+    /// Per cent of writes to the hot set, and the hot set's size in units (the
+    /// writer's last units: the end of the volume, which the copy stream
+    /// reaches last). 0: uniform.
+    pub hot_pct: u64,
+    pub hot_units: u64,
     pub qd: usize,
     pub log: bool,
     pub seq_base: u64,
@@ -299,6 +317,8 @@ pub fn run_writers(
                 first: s.first_unit,
                 stride: s.stride,
                 count: s.count,
+                hot_pct: s.hot_pct,
+                hot_units: s.hot_units,
                 unit_blocks: (unit_bytes / bs) as u64,
                 unit_bytes,
                 qd: s.qd,
@@ -437,6 +457,10 @@ pub struct CowBenchParams {
     pub verify: bool,
     pub writers: usize,
     pub seed: u64,
+    /// Skewed writes: (per cent of writes, per cent of the volume) — e.g.
+    /// (90, 10) like fio's `random_distribution=zoned:90/10`, with the hot
+    /// zone at the end of the volume. None: uniform over the volume.
+    pub hot: Option<(u32, u32)>,
 }
 
 /// Everything `--json` prints.
@@ -524,6 +548,10 @@ pub fn run_cow(
                 first_unit: i as u64,
                 stride: writers as u64,
                 count: main_units / writers as u64,
+                hot_pct: p.hot.map_or(0, |h| h.0 as u64),
+                hot_units: p
+                    .hot
+                    .map_or(0, |h| main_units / writers as u64 * h.1 as u64 / 100),
                 qd: p.queue_depth,
                 log,
                 seq_base: (seq_tag << 44) | ((i as u64 + 1) << 40),
@@ -536,6 +564,8 @@ pub fn run_cow(
                 first_unit: main_units,
                 stride: 1,
                 count: fair_units,
+                hot_pct: 0,
+                hot_units: 0,
                 qd: p.queue_depth,
                 log: false,
                 seq_base: (seq_tag << 44) | (0xFF << 40),
@@ -995,4 +1025,85 @@ pub fn plot(report: &CowBenchReport, trace: &CowRunTrace) -> crate::plot::Chart 
         ],
         markers: vec![(t0, "backup start".into()), (t1, "backup end".into())],
     }
+}
+
+/// The job's window as text: one row per 100 ms with the main writers' IOPS
+/// and latency next to the job's progress, container fill and stream budget.
+pub fn timeline_table(trace: &CowRunTrace) -> String {
+    use std::fmt::Write;
+    let mains: Vec<&WriterResult> = trace
+        .during
+        .iter()
+        .filter(|w| w.seq_base & (0xFF << 40) != 0xFF << 40)
+        .collect();
+    let mut s = String::new();
+    let Some(first) = mains.first() else {
+        return s;
+    };
+    let mut merged = first.timeline.clone();
+    for w in &mains[1..] {
+        for (a, b) in merged.slots.iter_mut().zip(w.timeline.slots.iter()) {
+            for (x, y) in a.iter_mut().zip(b.iter()) {
+                *x += *y;
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "{:>7} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8}",
+        "t s",
+        "IOPS",
+        "p50 us",
+        "p99 us",
+        "done %",
+        "container",
+        "copy MiB",
+        "saved",
+        "budget",
+        "fg us",
+        "ref us"
+    );
+    let mut prev: Option<&JobStatus> = None;
+    for (t, p50, p99, iops) in merged.points(trace.during_offset_s) {
+        if t < trace.job_start_s - 0.3 || t > trace.job_end_s + 0.3 {
+            continue;
+        }
+        // The last job sample taken before the end of this slot.
+        let sample = trace
+            .samples
+            .iter()
+            .rev()
+            .find(|(st, _)| *st <= t + TIMELINE_BUCKET.as_secs_f64() / 2.0);
+        match sample {
+            Some((st, js)) if *st >= trace.job_start_s => {
+                let (copied, saved) = match prev {
+                    Some(p) => (
+                        js.chunks_copied.saturating_sub(p.chunks_copied),
+                        js.chunks_saved.saturating_sub(p.chunks_saved),
+                    ),
+                    None => (js.chunks_copied, js.chunks_saved),
+                };
+                let _ = writeln!(
+                    s,
+                    "{:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>7.1} {:>9} {:>9.1} {:>9} {:>7.2} {:>8.0} {:>8.0}",
+                    t,
+                    iops,
+                    p50,
+                    p99,
+                    100.0 * js.chunks_done as f64 / js.chunks_in_scope.max(1) as f64,
+                    js.container_used,
+                    (copied * js.chunk_size) as f64 / (1024.0 * 1024.0),
+                    saved,
+                    js.stream_budget,
+                    js.fg_latency_us,
+                    js.fg_reference_us
+                );
+                prev = Some(js);
+            }
+            _ => {
+                let _ = writeln!(s, "{t:>7.1} {iops:>9.0} {p50:>9.0} {p99:>9.0}");
+            }
+        }
+    }
+    s
 }

@@ -74,6 +74,11 @@ pub struct CowArgs {
     /// Number of foreground writers (one channel each).
     #[arg(long, default_value_t = 1)]
     pub writers: usize,
+    /// Skewed writes, WRITES/SPACE in per cent: e.g. 90/10 sends 90% of writes to 10% of the
+    /// volume (fio's random_distribution=zoned:90/10), the hot zone at the end of the volume,
+    /// where the copy stream arrives last. Default: uniform over the whole volume (the worst case).
+    #[arg(long, value_parser = parse_hot)]
+    pub hot: Option<(u32, u32)>,
     /// Reactors (cores).
     #[arg(long, default_value_t = 2)]
     pub cores: usize,
@@ -89,9 +94,26 @@ pub struct CowArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also print the job's window in 100 ms rows: foreground IOPS and latency
+    /// next to backup progress, container fill and the streams' budget.
+    #[arg(long)]
+    pub timeline: bool,
     /// Seed for the writers' offsets.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+fn parse_hot(s: &str) -> Result<(u32, u32), String> {
+    let (w, z) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected WRITES/SPACE in per cent, e.g. 90/10"))?;
+    let p = |v: &str| -> Result<u32, String> {
+        match v.trim().parse::<u32>() {
+            Ok(n) if (1..=99).contains(&n) => Ok(n),
+            _ => Err(format!("{v:?} in {s:?} is not a per cent between 1 and 99")),
+        }
+    };
+    Ok((p(w)?, p(z)?))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -178,6 +200,7 @@ pub fn run_scenario(
         verify: !a.no_verify,
         writers: a.writers,
         seed: a.seed,
+        hot: a.hot,
     };
     let bdevs = CowBenchBdevs {
         cow: "vol".into(),
@@ -204,6 +227,9 @@ pub fn run(a: CowArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&report));
+        if a.timeline {
+            print!("{}", cow::timeline_table(&trace));
+        }
         if let Some(p) = &a.plot {
             println!("plot: {}", p.display());
         }
