@@ -488,6 +488,8 @@ pub struct CowBenchReport {
     pub verify_detail: Option<String>,
     pub job: JobStatus,
     pub fairness: Option<FairnessReport>,
+    pub idle_backup: Option<IdleBackupReport>,
+    pub freeze_samples: Option<FreezeReport>,
     pub peak_rss_mib: f64,
 }
 
@@ -503,6 +505,8 @@ pub struct FairnessReport {
 pub struct CowBenchBdevs {
     /// The cow bdev over the source.
     pub cow: String,
+    /// The source under it.
+    pub source: String,
     /// The target bdev (written raw).
     pub target: String,
     /// The container bdev (its first `slots` chunks are used).
@@ -599,24 +603,7 @@ pub fn run_cow(
         },
         skip_unallocated: true,
     };
-    let cfg = BackupConfig {
-        target: Arc::new(RawImageTarget::new(
-            reg.open(&b.target, true).map_err(|e| e.to_string())?,
-        )),
-        container: ContainerConfig {
-            desc: reg.open(&b.container, true).map_err(|e| e.to_string())?,
-            offset_blocks: 0,
-            slots: p.container_slots,
-        },
-        chunk_size: p.chunk_size,
-        scope,
-        tuning: JobTuning {
-            max_queue_depth: p.stream_qd,
-            rate_limit: p.rate_limit,
-            adaptive: p.adaptive,
-            ..JobTuning::default()
-        },
-    };
+    let cfg = backup_config(reg, b, p, scope.clone())?;
     let during_offset = t0.elapsed().as_secs_f64();
     let stop = Arc::new(AtomicBool::new(false));
     let job_slot: Mutex<Option<BackupJob>> = Mutex::new(None);
@@ -735,6 +722,8 @@ pub fn run_cow(
         verify_detail,
         job: status,
         fairness,
+        idle_backup: None,
+        freeze_samples: None,
         peak_rss_mib: hotcopy_runtime::sys::peak_rss_bytes() as f64 / (1024.0 * 1024.0),
     };
     let trace = CowRunTrace {
@@ -746,6 +735,201 @@ pub fn run_cow(
         samples,
     };
     Ok((report, trace))
+}
+
+fn backup_config(
+    reg: &BdevRegistry,
+    b: &CowBenchBdevs,
+    p: &CowBenchParams,
+    scope: Scope,
+) -> Result<BackupConfig, String> {
+    Ok(BackupConfig {
+        target: Arc::new(RawImageTarget::new(
+            reg.open(&b.target, true).map_err(|e| e.to_string())?,
+        )),
+        container: ContainerConfig {
+            desc: reg.open(&b.container, true).map_err(|e| e.to_string())?,
+            offset_blocks: 0,
+            slots: p.container_slots,
+        },
+        chunk_size: p.chunk_size,
+        scope,
+        tuning: JobTuning {
+            max_queue_depth: p.stream_qd,
+            rate_limit: p.rate_limit,
+            adaptive: p.adaptive,
+            ..JobTuning::default()
+        },
+    })
+}
+
+/// A full backup with no foreground load, next to the devices' sequential
+/// ceilings measured in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleBackupReport {
+    pub backup_mibps: f64,
+    pub backup_s: f64,
+    /// 1 MiB sequential writes to the target at the streams' queue depth.
+    pub target_write_ceiling_mibps: f64,
+    /// 1 MiB sequential reads from the source at the streams' queue depth.
+    pub source_read_ceiling_mibps: f64,
+    /// Backup MiB/s over the target's write ceiling.
+    pub ratio_to_target_ceiling: f64,
+    /// Backup MiB/s over the lower of the two ceilings (the backup reads the
+    /// source and writes the target; on one disk they share it).
+    pub ratio_to_ceiling: f64,
+}
+
+/// Freeze times over many small jobs started while the writers run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FreezeReport {
+    pub jobs: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+fn ceiling(
+    rt: &Runtime,
+    reg: &BdevRegistry,
+    bdev: &str,
+    workload: crate::Workload,
+    qd: u32,
+) -> Result<f64, String> {
+    let r = crate::run(
+        rt,
+        reg,
+        &crate::BenchParams {
+            bdev: bdev.to_string(),
+            queue_depth: (qd as usize).div_ceil(rt.num_reactors()).max(1),
+            io_size: 1 << 20,
+            workload,
+            read_pct: 0,
+            duration: Duration::from_secs(3),
+            verify: false,
+            seed: 1,
+            hugepages: HugepageMode::Auto,
+        },
+    )
+    .map_err(|e| format!("measuring {bdev}: {e}"))?;
+    Ok(r.mibps)
+}
+
+/// Runs a full backup with no writers and measures the devices' ceilings.
+/// It overwrites the target, so it runs after the verify.
+pub fn run_idle_backup(
+    rt: &Runtime,
+    reg: &BdevRegistry,
+    b: &CowBenchBdevs,
+    p: &CowBenchParams,
+) -> Result<IdleBackupReport, String> {
+    let cow = reg.lookup(&b.cow).map_err(|e| e.to_string())?;
+    let cfg = backup_config(reg, b, p, Scope::default())?;
+    let home = rt.reactor(rt.num_reactors() - 1);
+    let job = hotcopy_cow::start_backup(&cow, home, cfg).map_err(|e| e.to_string())?;
+    let state = job.wait(p.max_backup + Duration::from_secs(30));
+    let st = job.status();
+    if state != JobState::Complete {
+        return Err(format!(
+            "the backup with no foreground load did not complete: {state:?} {}",
+            st.error.unwrap_or_default()
+        ));
+    }
+    drop(job);
+    let w = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
+    let r = ceiling(rt, reg, &b.source, crate::Workload::Read, p.stream_qd)?;
+    Ok(IdleBackupReport {
+        backup_mibps: st.backup_mibps,
+        backup_s: st.elapsed_s,
+        target_write_ceiling_mibps: w,
+        source_read_ceiling_mibps: r,
+        ratio_to_target_ceiling: st.backup_mibps / w.max(1e-9),
+        ratio_to_ceiling: st.backup_mibps / w.min(r).max(1e-9),
+    })
+}
+
+/// Starts `n` jobs of one chunk each, one after another, while the writers
+/// of the scenario run, and reports the distribution of their freeze times.
+pub fn run_freeze_samples(
+    rt: &Runtime,
+    reg: &BdevRegistry,
+    b: &CowBenchBdevs,
+    p: &CowBenchParams,
+    n: usize,
+) -> Result<FreezeReport, String> {
+    let cow = reg.lookup(&b.cow).map_err(|e| e.to_string())?;
+    let desc = cow.open(true).map_err(|e| e.to_string())?;
+    let bs = cow.block_size() as u64;
+    let units = cow.size_bytes() / p.io_size as u64;
+    let spec = WriterSpec {
+        reactor: 0,
+        first_unit: 0,
+        stride: 1,
+        count: units,
+        hot_pct: 0,
+        hot_units: 0,
+        qd: p.queue_depth,
+        log: false,
+        seq_base: 3 << 44,
+        seed: p.seed + 3,
+    };
+    let mut freezes = Vec::with_capacity(n);
+    let mut err = None;
+    let chunks = cow.size_bytes() / p.chunk_size;
+    run_writers(
+        rt,
+        &desc,
+        p.io_size,
+        &[spec],
+        Arc::new(AtomicBool::new(false)),
+        Duration::from_secs(600),
+        || {
+            std::thread::sleep(Duration::from_millis(200));
+            let home = rt.reactor(rt.num_reactors() - 1);
+            for i in 0..n as u64 {
+                let chunk = (i * 7919) % chunks.max(1);
+                let scope = Scope {
+                    include: vec![hotcopy_cow::BlockRange::new(
+                        chunk * p.chunk_size / bs,
+                        p.chunk_size / bs,
+                    )],
+                    exclude: vec![],
+                    skip_unallocated: false,
+                };
+                let r = backup_config(reg, b, p, scope).and_then(|cfg| {
+                    let job = hotcopy_cow::start_backup(&cow, home, cfg)
+                        .map_err(|e| e.to_string())?;
+                    match job.wait(Duration::from_secs(30)) {
+                        JobState::Complete => Ok(job.status().freeze_us),
+                        s => Err(format!("freeze sample job {i}: {s:?}")),
+                    }
+                });
+                match r {
+                    Ok(f) => freezes.push(f),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+        },
+    )?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    freezes.sort_by(f64::total_cmp);
+    let q = |f: f64| {
+        freezes
+            .get(((freezes.len() as f64 * f).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(FreezeReport {
+        jobs: freezes.len(),
+        p50_us: q(0.5),
+        p99_us: q(0.99),
+        max_us: freezes.last().copied().unwrap_or(0.0),
+    })
 }
 
 /// Limits each writer's figures to the job's window, using its timeline.

@@ -85,6 +85,14 @@ pub struct CowArgs {
     /// Add a writer confined to space excluded from the backup and report its IOPS ratio.
     #[arg(long)]
     pub fairness: bool,
+    /// Then run a full backup with no foreground load, and measure the target's sequential-write
+    /// and the source's sequential-read ceilings (1 MiB I/Os at the streams' queue depth).
+    #[arg(long)]
+    pub idle_backup: bool,
+    /// Then start this many one-chunk jobs under the same write load and report the
+    /// distribution of their freeze times.
+    #[arg(long, default_value_t = 0)]
+    pub freeze_samples: usize,
     /// Skip checking the backup against the source at the consistency point.
     #[arg(long)]
     pub no_verify: bool,
@@ -204,11 +212,22 @@ pub fn run_scenario(
     };
     let bdevs = CowBenchBdevs {
         cow: "vol".into(),
+        source: "source".into(),
         target: "target".into(),
         container: "container".into(),
     };
     let (mut report, trace) =
         cow::run_cow(&rt, &reg, &bdevs, &params, &mut progress).map_err(anyhow::Error::msg)?;
+    if a.freeze_samples > 0 {
+        report.freeze_samples = Some(
+            cow::run_freeze_samples(&rt, &reg, &bdevs, &params, a.freeze_samples)
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    if a.idle_backup {
+        report.idle_backup =
+            Some(cow::run_idle_backup(&rt, &reg, &bdevs, &params).map_err(anyhow::Error::msg)?);
+    }
     report.source = format!("vol (cow on {source})");
     report.target = target;
     report.container = format!("{container} ({slots} slots)");
@@ -286,6 +305,24 @@ pub fn table(r: &CowBenchReport) -> String {
             s,
             "fairness: out-of-scope writer {:.0} -> {:.0} IOPS (ratio {:.2}), p99 {:.1} us during",
             f.baseline_iops, f.during_iops, f.ratio, f.during_p99_us
+        );
+    }
+    if let Some(f) = &r.freeze_samples {
+        let _ = writeln!(
+            s,
+            "freeze over {} jobs under load: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+            f.jobs, f.p50_us, f.p99_us, f.max_us
+        );
+    }
+    if let Some(i) = &r.idle_backup {
+        let _ = writeln!(
+            s,
+            "backup with no foreground load: {:.1} MiB/s; target seq-write ceiling {:.1} MiB/s (ratio {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
+            i.backup_mibps,
+            i.target_write_ceiling_mibps,
+            i.ratio_to_target_ceiling,
+            i.source_read_ceiling_mibps,
+            i.ratio_to_ceiling
         );
     }
     match r.verified {
