@@ -5,7 +5,7 @@
 //! (the *consistency point*), to a backup target while hosts keep writing:
 //!
 //! * **Consistency point**: new I/O is held at channel entry, in-flight I/O
-//!   drains, the source is flushed, the job is installed, I/O resumes
+//!   drains, the job is installed, I/O resumes, and the source is flushed
 //!   ([`vbdev`] documents the protocol). The freeze is measured.
 //! * **Scope** ([`scope`]): the whole device, include/exclude ranges, minus
 //!   space the source reports as deallocated.
@@ -23,9 +23,12 @@
 //! * **Credits**: free slots. Above a soft watermark, captures are admitted at
 //!   the drain rate; with none free, the writer that needs one waits. Only the
 //!   writers that need a slot are slowed, and each one's delay is accounted.
-//! * **Scheduling**: the streams share a queue-depth budget that an AIMD
-//!   controller shrinks when their device latency rises above the best level
-//!   seen and grows otherwise; drain goes first as the container fills.
+//! * **Scheduling** ([`job`]): the streams share a budget of chunks in
+//!   flight that an AIMD controller shrinks when the hosts' latency on the
+//!   source rises above its no-backup level (measured just before the
+//!   consistency point) and grows otherwise, down to a duty-cycled floor that
+//!   still guarantees progress; drain goes first, at full depth once the
+//!   container passes its soft watermark.
 //! * **Failure**: if the target fails, the job fails, held writes are released
 //!   and foreground I/O carries on.
 //!
