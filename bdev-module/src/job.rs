@@ -15,8 +15,10 @@
 //! (5 ms) after that the streams compare the hosts' latency with it:
 //!
 //! * above `ref` × [`FG_TOLERANCE`]: the budget shrinks by a third
-//!   (multiplicative decrease), never below one chunk, the floor that
-//!   guarantees progress;
+//!   (multiplicative decrease), never below the floor that guarantees
+//!   progress: one chunk in flight for [`JobTuning::min_share`] of the time
+//!   (a quarter by default; below one chunk the streams keep one op in flight
+//!   and then idle for the rest of the duty cycle);
 //! * otherwise it grows by a sixteenth (at least one chunk) up to
 //!   `max_queue_depth` copy runs; with no host I/O at all it doubles.
 //!
@@ -190,6 +192,9 @@ pub struct JobTuning {
     pub soft_watermark: f64,
     /// Adapt the stream budget to the hosts' latency (AIMD); off: always the full budget.
     pub adaptive: bool,
+    /// The progress guarantee: the least share of time (0..=1) the streams
+    /// keep a chunk in flight, however loaded the hosts are.
+    pub min_share: f64,
 }
 
 impl Default for JobTuning {
@@ -199,6 +204,7 @@ impl Default for JobTuning {
             rate_limit: 0,
             soft_watermark: 0.5,
             adaptive: true,
+            min_share: 0.25,
         }
     }
 }
@@ -573,21 +579,7 @@ impl Streams {
                         .transition(c, ChunkState::Copying, ChunkState::Copied);
                     debug_assert!(moved, "only the copy stream moves a Copying chunk");
                 }
-                let blocks = io.num_blocks;
-                let lba = job
-                    .target
-                    .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
-                let tb = self.tgt.block_size() as u64;
-                let j = self.start_op(
-                    OpKind::CopyWrite,
-                    op.chunk,
-                    op.count,
-                    0,
-                    op.weight,
-                    op.start,
-                );
-                let w = BdevIo::write(lba, blocks * job.block_size / tb, buf, j as u64);
-                self.tgt.submit(w);
+                self.write_to_target(OpKind::CopyWrite, &op, io.num_blocks, buf);
             }
             OpKind::CopyWrite => {
                 if let Some(b) = buf {
@@ -623,27 +615,7 @@ impl Streams {
                         op.slot, io.status
                     ));
                 }
-                let blocks = job.chunk_len(op.chunk);
-                let lba = job
-                    .target
-                    .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
-                let tb = self.tgt.block_size() as u64;
-                let j = self.start_op(
-                    OpKind::DrainWrite,
-                    op.chunk,
-                    1,
-                    op.slot,
-                    op.weight,
-                    op.start,
-                );
-                let mut buf = buf;
-                buf.set_len((blocks * job.block_size) as usize);
-                self.tgt.submit(BdevIo::write(
-                    lba,
-                    blocks * job.block_size / tb,
-                    buf,
-                    j as u64,
-                ));
+                self.write_to_target(OpKind::DrainWrite, &op, job.chunk_len(op.chunk), buf);
             }
             OpKind::DrainWrite => {
                 if let Some(b) = buf {
@@ -688,6 +660,21 @@ impl Streams {
                 self.phase = Phase::Done;
             }
         }
+    }
+
+    /// Writes what `op` read (`blocks` source blocks in `buf`) to the target:
+    /// the second half of a copy or a drain.
+    fn write_to_target(&mut self, kind: OpKind, op: &Op, blocks: u64, mut buf: DmaBuf) {
+        let job = &self.job;
+        let lba = job
+            .target
+            .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
+        let bytes = blocks * job.block_size;
+        buf.set_len(bytes as usize);
+        let tb = self.tgt.block_size() as u64;
+        let j = self.start_op(kind, op.chunk, op.count, op.slot, op.weight, op.start);
+        self.tgt
+            .submit(BdevIo::write(lba, bytes / tb, buf, j as u64));
     }
 
     /// Issues drain first, then copy, within the budget.
@@ -799,7 +786,7 @@ impl Streams {
         let (area, done) = self.job.fg.read();
         let (d_area, d_done) = (area - self.fg_prev.0, done - self.fg_prev.1);
         self.fg_prev = (area, done);
-        let floor = 1;
+        let floor = ((self.job.tuning.min_share.clamp(0.0, 1.0) * 16.0).round() as u32).max(1);
         if self.job.tuning.adaptive {
             if d_done < FG_MIN_SAMPLES {
                 if self.job.fg.held.load(Ordering::Relaxed) == 0 {

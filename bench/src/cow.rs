@@ -453,6 +453,7 @@ pub struct CowBenchParams {
     pub rate_limit: u64,
     pub stream_qd: u32,
     pub adaptive: bool,
+    pub min_share: f64,
     pub fairness: bool,
     pub verify: bool,
     pub writers: usize,
@@ -758,6 +759,7 @@ fn backup_config(
             max_queue_depth: p.stream_qd,
             rate_limit: p.rate_limit,
             adaptive: p.adaptive,
+            min_share: p.min_share,
             ..JobTuning::default()
         },
     })
@@ -897,8 +899,8 @@ pub fn run_freeze_samples(
                     skip_unallocated: false,
                 };
                 let r = backup_config(reg, b, p, scope).and_then(|cfg| {
-                    let job = hotcopy_cow::start_backup(&cow, home, cfg)
-                        .map_err(|e| e.to_string())?;
+                    let job =
+                        hotcopy_cow::start_backup(&cow, home, cfg).map_err(|e| e.to_string())?;
                     match job.wait(Duration::from_secs(30)) {
                         JobState::Complete => Ok(job.status().freeze_us),
                         s => Err(format!("freeze sample job {i}: {s:?}")),

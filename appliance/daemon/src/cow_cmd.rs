@@ -68,6 +68,10 @@ pub struct CowArgs {
     /// Most backup I/Os in flight (copy + drain).
     #[arg(long, default_value_t = 16)]
     pub stream_qd: u32,
+    /// The backup's progress guarantee: the least share of time (0..1) its streams keep a chunk
+    /// in flight however loaded the hosts are.
+    #[arg(long, default_value_t = 0.25)]
+    pub min_share: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
     #[arg(long)]
     pub no_adaptive: bool,
@@ -138,6 +142,9 @@ pub fn run_scenario(
     if a.seconds <= 0.0 || a.max_backup <= 0.0 {
         bail!("-t and --max-backup must be positive");
     }
+    if !(0.0..=1.0).contains(&a.min_share) {
+        bail!("--min-share {} is not between 0 and 1", a.min_share);
+    }
     let (dir, scratch) = match &a.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -204,6 +211,7 @@ pub fn run_scenario(
         rate_limit: a.rate,
         stream_qd: a.stream_qd,
         adaptive: !a.no_adaptive,
+        min_share: a.min_share,
         fairness: a.fairness,
         verify: !a.no_verify,
         writers: a.writers,
