@@ -42,6 +42,7 @@
 pub mod backup;
 pub mod chunk_map;
 pub mod job;
+pub mod repo;
 pub mod scope;
 pub mod target;
 pub mod vbdev;
