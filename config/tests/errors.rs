@@ -5,9 +5,9 @@ use hotcopy_config::{load, parse_str, ConfigError, ErrorKind};
 #[track_caller]
 fn err(text: &str) -> ConfigError {
     match parse_str(text, "config.yaml") {
-        Ok(config) => panic!("expected an error, got {config:?}"),
+        Ok(config) => panic!("expected an error for {text:?}, got {config:?}"),
         Err(e) => {
-            assert_eq!(e.file, "config.yaml");
+            assert_eq!(e.file, "config.yaml", "for {text:?}");
             e
         }
     }
@@ -20,7 +20,7 @@ fn at(text: &str, line: usize, column: usize, field: &str, kind: ErrorKind) -> S
     assert_eq!(
         (e.line, e.column, e.field.as_str(), e.kind),
         (Some(line), Some(column), field, kind),
-        "{e}"
+        "{e} (for {text:?})"
     );
     let shown = e.to_string();
     let prefix = if field.is_empty() {
@@ -28,8 +28,26 @@ fn at(text: &str, line: usize, column: usize, field: &str, kind: ErrorKind) -> S
     } else {
         format!("config.yaml:{line}:{column}: {field}: ")
     };
-    assert_eq!(shown, format!("{prefix}{}", e.message));
+    assert_eq!(shown, format!("{prefix}{}", e.message), "for {text:?}");
     e.message
+}
+
+/// An expected error: the input, `line`, `column`, field path, kind and message.
+type Expected = (
+    &'static str,
+    usize,
+    usize,
+    &'static str,
+    ErrorKind,
+    &'static str,
+);
+
+/// Checks each case with [`at`], and its message. A failure shows the input.
+#[track_caller]
+fn expect(cases: &[Expected]) {
+    for &(text, line, column, field, kind, message) in cases {
+        assert_eq!(at(text, line, column, field, kind), message, "for {text:?}");
+    }
 }
 
 use ErrorKind::{Invalid, Schema, Syntax};
@@ -79,10 +97,14 @@ bdevs:
     );
     let none = "bdevs:\n  - name: pt\n    type: passthru\n    base: pt\n";
     // A self reference is a cycle, not an unknown name.
-    assert_eq!(
-        at(none, 4, 11, "bdevs[0].base", Invalid),
-        "reference cycle: pt -> pt"
-    );
+    expect(&[(
+        none,
+        4,
+        11,
+        "bdevs[0].base",
+        Invalid,
+        "reference cycle: pt -> pt",
+    )]);
 }
 
 #[test]
@@ -92,11 +114,14 @@ fn unknown_variant_example() {
         err(text).to_string(),
         "config.yaml:3:9: reactors.idle: unknown variant \"spin\", expected one of poll, sleep"
     );
-    let text = "buffer_pool:\n  hugepages: maybe\n";
-    assert_eq!(
-        at(text, 2, 14, "buffer_pool.hugepages", Schema),
-        "unknown variant \"maybe\", expected one of auto, on, off"
-    );
+    expect(&[(
+        "buffer_pool:\n  hugepages: maybe\n",
+        2,
+        14,
+        "buffer_pool.hugepages",
+        Schema,
+        "unknown variant \"maybe\", expected one of auto, on, off",
+    )]);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -199,44 +224,8 @@ fn type_errors() {
 
 #[test]
 fn unknown_fields() {
-    let msg = at("reactor:\n  cores: 1\n", 1, 1, "reactor", Schema);
-    assert_eq!(
-        msg,
-        "unknown field \"reactor\", expected one of: reactors, buffer_pool, bdevs \
-         (did you mean \"reactors\"?)"
-    );
-    let msg = at("reactors:\n  idel: poll\n", 2, 3, "reactors.idel", Schema);
-    assert_eq!(
-        msg,
-        "unknown field \"idel\", expected one of: cores, idle (did you mean \"idle\"?)"
-    );
-    let msg = at(
-        "buffer_pool:\n  pages: on\n",
-        2,
-        3,
-        "buffer_pool.pages",
-        Schema,
-    );
-    assert_eq!(
-        msg,
-        "unknown field \"pages\", expected one of: hugepages, buffer_size, count"
-    );
-
-    // Misspelt field after `type`: the list is the fields of that type.
-    let text = "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    blok_size: 4096\n";
-    assert_eq!(
-        at(text, 5, 5, "bdevs[0].blok_size", Schema),
-        "unknown field \"blok_size\", expected one of: name, type, size, block_size \
-         (did you mean \"block_size\"?)"
-    );
-    // ... before `type`: all bdev fields.
-    let text = "bdevs:\n  - name: a\n    sise: 1G\n    type: malloc\n";
-    let msg = at(text, 3, 5, "bdevs[0].sise", Schema);
-    assert!(msg.starts_with("unknown field \"sise\", expected one of: name, type, size,"));
-    assert!(msg.ends_with("(did you mean \"size\"?)"), "{msg}");
-
     // Inside an inline base.
-    let text = "\
+    let inline = "\
 bdevs:
   - name: f
     type: fault
@@ -245,27 +234,61 @@ bdevs:
       size: 1G
       colour: red
 ";
-    assert_eq!(
-        at(text, 7, 7, "bdevs[0].base.colour", Schema),
-        "unknown field \"colour\", expected one of: type, size, block_size"
-    );
+    expect(&[
+        (
+            "reactor:\n  cores: 1\n",
+            1,
+            1,
+            "reactor",
+            Schema,
+            "unknown field \"reactor\", expected one of: reactors, buffer_pool, bdevs \
+             (did you mean \"reactors\"?)",
+        ),
+        (
+            "reactors:\n  idel: poll\n",
+            2,
+            3,
+            "reactors.idel",
+            Schema,
+            "unknown field \"idel\", expected one of: cores, idle (did you mean \"idle\"?)",
+        ),
+        (
+            "buffer_pool:\n  pages: on\n",
+            2,
+            3,
+            "buffer_pool.pages",
+            Schema,
+            "unknown field \"pages\", expected one of: hugepages, buffer_size, count",
+        ),
+        // Misspelt field after `type`: the list is the fields of that type.
+        (
+            "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    blok_size: 4096\n",
+            5,
+            5,
+            "bdevs[0].blok_size",
+            Schema,
+            "unknown field \"blok_size\", expected one of: name, type, size, block_size \
+             (did you mean \"block_size\"?)",
+        ),
+        (
+            inline,
+            7,
+            7,
+            "bdevs[0].base.colour",
+            Schema,
+            "unknown field \"colour\", expected one of: type, size, block_size",
+        ),
+    ]);
+    // Misspelt field before `type`: all bdev fields.
+    let text = "bdevs:\n  - name: a\n    sise: 1G\n    type: malloc\n";
+    let msg = at(text, 3, 5, "bdevs[0].sise", Schema);
+    assert!(msg.starts_with("unknown field \"sise\", expected one of: name, type, size,"));
+    assert!(msg.ends_with("(did you mean \"size\"?)"), "{msg}");
 }
 
 #[test]
 fn fields_of_another_type() {
-    // After `type:`, rejected while reading the key.
-    let text = "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    path: /x\n";
-    assert_eq!(
-        at(text, 5, 5, "bdevs[0].path", Schema),
-        "field \"path\" is not valid for a malloc bdev (valid fields: name, type, size, block_size)"
-    );
-    // Before `type:`, rejected after the mapping is read; still points at the key.
-    let text = "bdevs:\n  - name: a\n    base: b\n    size: 1G\n    type: malloc\n";
-    assert_eq!(
-        at(text, 3, 5, "bdevs[0].base", Schema),
-        "field \"base\" is not valid for a malloc bdev (valid fields: name, type, size, block_size)"
-    );
-    let text = "\
+    let inline = "\
 bdevs:
   - name: p
     type: passthru
@@ -274,11 +297,37 @@ bdevs:
       read_error_rate: 0.5
       type: null
 ";
-    assert_eq!(
-        at(text, 6, 7, "bdevs[0].base.read_error_rate", Schema),
-        "field \"read_error_rate\" is not valid for a null bdev (valid fields: type, size, \
-         block_size)"
-    );
+    expect(&[
+        // After `type:`, rejected while reading the key.
+        (
+            "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    path: /x\n",
+            5,
+            5,
+            "bdevs[0].path",
+            Schema,
+            "field \"path\" is not valid for a malloc bdev (valid fields: name, type, size, \
+             block_size)",
+        ),
+        // Before `type:`, rejected after the mapping is read; still points at the key.
+        (
+            "bdevs:\n  - name: a\n    base: b\n    size: 1G\n    type: malloc\n",
+            3,
+            5,
+            "bdevs[0].base",
+            Schema,
+            "field \"base\" is not valid for a malloc bdev (valid fields: name, type, size, \
+             block_size)",
+        ),
+        (
+            inline,
+            6,
+            7,
+            "bdevs[0].base.read_error_rate",
+            Schema,
+            "field \"read_error_rate\" is not valid for a null bdev (valid fields: type, size, \
+             block_size)",
+        ),
+    ]);
     // A name inside an inline base.
     let text =
         "bdevs:\n  - name: p\n    type: passthru\n    base: {name: x, type: null, size: 1G}\n";
@@ -291,22 +340,32 @@ bdevs:
 
 #[test]
 fn missing_fields() {
-    let text = "bdevs:\n  - name: a\n    size: 1G\n";
-    assert_eq!(
-        at(text, 2, 5, "bdevs[0]", Schema),
-        "missing field \"type\" (one of null, malloc, uring, passthru, fault, cow)"
-    );
-    let text = "bdevs:\n  - type: malloc\n    size: 1G\n";
-    assert_eq!(
-        at(text, 2, 5, "bdevs[0]", Schema),
-        "missing field \"name\": every entry of `bdevs` needs a unique name"
-    );
-    let text =
-        "bdevs:\n  - name: ok\n    type: null\n    size: 1G\n  - name: a\n    type: malloc\n";
-    assert_eq!(
-        at(text, 5, 5, "bdevs[1]", Schema),
-        "missing field \"size\": a malloc bdev needs one, e.g. `size: 1GiB`"
-    );
+    expect(&[
+        (
+            "bdevs:\n  - name: a\n    size: 1G\n",
+            2,
+            5,
+            "bdevs[0]",
+            Schema,
+            "missing field \"type\" (one of null, malloc, uring, passthru, fault, cow)",
+        ),
+        (
+            "bdevs:\n  - type: malloc\n    size: 1G\n",
+            2,
+            5,
+            "bdevs[0]",
+            Schema,
+            "missing field \"name\": every entry of `bdevs` needs a unique name",
+        ),
+        (
+            "bdevs:\n  - name: ok\n    type: null\n    size: 1G\n  - name: a\n    type: malloc\n",
+            5,
+            5,
+            "bdevs[1]",
+            Schema,
+            "missing field \"size\": a malloc bdev needs one, e.g. `size: 1GiB`",
+        ),
+    ]);
     let text = "bdevs:\n  - name: u\n    type: uring\n";
     assert!(at(text, 2, 5, "bdevs[0]", Schema).starts_with("missing field \"path\""));
     let text = "bdevs:\n  - name: f\n    type: fault\n    base:\n      type: passthru\n";
@@ -315,16 +374,24 @@ fn missing_fields() {
 
 #[test]
 fn duplicate_keys() {
-    let text = "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    size: 2G\n";
-    assert_eq!(
-        at(text, 5, 5, "bdevs[0].size", Schema),
-        "duplicate field \"size\""
-    );
-    let text = "reactors: {}\nbdevs: []\nreactors: {}\n";
-    assert_eq!(
-        at(text, 3, 1, "reactors", Schema),
-        "duplicate field \"reactors\""
-    );
+    expect(&[
+        (
+            "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    size: 2G\n",
+            5,
+            5,
+            "bdevs[0].size",
+            Schema,
+            "duplicate field \"size\"",
+        ),
+        (
+            "reactors: {}\nbdevs: []\nreactors: {}\n",
+            3,
+            1,
+            "reactors",
+            Schema,
+            "duplicate field \"reactors\"",
+        ),
+    ]);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -352,7 +419,7 @@ bdevs:
 
 #[test]
 fn reference_cycles() {
-    let text = "\
+    let two = "\
 bdevs:
   - name: a
     type: passthru
@@ -361,12 +428,8 @@ bdevs:
     type: fault
     base: a
 ";
-    assert_eq!(
-        at(text, 4, 11, "bdevs[0].base", Invalid),
-        "reference cycle: a -> b -> a"
-    );
     // Three bdevs, one via an inline base, listed out of order, plus an unrelated chain.
-    let text = "\
+    let three = "\
 bdevs:
   - name: ram
     type: malloc
@@ -386,10 +449,24 @@ bdevs:
     type: passthru
     base: x
 ";
-    assert_eq!(
-        at(text, 10, 11, "bdevs[2].base", Invalid),
-        "reference cycle: y -> z -> x -> y"
-    );
+    expect(&[
+        (
+            two,
+            4,
+            11,
+            "bdevs[0].base",
+            Invalid,
+            "reference cycle: a -> b -> a",
+        ),
+        (
+            three,
+            10,
+            11,
+            "bdevs[2].base",
+            Invalid,
+            "reference cycle: y -> z -> x -> y",
+        ),
+    ]);
 }
 
 #[test]
@@ -459,20 +536,28 @@ fn bad_block_sizes() {
 
 #[test]
 fn zero_and_misaligned_sizes() {
-    let text = "bdevs:\n  - name: a\n    type: malloc\n    size: 0\n";
-    assert_eq!(
-        at(text, 4, 11, "bdevs[0].size", Invalid),
-        "size must be greater than 0"
-    );
+    expect(&[
+        (
+            "bdevs:\n  - name: a\n    type: malloc\n    size: 0\n",
+            4,
+            11,
+            "bdevs[0].size",
+            Invalid,
+            "size must be greater than 0",
+        ),
+        (
+            "bdevs:\n  - name: a\n    type: malloc\n    block_size: 4096\n    size: 6K\n",
+            5,
+            11,
+            "bdevs[0].size",
+            Invalid,
+            "size 6144 is not a multiple of the block size (4096)",
+        ),
+    ]);
     let text = "bdevs:\n  - name: a\n    type: null\n    size: 0 KiB\n";
     at(text, 4, 11, "bdevs[0].size", Invalid);
     let text = "bdevs:\n  - name: u\n    type: uring\n    path: /x\n    size: 0\n";
     at(text, 5, 11, "bdevs[0].size", Invalid);
-    let text = "bdevs:\n  - name: a\n    type: malloc\n    block_size: 4096\n    size: 6K\n";
-    assert_eq!(
-        at(text, 5, 11, "bdevs[0].size", Invalid),
-        "size 6144 is not a multiple of the block size (4096)"
-    );
     let text =
         "bdevs:\n  - name: f\n    type: fault\n    base:\n      type: malloc\n      size: 0\n";
     at(text, 6, 13, "bdevs[0].base.size", Invalid);
@@ -503,34 +588,40 @@ fn error_rates() {
 
 #[test]
 fn reactors() {
-    assert_eq!(
-        at("reactors:\n  cores: []\n", 2, 10, "reactors.cores", Invalid),
-        "core list is empty: list at least one CPU id, e.g. [0]"
-    );
-    assert_eq!(
-        at("reactors:\n  cores: 0\n", 2, 10, "reactors.cores", Invalid),
-        "reactor count must be at least 1"
-    );
-    assert_eq!(
-        at(
+    expect(&[
+        (
+            "reactors:\n  cores: []\n",
+            2,
+            10,
+            "reactors.cores",
+            Invalid,
+            "core list is empty: list at least one CPU id, e.g. [0]",
+        ),
+        (
+            "reactors:\n  cores: 0\n",
+            2,
+            10,
+            "reactors.cores",
+            Invalid,
+            "reactor count must be at least 1",
+        ),
+        (
             "reactors:\n  cores:\n    - 0\n    - 3\n    - 0\n",
             5,
             7,
             "reactors.cores[2]",
-            Invalid
+            Invalid,
+            "CPU 0 is listed twice (first listed as cores[0] at line 3)",
         ),
-        "CPU 0 is listed twice (first listed as cores[0] at line 3)"
-    );
-    assert_eq!(
-        at(
+        (
             "reactors:\n  cores: [0, 5000]\n",
             2,
             14,
             "reactors.cores[1]",
-            Invalid
+            Invalid,
+            "CPU id 5000 is out of range (must be below 1024)",
         ),
-        "CPU id 5000 is out of range (must be below 1024)"
-    );
+    ]);
     at(
         "reactors:\n  cores: 100000\n",
         2,
@@ -542,46 +633,40 @@ fn reactors() {
 
 #[test]
 fn buffer_pool() {
-    assert_eq!(
-        at(
+    expect(&[
+        (
             "buffer_pool:\n  buffer_size: 1000\n",
             2,
             16,
             "buffer_pool.buffer_size",
-            Invalid
+            Invalid,
+            "buffer_size 1000 is not a multiple of 4096",
         ),
-        "buffer_size 1000 is not a multiple of 4096"
-    );
-    assert_eq!(
-        at(
+        (
             "buffer_pool:\n  buffer_size: 6K\n",
             2,
             16,
             "buffer_pool.buffer_size",
-            Invalid
+            Invalid,
+            "buffer_size 6144 is not a multiple of 4096",
         ),
-        "buffer_size 6144 is not a multiple of 4096"
-    );
-    assert_eq!(
-        at(
+        (
             "buffer_pool:\n  buffer_size: 0\n",
             2,
             16,
             "buffer_pool.buffer_size",
-            Invalid
+            Invalid,
+            "buffer_size must be greater than 0",
         ),
-        "buffer_size must be greater than 0"
-    );
-    assert_eq!(
-        at(
+        (
             "buffer_pool:\n  count: 0\n",
             2,
             10,
             "buffer_pool.count",
-            Invalid
+            Invalid,
+            "count must be greater than 0",
         ),
-        "count must be greater than 0"
-    );
+    ]);
 }
 
 #[test]

@@ -8,105 +8,22 @@
 //! how many writes each channel had forwarded at the consistency point, so
 //! the test can rebuild the source as it was then and compare.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hotcopy_bdev::modules::{fault, malloc, uring};
-use hotcopy_bdev::{BdevChannel, BdevIo, BdevRegistry, IoStatus};
+use hotcopy_bdev::{BdevRegistry, IoStatus};
 use hotcopy_cow::{
     start_backup, BackupConfig, BlockRange, ContainerConfig, JobState, JobTuning, RawImageTarget,
     Scope,
 };
-use hotcopy_runtime::{DmaBuf, IdlePolicy, PollStatus, Poller, Runtime, RuntimeConfig};
+use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
 use hotcopy_tests::*;
 use proptest::prelude::*;
 
 const BS: u64 = 512;
 const SOURCE_BYTES: u64 = 4 << 20;
 const BLOCKS: u64 = SOURCE_BYTES / BS;
-
-/// One logged write: first block, block count, data seed.
-type Write = (u64, u64, u64);
-
-struct WriterState {
-    ch: BdevChannel,
-    core: usize,
-    region: (u64, u64),
-    max_blocks: u64,
-    rng: u64,
-    seq: u64,
-    inflight: Vec<(u64, u64)>,
-    log: Vec<Write>,
-    errors: u64,
-    done: u64,
-    stop: Arc<AtomicBool>,
-}
-
-impl WriterState {
-    fn rand(&mut self) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng
-    }
-
-    fn try_issue(&mut self) {
-        let (lo, hi) = self.region;
-        let n = 1 + self.rand() % self.max_blocks;
-        let start = lo + self.rand() % (hi - lo - n);
-        if self
-            .inflight
-            .iter()
-            .any(|&(s, l)| start < s + l && s < start + n)
-        {
-            return;
-        }
-        self.seq += 1;
-        let seed = ((self.core as u64) << 40) | self.seq;
-        let buf = DmaBuf::from_slice(&pattern(seed, (n * BS) as usize)).unwrap();
-        self.inflight.push((start, n));
-        self.log.push((start, n, seed));
-        self.ch.submit(BdevIo::write(start, n, buf, start));
-    }
-
-    fn poll(&mut self, qd: usize) -> usize {
-        let mut finished = Vec::new();
-        let n = self.ch.poll(&mut |io| finished.push((io.token, io.status)));
-        for (start, status) in finished {
-            if status != IoStatus::Success {
-                self.errors += 1;
-            }
-            self.done += 1;
-            self.inflight.retain(|&(s, _)| s != start);
-        }
-        if !self.stop.load(Ordering::Relaxed) {
-            while self.inflight.len() < qd {
-                let before = self.inflight.len();
-                self.try_issue();
-                if self.inflight.len() == before {
-                    break;
-                }
-            }
-        }
-        n
-    }
-}
-
-struct Outcome {
-    log: Vec<Write>,
-    errors: u64,
-}
-
-/// Applies writes to an image.
-fn apply(image: &mut [u8], writes: &[Write]) {
-    for &(s, n, seed) in writes {
-        image[(s * BS) as usize..((s + n) * BS) as usize]
-            .copy_from_slice(&pattern(seed, (n * BS) as usize));
-    }
-}
 
 fn read_all(reg: &BdevRegistry, name: &str, bytes: u64) -> Vec<u8> {
     let desc = reg.open(name, false).unwrap();
@@ -176,34 +93,18 @@ fn run_case(case: &Case, rt: &Runtime) {
     let desc = reg.open("vol", true).unwrap();
 
     // Writers, one per reactor, each in its own half of the device.
-    let stop = Arc::new(AtomicBool::new(false));
-    let outcomes: Arc<Mutex<Vec<(usize, Outcome)>>> = Arc::default();
-    let writers = case.writers;
-    for core in 0..writers {
-        let (desc, stop, qd, maxb) = (desc.clone(), stop.clone(), case.qd, case.max_write_blocks);
-        rt.exec(core, move || {
-            let half = BLOCKS / writers as u64;
-            let w = Rc::new(RefCell::new(WriterState {
-                ch: desc.channel().unwrap(),
-                core,
-                region: (half * core as u64, half * (core as u64 + 1)),
-                max_blocks: maxb,
-                rng: 0x9E37_79B9 ^ ((core as u64 + 1) * 7919),
-                seq: 0,
-                inflight: Vec::new(),
-                log: Vec::new(),
-                errors: 0,
-                done: 0,
-                stop,
-            }));
-            let p = Poller::builder().name("writer").register({
-                let w = w.clone();
-                move || PollStatus::from_count(w.borrow_mut().poll(qd))
-            });
-            WRITER.with(|slot| *slot.borrow_mut() = Some((w, p)));
-        })
-        .unwrap();
-    }
+    let writers = Writers::start(
+        rt,
+        &desc,
+        WriterSpec {
+            rng_seeds: (0..case.writers)
+                .map(|core| 0x9E37_79B9 ^ ((core as u64 + 1) * 7919))
+                .collect(),
+            qd: case.qd,
+            max_blocks: case.max_write_blocks,
+            skip: |_, _| false,
+        },
+    );
     std::thread::sleep(Duration::from_millis(case.writes_before_ms));
 
     let scope = Scope {
@@ -243,43 +144,18 @@ fn run_case(case: &Case, rt: &Runtime) {
     let status = job.status();
 
     // Stop the writers and collect their logs once everything has completed.
-    stop.store(true, Ordering::Relaxed);
-    for core in 0..writers {
-        let out = loop {
-            let r = rt
-                .exec(core, || {
-                    WRITER.with(|slot| {
-                        let slot = slot.borrow();
-                        let (w, _) = slot.as_ref().unwrap();
-                        let w = w.borrow();
-                        w.inflight.is_empty().then(|| Outcome {
-                            log: w.log.clone(),
-                            errors: w.errors,
-                        })
-                    })
-                })
-                .unwrap();
-            if let Some(o) = r {
-                break o;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        rt.exec(core, || drop(WRITER.with(|slot| slot.borrow_mut().take())))
-            .unwrap();
-        outcomes.lock().unwrap().push((core, out));
-    }
-    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    let outcomes = writers.stop();
 
     // No write was ever failed, and none was lost.
-    for (core, o) in &outcomes {
+    for (core, o) in outcomes.iter().enumerate() {
         assert_eq!(
             o.errors, 0,
             "writer {core}: foreground writes failed ({status:?})"
         );
     }
     let mut final_image = image.clone();
-    for (_, o) in &outcomes {
-        apply(&mut final_image, &o.log);
+    for o in &outcomes {
+        apply_writes(&mut final_image, &o.log, BS);
     }
     assert!(
         read_all(&reg, "src", SOURCE_BYTES) == final_image,
@@ -298,15 +174,10 @@ fn run_case(case: &Case, rt: &Runtime) {
 
     // Rebuild the source at the consistency point.
     let t0 = job.shared().t0_writes.lock().unwrap().clone();
-    for (core, o) in &outcomes {
-        let prefix = format!("vol/core{core}/");
-        let k = t0
-            .iter()
-            .filter(|(n, _)| n.starts_with(&prefix))
-            .map(|(_, k)| *k)
-            .sum::<u64>() as usize;
+    for (core, o) in outcomes.iter().enumerate() {
+        let k = t0_count(&t0, "vol", core) as usize;
         assert!(k <= o.log.len());
-        apply(&mut image, &o.log[..k]);
+        apply_writes(&mut image, &o.log[..k], BS);
     }
     let target = read_all(&reg, "tgt_base", SOURCE_BYTES);
     let map = hotcopy_cow::ChunkMap::new(SOURCE_BYTES / chunk);
@@ -327,13 +198,8 @@ fn run_case(case: &Case, rt: &Runtime) {
             if target[at] == initial[at] {
                 who = "the initial fill".into();
             }
-            for (core, o) in &outcomes {
-                let prefix = format!("vol/core{core}/");
-                let k = t0
-                    .iter()
-                    .filter(|(n, _)| n.starts_with(&prefix))
-                    .map(|(_, k)| *k)
-                    .sum::<u64>() as usize;
+            for (core, o) in outcomes.iter().enumerate() {
+                let k = t0_count(&t0, "vol", core);
                 for (i, &(st, n, seed)) in o.log.iter().enumerate() {
                     if block >= st && block < st + n {
                         let off = (at as u64 - st * BS) as usize;
@@ -358,11 +224,6 @@ fn run_case(case: &Case, rt: &Runtime) {
         status.container_peak <= case.slots as u64,
         "the container never held more than its slots"
     );
-}
-
-thread_local! {
-    #[allow(clippy::type_complexity, reason = "a test's per-reactor slot")]
-    static WRITER: RefCell<Option<(Rc<RefCell<WriterState>>, Poller)>> = const { RefCell::new(None) };
 }
 
 fn base_case() -> Case {

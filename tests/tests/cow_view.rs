@@ -12,9 +12,6 @@
 //! logging their writes so that the consistency-point image can be rebuilt
 //! from the job's `t0_writes` (as in `cow_backup.rs`).
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +24,7 @@ use hotcopy_cow::{
     start_backup, BackupConfig, BackupJob, BackupTarget, ChunkState, CommitInfo, ContainerConfig,
     JobState, JobTuning, RawImageTarget, Scope, TargetError,
 };
-use hotcopy_runtime::{DmaBuf, IdlePolicy, PollStatus, Poller, Runtime, RuntimeConfig};
+use hotcopy_runtime::{DmaBuf, IdlePolicy, Runtime, RuntimeConfig};
 use hotcopy_tests::*;
 
 const BS: u64 = 512;
@@ -379,6 +376,28 @@ fn wait_io(ch: &mut BdevChannel, token: u64) -> BdevIo {
     out.unwrap()
 }
 
+/// Waits for the raced view read (token 7) of chunk `x` (`chunk` bytes) and
+/// checks that it returned the chunk as it was at the consistency point
+/// (`image`), and that the cow bdev now holds `new` there. Returns the
+/// chunk's bytes at the consistency point.
+#[track_caller]
+fn check_raced_read<'a>(
+    v: &mut BdevChannel,
+    c: &mut BdevChannel,
+    x: u64,
+    chunk: u64,
+    image: &'a [u8],
+    new: &[u8],
+) -> &'a [u8] {
+    let cb = chunk / BS;
+    let mut r = wait_io(v, 7);
+    assert_eq!(r.status, IoStatus::Success);
+    let t0 = &image[(x * chunk) as usize..((x + 1) * chunk) as usize];
+    assert_same(&r.take_buf().unwrap(), t0, "raced view read");
+    assert_same(&read(c, x * cb, cb).unwrap(), new, "cow after write");
+    t0
+}
+
 #[test]
 fn a_source_read_that_races_a_capture_is_redone_from_the_container() {
     let rt = runtime();
@@ -412,15 +431,7 @@ fn a_source_read_that_races_a_capture_is_redone_from_the_container() {
             // finished and the write has gone to the source.
             assert_eq!(wait_io(&mut c, 8).status, IoStatus::Success);
             assert_eq!(shared.map.get(x), ChunkState::Saved);
-            let mut r = wait_io(&mut v, 7);
-            assert_eq!(r.status, IoStatus::Success);
-            let t0 = (x * chunk) as usize..((x + 1) * chunk) as usize;
-            assert_same(
-                &r.take_buf().unwrap(),
-                &image[t0.clone()],
-                "raced view read",
-            );
-            assert_same(&read(&mut c, x * cb, cb).unwrap(), &new, "cow after write");
+            check_raced_read(&mut v, &mut c, x, chunk, &image, &new);
         }
     });
     let stats = view_stats(&view);
@@ -483,16 +494,8 @@ fn a_source_read_that_races_the_copy_of_its_chunk_is_redone_from_the_target() {
             let new = pattern(1000 + x, chunk as usize);
             let w = BdevIo::write(x * cb, cb, DmaBuf::from_slice(&new).unwrap(), 8);
             assert_eq!(run_io(&mut c, w).status, IoStatus::Success);
-            let mut r = wait_io(&mut v, 7);
-            assert_eq!(r.status, IoStatus::Success);
-            let t0 = (x * chunk) as usize..((x + 1) * chunk) as usize;
-            assert_same(
-                &r.take_buf().unwrap(),
-                &image[t0.clone()],
-                "raced view read",
-            );
-            assert_same(&read(&mut c, x * cb, cb).unwrap(), &new, "cow after write");
-            assert_same(&read(&mut v, x * cb, cb).unwrap(), &image[t0], "view again");
+            let t0 = check_raced_read(&mut v, &mut c, x, chunk, &image, &new);
+            assert_same(&read(&mut v, x * cb, cb).unwrap(), t0, "view again");
             raced.push(x);
         }
         raced
@@ -615,90 +618,11 @@ fn reads_fail_with_aborted_after_the_job_fails_or_is_cancelled() {
 
 // ---- Randomized: concurrent writers on both reactors, reads of the view ----
 
-/// One logged write: first block, block count, data seed.
-type Write = (u64, u64, u64);
-
-struct WriterState {
-    ch: BdevChannel,
-    core: usize,
-    region: (u64, u64),
-    max_blocks: u64,
-    rng: u64,
-    seq: u64,
-    inflight: Vec<(u64, u64)>,
-    log: Vec<Write>,
-    errors: u64,
-    stop: Arc<AtomicBool>,
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
-}
-
 /// Writers leave every fourth 64 KiB alone, so that those chunks stay
 /// pending until the (paused) copy stream reaches them: the job cannot end
 /// before the test lifts the limit, however slowly the test runs.
 fn untouched(block: u64) -> bool {
     ((block * BS) >> 16) % 4 == 3
-}
-
-impl WriterState {
-    fn try_issue(&mut self) {
-        let (lo, hi) = self.region;
-        let n = 1 + xorshift(&mut self.rng) % self.max_blocks;
-        let start = lo + xorshift(&mut self.rng) % (hi - lo - n);
-        if untouched(start)
-            || untouched(start + n - 1)
-            || self
-                .inflight
-                .iter()
-                .any(|&(s, l)| start < s + l && s < start + n)
-        {
-            return;
-        }
-        self.seq += 1;
-        let seed = ((self.core as u64) << 40) | self.seq;
-        let buf = DmaBuf::from_slice(&pattern(seed, (n * BS) as usize)).unwrap();
-        self.inflight.push((start, n));
-        self.log.push((start, n, seed));
-        self.ch.submit(BdevIo::write(start, n, buf, start));
-    }
-
-    fn poll(&mut self, qd: usize) -> usize {
-        let mut finished = Vec::new();
-        let n = self.ch.poll(&mut |io| finished.push((io.token, io.status)));
-        for (start, status) in finished {
-            if status != IoStatus::Success {
-                self.errors += 1;
-            }
-            self.inflight.retain(|&(s, _)| s != start);
-        }
-        if !self.stop.load(Ordering::Relaxed) {
-            while self.inflight.len() < qd {
-                let before = self.inflight.len();
-                self.try_issue();
-                if self.inflight.len() == before {
-                    break;
-                }
-            }
-        }
-        n
-    }
-}
-
-thread_local! {
-    #[allow(clippy::type_complexity, reason = "a test's per-reactor slot")]
-    static WRITER: RefCell<Option<(Rc<RefCell<WriterState>>, Poller)>> = const { RefCell::new(None) };
-}
-
-fn apply(image: &mut [u8], writes: &[Write]) {
-    for &(s, n, seed) in writes {
-        image[(s * BS) as usize..((s + n) * BS) as usize]
-            .copy_from_slice(&pattern(seed, (n * BS) as usize));
-    }
 }
 
 /// Checks a view read of `[b, b + got.len())` against the T0 image. On a
@@ -812,37 +736,18 @@ fn run_random_case(case: &Case) {
         case.target_latency_us,
     );
     let desc = rig.reg.open("vol", true).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    for core in 0..2 {
-        let (desc, stop, qd, maxb) = (
-            desc.clone(),
-            stop.clone(),
-            case.writer_qd,
-            case.max_write_blocks,
-        );
-        let seed = case.seed;
-        rt.exec(core, move || {
-            let half = BLOCKS / 2;
-            let w = Rc::new(RefCell::new(WriterState {
-                ch: desc.channel().unwrap(),
-                core,
-                region: (half * core as u64, half * (core as u64 + 1)),
-                max_blocks: maxb,
-                rng: seed ^ (core as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                seq: 0,
-                inflight: Vec::new(),
-                log: Vec::new(),
-                errors: 0,
-                stop,
-            }));
-            let p = Poller::builder().name("writer").register({
-                let w = w.clone();
-                move || PollStatus::from_count(w.borrow_mut().poll(qd))
-            });
-            WRITER.with(|slot| *slot.borrow_mut() = Some((w, p)));
-        })
-        .unwrap();
-    }
+    let writers = Writers::start(
+        &rt,
+        &desc,
+        WriterSpec {
+            rng_seeds: (0..2)
+                .map(|core| case.seed ^ (core as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .collect(),
+            qd: case.writer_qd,
+            max_blocks: case.max_write_blocks,
+            skip: |start, n| untouched(start) || untouched(start + n - 1),
+        },
+    );
     std::thread::sleep(Duration::from_millis(20));
     // The copy stream copies its first run, then waits for the test.
     let job = rig.start(&rt, slow_tuning(PAUSED));
@@ -851,20 +756,10 @@ fn run_random_case(case: &Case) {
     // The consistency point: each writer's first `k` logged writes.
     let t0 = job.shared().t0_writes.lock().unwrap().clone();
     let mut image = rig.image.clone();
-    for core in 0..2 {
-        let log = rt
-            .exec(core, || {
-                WRITER.with(|s| s.borrow().as_ref().unwrap().0.borrow().log.clone())
-            })
-            .unwrap();
-        let prefix = format!("vol/core{core}/");
-        let k = t0
-            .iter()
-            .filter(|(n, _)| n.starts_with(&prefix))
-            .map(|(_, k)| *k)
-            .sum::<u64>() as usize;
+    for (core, log) in writers.logs().iter().enumerate() {
+        let k = t0_count(&t0, "vol", core) as usize;
         assert!(k <= log.len(), "{case:?}");
-        apply(&mut image, &log[..k]);
+        apply_writes(&mut image, &log[..k], BS);
     }
     let image = Arc::new(image);
 
@@ -930,34 +825,10 @@ fn run_random_case(case: &Case) {
 
     // Stop the writers; none failed, and the source moved on past T0 (so
     // the reads above did test something).
-    stop.store(true, Ordering::Relaxed);
     let mut later_writes = 0;
-    for core in 0..2 {
-        let (log_len, errors) = loop {
-            let r = rt
-                .exec(core, || {
-                    WRITER.with(|s| {
-                        let s = s.borrow();
-                        let w = s.as_ref().unwrap().0.borrow();
-                        w.inflight.is_empty().then(|| (w.log.len(), w.errors))
-                    })
-                })
-                .unwrap();
-            if let Some(r) = r {
-                break r;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        rt.exec(core, || drop(WRITER.with(|s| s.borrow_mut().take())))
-            .unwrap();
-        assert_eq!(errors, 0, "writer {core}: {case:?}");
-        let prefix = format!("vol/core{core}/");
-        let k: u64 = t0
-            .iter()
-            .filter(|(n, _)| n.starts_with(&prefix))
-            .map(|(_, k)| *k)
-            .sum();
-        later_writes += log_len as u64 - k;
+    for (core, o) in writers.stop().iter().enumerate() {
+        assert_eq!(o.errors, 0, "writer {core}: {case:?}");
+        later_writes += o.log.len() as u64 - t0_count(&t0, "vol", core);
     }
     assert!(
         later_writes > 100,
