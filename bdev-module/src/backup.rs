@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,10 +11,11 @@ use hotcopy_bdev::{Bdev, BdevDesc};
 use hotcopy_runtime::{clock, BufferPool, HugepageMode, PollStatus, Poller, ReactorHandle};
 use serde::Serialize;
 
+use crate::cbt::CbtBase;
 use crate::chunk_map::ChunkMap;
 use crate::job::{Container, ControlQueue, JobCounters, JobShared, JobState, JobTuning, Streams};
 use crate::scope::{BlockRange, Scope};
-use crate::target::BackupTarget;
+use crate::target::{BackupTarget, SkipReason, TargetError};
 use crate::vbdev::CowBdev;
 
 /// The default chunk: 64 KiB, the tracking and copy unit.
@@ -38,6 +39,10 @@ pub struct BackupConfig {
     pub chunk_size: u64,
     pub scope: Scope,
     pub tuning: JobTuning,
+    /// Incremental: copy only the chunks the cow bdev's change tracking marks
+    /// as written since this generation (which must be the tracking's base,
+    /// in the target's repository); the target shares the rest with it.
+    pub changed_since: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +102,8 @@ pub struct JobStatus {
     /// and the no-backup reference it holds them to (µs; 0: not measured).
     pub fg_latency_us: f64,
     pub fg_reference_us: f64,
+    /// The generation committed, when the target is a repository.
+    pub generation: Option<u64>,
     pub submitters: Vec<SubmitterStats>,
 }
 
@@ -182,9 +189,9 @@ impl BackupJob {
             error: j.error(),
             chunk_size: j.chunk_blocks * j.block_size,
             chunks_total: j.map.len(),
-            chunks_in_scope: j.scope.chunks_in_scope,
+            chunks_in_scope: j.in_scope.load(Ordering::Relaxed),
             chunks_done: done,
-            chunks_pending: j.scope.chunks_in_scope.saturating_sub(done),
+            chunks_pending: j.in_scope.load(Ordering::Relaxed).saturating_sub(done),
             chunks_copied: c.chunks_copied.load(Ordering::Relaxed),
             chunks_saved: c.chunks_saved.load(Ordering::Relaxed),
             container_slots: j.container.slots,
@@ -201,6 +208,10 @@ impl BackupJob {
             stream_budget: c.budget.load(Ordering::Relaxed) as f64 / 16.0,
             fg_latency_us: c.fg_lat_ticks.load(Ordering::Relaxed) as f64 / tpu,
             fg_reference_us: c.fg_ref_ticks.load(Ordering::Relaxed) as f64 / tpu,
+            generation: match j.generation.load(Ordering::Relaxed) {
+                0 => None,
+                g => Some(g),
+            },
             submitters: cow
                 .channels()
                 .iter()
@@ -228,6 +239,14 @@ pub fn start_backup(
     home: &ReactorHandle,
     cfg: BackupConfig,
 ) -> Result<BackupJob, CowError> {
+    let target = cfg.target.clone();
+    start(cow, home, cfg).inspect_err(|e| {
+        // Whatever the target began (a generation in progress) goes.
+        target.abort(&e.to_string());
+    })
+}
+
+fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJob, CowError> {
     let cb = cow
         .backend::<CowBdev>()
         .ok_or_else(|| CowError::NotCow(cow.name().to_string()))?;
@@ -272,16 +291,49 @@ pub fn start_backup(
         )));
     }
     cfg.target.prepare(&source, chunk)?;
+    let cbt = cb.cbt();
+    if let Some(since) = cfg.changed_since {
+        let Some(t) = &cbt else {
+            return Err(CowError::Config(format!(
+                "{} has no change tracking: an incremental needs it",
+                cow.name()
+            )));
+        };
+        let base = t.base();
+        let repo = cfg.target.repository();
+        match (&base, &repo) {
+            (Some(b), Some(r)) if b.generation == since && b.repository == *r => {}
+            _ => {
+                return Err(CowError::Config(format!(
+                    "{}'s change tracking is {}, not relative to generation {since} of the target's repository: run a full backup",
+                    cow.name(),
+                    match &base {
+                        Some(b) => format!("relative to generation {} of repository {}", b.generation, b.repository),
+                        None => format!("not relative to any backup ({:?})", t.opened()),
+                    }
+                )))
+            }
+        }
+        if t.chunk_size() != chunk {
+            return Err(CowError::Config(format!(
+                "change tracking counts chunks of {} bytes; the job asks for {chunk}",
+                t.chunk_size()
+            )));
+        }
+    }
     let chunk_blocks = chunk / bs;
     let chunks = source.num_blocks().div_ceil(chunk_blocks);
     let map = ChunkMap::new(chunks);
     let allocated = source.allocated_ranges();
-    let scope = cfg.scope.apply(
+    let mut skips = SkipRuns::new(cfg.target.as_ref());
+    let scope = cfg.scope.apply_with(
         &map,
         chunk_blocks,
         source.num_blocks(),
         allocated.as_deref(),
+        &mut |c, why| skips.add(c, why),
     );
+    skips.finish()?;
     let soft_slots =
         ((cont.slots as f64 * cfg.tuning.soft_watermark.clamp(0.0, 1.0)) as u32).max(1);
     let capture_bufs = BufferPool::new(
@@ -320,6 +372,9 @@ pub fn start_backup(
         consistency_point_us: Default::default(),
         tuning: cfg.tuning.clone(),
         fg: cb.fg_meter().clone(),
+        generation: Default::default(),
+        in_scope: AtomicU64::new(scope.chunks_in_scope),
+        changed: Mutex::new(None),
         t0_writes: Mutex::new(Vec::new()),
     });
     // The streams' channels and poller live on the home reactor.
@@ -354,8 +409,17 @@ pub fn start_backup(
     // I/O flushes the source (see the protocol in `vbdev`).
     let install_job = job.clone();
     let cow_shared = cb.shared.clone();
+    let install_cbt = cbt.clone();
     let frozen = cb
         .freeze_on(home, move || {
+            // Tracking restarts at the consistency point; the job keeps what
+            // changed before it.
+            if let Some(t) = &install_cbt {
+                *install_job
+                    .changed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(t.take());
+            }
             install_job
                 .counters
                 .start_tick
@@ -381,8 +445,38 @@ pub fn start_backup(
     job.counters
         .freeze_us
         .store(frozen.as_nanos() as u64, Ordering::Relaxed);
+    if cfg.changed_since.is_some() {
+        // Incremental: chunks not written since the parent are shared with
+        // it. A writer may have captured one since the resume; it is then
+        // copied like any other.
+        let changed = job
+            .changed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let marked = |c: u64| {
+            changed.as_ref().is_some_and(|w| {
+                w.get((c / 64) as usize)
+                    .is_some_and(|w| w & (1 << (c % 64)) != 0)
+            })
+        };
+        let mut skips = SkipRuns::new(cfg.target.as_ref());
+        let mut unchanged = 0;
+        for c in 0..chunks {
+            if !marked(c) && map_skip(&job, c) {
+                unchanged += 1;
+                skips.add(c, SkipReason::Unchanged);
+            }
+        }
+        job.in_scope.fetch_sub(unchanged, Ordering::AcqRel);
+        if let Err(e) = skips.finish() {
+            job.finish(JobState::Failed, Some(e.to_string()));
+        }
+    }
     // Start the streams.
     let cow_shared = cb.shared.clone();
+    let done_cbt = cbt.clone();
+    let done_repo = cfg.target.repository();
     home.exec(move || {
         let streams = STAGED
             .with(|st| st.borrow_mut().take())
@@ -394,6 +488,25 @@ pub fn start_backup(
             let mut s = streams.borrow_mut();
             let n = s.poll();
             if s.is_done() {
+                if let Some(t) = &done_cbt {
+                    let job = s.job();
+                    let taken = job.changed.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let gen = job.generation.load(Ordering::Relaxed);
+                    match (job.state(), done_repo.clone()) {
+                        (JobState::Complete, Some(repository)) if gen != 0 => {
+                            t.set_base(Some(CbtBase {
+                                generation: gen,
+                                repository,
+                            }))
+                        }
+                        (JobState::Complete, _) => t.set_base(None),
+                        _ => {
+                            if let Some(w) = taken {
+                                t.merge(&w);
+                            }
+                        }
+                    }
+                }
                 // Uninstall: channels drop the job at their next I/O or poll.
                 *cow_shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 cow_shared.gen.fetch_add(1, Ordering::SeqCst);
@@ -429,6 +542,59 @@ fn calibrate(cb: &CowBdev) -> u64 {
         0
     } else {
         (a1 - a0) / done
+    }
+}
+
+/// Takes `c` out of an incremental's copy (`Pending` → `OutOfScope`);
+/// false when a writer got to it first.
+fn map_skip(job: &JobShared, c: u64) -> bool {
+    job.map
+        .transition(c, crate::ChunkState::Pending, crate::ChunkState::OutOfScope)
+}
+
+/// Batches consecutive chunks skipped for the same reason into one call of
+/// [`BackupTarget::skip`].
+struct SkipRuns<'a> {
+    target: &'a dyn BackupTarget,
+    run: Option<(u64, u64, SkipReason)>,
+    err: Option<TargetError>,
+}
+
+impl<'a> SkipRuns<'a> {
+    fn new(target: &'a dyn BackupTarget) -> Self {
+        SkipRuns {
+            target,
+            run: None,
+            err: None,
+        }
+    }
+
+    fn add(&mut self, c: u64, why: SkipReason) {
+        match &mut self.run {
+            Some((first, count, w)) if *w == why && *first + *count == c => *count += 1,
+            _ => {
+                self.flush();
+                self.run = Some((c, 1, why));
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some((first, count, why)) = self.run.take() {
+            if self.err.is_none() {
+                if let Err(e) = self.target.skip(first, count, why) {
+                    self.err = Some(e);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> Result<(), TargetError> {
+        self.flush();
+        match self.err.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

@@ -241,6 +241,14 @@ pub struct JobShared {
     pub tuning: JobTuning,
     /// The cow bdev's foreground meter.
     pub fg: Arc<FgMeter>,
+    /// The generation the target committed (0: none, or not a repository).
+    pub generation: AtomicU64,
+    /// Chunks the job copies: the scope's, less those an incremental found
+    /// unchanged at the consistency point.
+    pub in_scope: AtomicU64,
+    /// Change tracking marks taken at the consistency point (given back if
+    /// the job does not complete).
+    pub(crate) changed: Mutex<Option<Vec<u64>>>,
     /// Per channel (by name): writes forwarded to the source before the
     /// consistency point. Recorded while the source is frozen.
     pub t0_writes: Mutex<Vec<(String, u64)>>,
@@ -438,6 +446,10 @@ impl Streams {
         })
     }
 
+    pub(crate) fn job(&self) -> &Arc<JobShared> {
+        &self.job
+    }
+
     pub(crate) fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
     }
@@ -516,6 +528,9 @@ impl Streams {
             Phase::Running => {
                 if self.job.state().is_finished() {
                     if self.inflight() == 0 {
+                        // Failed or cancelled: the target drops what it began.
+                        let why = self.job.error().unwrap_or_else(|| "ended".into());
+                        self.job.target.abort(&why);
                         self.phase = Phase::Done;
                     }
                     return work;
@@ -529,8 +544,8 @@ impl Streams {
                 }
                 work += self.issue(now);
                 let c = &self.job.counters;
-                let settled =
-                    c.chunks_done.load(Ordering::Acquire) >= self.job.scope.chunks_in_scope;
+                let settled = c.chunks_done.load(Ordering::Acquire)
+                    >= self.job.in_scope.load(Ordering::Acquire);
                 if settled && self.inflight() == 0 {
                     // Everything is on the target: make it durable.
                     let i = self.start_op(OpKind::FlushTarget, 0, 0, 0, 0, now);
@@ -591,20 +606,7 @@ impl Streams {
                         op.chunk, io.status
                     ));
                 }
-                for c in op.chunk..op.chunk + op.count {
-                    job.map.transition(c, ChunkState::Copied, ChunkState::Done);
-                }
-                self.duty_pause(op.start, now);
-                job.counters
-                    .chunks_copied
-                    .fetch_add(op.count, Ordering::Relaxed);
-                job.counters.bytes_copied.fetch_add(
-                    io.num_blocks * self.tgt.block_size() as u64,
-                    Ordering::Relaxed,
-                );
-                job.counters
-                    .chunks_done
-                    .fetch_add(op.count, Ordering::Release);
+                self.copied(&op, now);
             }
             OpKind::DrainRead => {
                 let buf = buf.expect("drain read carries a buffer");
@@ -627,18 +629,7 @@ impl Streams {
                         op.chunk, io.status
                     ));
                 }
-                // The chunk is safe on the target: only now may its slot be reused.
-                job.map
-                    .transition(op.chunk, ChunkState::Saved, ChunkState::Done);
-                job.container.give_back(op.slot);
-                job.counters.chunks_drained.fetch_add(1, Ordering::Relaxed);
-                job.counters.bytes_drained.fetch_add(
-                    io.num_blocks * self.tgt.block_size() as u64,
-                    Ordering::Relaxed,
-                );
-                job.counters.chunks_done.fetch_add(1, Ordering::Release);
-                self.drained_in_window += 1;
-                self.duty_pause(op.start, now);
+                self.drained(&op, now);
             }
             OpKind::FlushTarget => {
                 if !ok {
@@ -652,29 +643,88 @@ impl Streams {
                     consistency_point_us: job.consistency_point_us.load(Ordering::Relaxed),
                 };
                 match job.target.commit(&info) {
-                    Ok(()) => {
+                    Ok(gen) => {
+                        if let Some(g) = gen {
+                            job.generation.store(g, Ordering::Relaxed);
+                        }
                         job.finish(JobState::Complete, None);
                     }
-                    Err(e) => self.fail(e.to_string()),
+                    Err(e) => {
+                        self.fail(e.to_string());
+                        job.target.abort(&e.to_string());
+                    }
                 }
                 self.phase = Phase::Done;
             }
         }
     }
 
-    /// Writes what `op` read (`blocks` source blocks in `buf`) to the target:
-    /// the second half of a copy or a drain.
+    /// Writes what `op` read (`blocks` source blocks in `buf`) to the target,
+    /// where the target places it: the second half of a copy or a drain.
     fn write_to_target(&mut self, kind: OpKind, op: &Op, blocks: u64, mut buf: DmaBuf) {
+        let job = self.job.clone();
+        let valid = (blocks * job.block_size) as usize;
+        // Whole chunks: the tail of the source's last chunk is padding.
+        let whole = (op.count * job.chunk_blocks * job.block_size) as usize;
+        buf.set_len(whole.max(valid));
+        let placed = job.target.place(op.chunk, op.count, &mut buf, valid);
+        match placed {
+            Err(e) => {
+                self.bufs.push(buf);
+                self.fail(format!("placing chunk {} on the target: {e}", op.chunk));
+            }
+            Ok(None) => {
+                // Recorded without data (zeros, or shared with the parent).
+                self.bufs.push(buf);
+                match kind {
+                    OpKind::CopyWrite => self.copied(op, clock::ticks()),
+                    _ => self.drained(op, clock::ticks()),
+                }
+            }
+            Ok(Some((lba, bytes))) => {
+                buf.set_len(bytes);
+                let tb = self.tgt.block_size() as u64;
+                let j = self.start_op(kind, op.chunk, op.count, op.slot, op.weight, op.start);
+                self.tgt
+                    .submit(BdevIo::write(lba, bytes as u64 / tb, buf, j as u64));
+            }
+        }
+    }
+
+    /// A copy run is on the target.
+    fn copied(&mut self, op: &Op, now: u64) {
         let job = &self.job;
-        let lba = job
-            .target
-            .chunk_lba(op.chunk, job.chunk_blocks * job.block_size);
-        let bytes = blocks * job.block_size;
-        buf.set_len(bytes as usize);
-        let tb = self.tgt.block_size() as u64;
-        let j = self.start_op(kind, op.chunk, op.count, op.slot, op.weight, op.start);
-        self.tgt
-            .submit(BdevIo::write(lba, bytes / tb, buf, j as u64));
+        for c in op.chunk..op.chunk + op.count {
+            job.map.transition(c, ChunkState::Copied, ChunkState::Done);
+        }
+        let bytes = (op.count * job.chunk_blocks)
+            .min(job.num_blocks - (op.chunk << job.chunk_shift))
+            * job.block_size;
+        job.counters
+            .chunks_copied
+            .fetch_add(op.count, Ordering::Relaxed);
+        job.counters
+            .bytes_copied
+            .fetch_add(bytes, Ordering::Relaxed);
+        job.counters
+            .chunks_done
+            .fetch_add(op.count, Ordering::Release);
+        self.duty_pause(op.start, now);
+    }
+
+    /// A drained chunk is on the target: only now may its slot be reused.
+    fn drained(&mut self, op: &Op, now: u64) {
+        let job = &self.job;
+        job.map
+            .transition(op.chunk, ChunkState::Saved, ChunkState::Done);
+        job.container.give_back(op.slot);
+        job.counters.chunks_drained.fetch_add(1, Ordering::Relaxed);
+        job.counters
+            .bytes_drained
+            .fetch_add(job.chunk_len(op.chunk) * job.block_size, Ordering::Relaxed);
+        job.counters.chunks_done.fetch_add(1, Ordering::Release);
+        self.drained_in_window += 1;
+        self.duty_pause(op.start, now);
     }
 
     /// Issues drain first, then copy, within the budget.

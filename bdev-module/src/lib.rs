@@ -40,9 +40,11 @@
 //! reaches the target.
 
 pub mod backup;
+pub mod cbt;
 pub mod chunk_map;
 pub mod job;
 pub mod repo;
+pub mod repo_target;
 pub mod scope;
 pub mod target;
 pub mod vbdev;
@@ -52,9 +54,11 @@ pub use backup::{
     start_backup, BackupConfig, BackupJob, ContainerConfig, CowError, JobStatus, SubmitterStats,
     DEFAULT_CHUNK_SIZE,
 };
+pub use cbt::{Cbt, CbtBase, CbtOpen, CbtStore};
 pub use chunk_map::{ChunkMap, ChunkState};
 pub use job::{JobState, JobTuning};
+pub use repo_target::RepoTarget;
 pub use scope::{BlockRange, Scope, ScopeSummary};
-pub use target::{BackupTarget, CommitInfo, RawImageTarget, TargetError};
-pub use vbdev::{create, CowBdev};
+pub use target::{BackupTarget, CommitInfo, Placed, RawImageTarget, SkipReason, TargetError};
+pub use vbdev::{create, create_with, CowBdev};
 pub use view::{create_view, CowView, ViewStats};

@@ -9,6 +9,7 @@
 //! range is copied whole.
 
 use crate::chunk_map::{ChunkMap, ChunkState};
+use crate::target::SkipReason;
 
 /// A range of blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -64,6 +65,18 @@ impl Scope {
         num_blocks: u64,
         allocated: Option<&[(u64, u64)]>,
     ) -> ScopeSummary {
+        self.apply_with(map, chunk_blocks, num_blocks, allocated, &mut |_, _| {})
+    }
+
+    /// [`Scope::apply`], telling `on_skip` why each chunk left out is left out.
+    pub fn apply_with(
+        &self,
+        map: &ChunkMap,
+        chunk_blocks: u64,
+        num_blocks: u64,
+        allocated: Option<&[(u64, u64)]>,
+        on_skip: &mut dyn FnMut(u64, SkipReason),
+    ) -> ScopeSummary {
         let chunks = map.len();
         let chunk_range = |c: u64| (c * chunk_blocks, ((c + 1) * chunk_blocks).min(num_blocks));
         // Per-chunk coverage by sorted, merged ranges, computed with a sweep.
@@ -111,9 +124,11 @@ impl Scope {
             let state =
                 if inc.as_ref().is_some_and(|i| i[c as usize] == 0) || exc[c as usize] >= size {
                     s.chunks_excluded += 1;
+                    on_skip(c, SkipReason::Excluded);
                     ChunkState::OutOfScope
                 } else if alloc.as_ref().is_some_and(|a| a[c as usize] == 0) {
                     s.chunks_unallocated += 1;
+                    on_skip(c, SkipReason::Unallocated);
                     ChunkState::OutOfScope
                 } else {
                     s.chunks_in_scope += 1;

@@ -65,6 +65,7 @@ use hotcopy_bdev::{
 };
 use hotcopy_runtime::{clock, PollStatus, Poller, Reactor, ReactorHandle};
 
+use crate::cbt::Cbt;
 use crate::chunk_map::ChunkState;
 use crate::job::{JobShared, JobState};
 
@@ -113,6 +114,8 @@ impl FgMeter {
 pub(crate) struct CowShared {
     pub name: String,
     pub fg: Arc<FgMeter>,
+    /// Changed-block tracking, when the bdev was created with it.
+    pub cbt: Option<Arc<Cbt>>,
     pub source: BdevDesc,
     pub freeze: AtomicBool,
     pub gen: AtomicU64,
@@ -139,6 +142,11 @@ impl CowBdev {
 
     pub fn source(&self) -> &BdevDesc {
         &self.shared.source
+    }
+
+    /// Its changed-block tracking, if it has one.
+    pub fn cbt(&self) -> Option<Arc<Cbt>> {
+        self.shared.cbt.clone()
     }
 
     /// The foreground meter of this bdev's channels.
@@ -320,6 +328,7 @@ impl BdevBackend for CowBdev {
         }
         Ok(Box::new(CowChannel {
             base: self.shared.source.channel()?,
+            cbt: self.shared.cbt.clone(),
             shared: self.shared.clone(),
             counters,
             inflight: 0,
@@ -361,6 +370,7 @@ const MAX_CAPTURES: usize = 64;
 
 struct CowChannel {
     base: BdevChannel,
+    cbt: Option<Arc<Cbt>>,
     shared: Arc<CowShared>,
     counters: Arc<ChannelCounters>,
     inflight: u64,
@@ -550,6 +560,9 @@ impl CowChannel {
             }
         }
         if io.io_type.is_mutating() && io.io_type != IoType::Flush {
+            if let Some(t) = &self.cbt {
+                t.mark(io.offset_blocks, io.num_blocks);
+            }
             self.forwarded += 1;
             self.counters
                 .forwarded_writes
@@ -770,6 +783,18 @@ impl BackendChannel for CowChannel {
 
 /// Creates the cow bdev `name` on `source`, claiming it.
 pub fn create(reg: &BdevRegistry, name: &str, source: &str) -> Result<Bdev, BdevError> {
+    create_with(reg, name, source, None)
+}
+
+/// [`create`], with changed-block tracking: every write the bdev passes to
+/// the source is marked in `cbt` (see [`crate::cbt`]; open its store before
+/// hosts write, and close it after they stop).
+pub fn create_with(
+    reg: &BdevRegistry,
+    name: &str,
+    source: &str,
+    cbt: Option<Arc<Cbt>>,
+) -> Result<Bdev, BdevError> {
     let base = reg.lookup(source)?;
     let claim = base.claim(name)?;
     let b = claim.bdev().info();
@@ -778,6 +803,7 @@ pub fn create(reg: &BdevRegistry, name: &str, source: &str) -> Result<Bdev, Bdev
     let shared = Arc::new(CowShared {
         name: name.to_string(),
         fg: Arc::new(FgMeter::default()),
+        cbt,
         source: claim.open(),
         freeze: AtomicBool::new(false),
         gen: AtomicU64::new(0),

@@ -18,7 +18,7 @@
 //! | `Saving` | the source (writes wait) and the capture's buffer | the source, then re-checks |
 //! | `Copied` | only the copy stream's buffer; the target write is in flight | nothing: waits for `Done` |
 //! | `Saved` | a container slot (the source may have been overwritten) | the slot, then re-checks |
-//! | `Done` | the target, at [`BackupTarget::chunk_lba`](crate::BackupTarget::chunk_lba) | the target |
+//! | `Done` | the target, where [`BackupTarget::locate`](crate::BackupTarget::locate) says (zeros without a read for a chunk it recorded as zero) | the target |
 //! | `OutOfScope` | nowhere: the job does not preserve it | the source (**not** point-in-time) |
 //!
 //! Out-of-scope chunks (excluded ranges, and chunks the source reported as
@@ -122,6 +122,7 @@ use serde::Serialize;
 use crate::backup::BackupJob;
 use crate::chunk_map::ChunkState;
 use crate::job::{JobShared, JobState};
+use crate::target::Placed;
 
 /// Largest segment (and bounce buffer), unless a device block is larger.
 const SEGMENT_MAX: u64 = 128 * 1024;
@@ -435,6 +436,14 @@ impl ViewChannel {
                 return;
             }
         };
+        let mut target_base = 0;
+        if from == Loc::Target {
+            match self.job.target.locate(chunk) {
+                Some(Placed::Block(b)) => target_base = b,
+                Some(Placed::Zero) => return self.zero_piece(p),
+                None => return self.finish_piece(p, IoStatus::Failed(IoError::Aborted)),
+            }
+        }
         let piece = self.pieces[p as usize].as_mut().expect("live piece");
         piece.waiting = false;
         let mut buf = match piece.buf.take() {
@@ -463,8 +472,13 @@ impl ViewChannel {
                 let tb = self.tb;
                 let r0 = piece.off / tb * tb;
                 let r1 = (piece.off + piece.len).div_ceil(tb) * tb;
-                let base = self.job.target.chunk_lba(chunk, self.chunk_bytes);
-                (&mut self.tgt, base + r0 / tb, (r1 - r0) / tb, r0, r1 - r0)
+                (
+                    &mut self.tgt,
+                    target_base + r0 / tb,
+                    (r1 - r0) / tb,
+                    r0,
+                    r1 - r0,
+                )
             }
             Loc::Slot(slot) => {
                 let cb = self.cb;
@@ -517,6 +531,25 @@ impl ViewChannel {
             Loc::Slot(_) => &self.counters.from_container,
         });
         self.finish_piece(p, IoStatus::Success);
+    }
+
+    /// A piece of a chunk the target recorded as zeros: no device read.
+    fn zero_piece(&mut self, p: u32) {
+        let piece = self.pieces[p as usize].as_mut().expect("live piece");
+        piece.waiting = false;
+        let (dst, len, req) = (piece.dst as usize, piece.len as usize, piece.req as usize);
+        let filled = match self.reqs[req].as_mut().and_then(|r| r.io.buf.as_mut()) {
+            Some(d) => {
+                d[dst..][..len].fill(0);
+                true
+            }
+            None => false,
+        };
+        if !filled {
+            return self.finish_piece(p, IoStatus::Failed(IoError::BadBuffer));
+        }
+        bump(&self.counters.from_target);
+        self.finish_piece(p, IoStatus::Success)
     }
 
     /// Ends a piece; completes its request when it was the last one.

@@ -762,6 +762,7 @@ fn backup_config(
             min_share: p.min_share,
             ..JobTuning::default()
         },
+        changed_since: None,
     })
 }
 

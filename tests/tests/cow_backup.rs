@@ -135,6 +135,7 @@ fn run_case(case: &Case, rt: &Runtime) {
             soft_watermark: case.soft_watermark,
             ..JobTuning::default()
         },
+        changed_since: None,
     };
     let job = start_backup(&cow, rt.reactor(0), cfg).expect("job starts");
     if let Some((s, l)) = case.prioritize {

@@ -104,6 +104,7 @@ impl Rig {
             chunk_size: self.chunk,
             scope: Scope::all(),
             tuning,
+            changed_since: None,
         }
     }
 
@@ -140,11 +141,21 @@ impl BackupTarget for ChunkwiseTarget {
         self.0.prepare(source, chunk_bytes)
     }
 
-    fn chunk_lba(&self, chunk: u64, chunk_bytes: u64) -> u64 {
-        self.0.chunk_lba(chunk, chunk_bytes)
+    fn place(
+        &self,
+        first: u64,
+        count: u64,
+        data: &mut [u8],
+        valid: usize,
+    ) -> Result<Option<(u64, usize)>, TargetError> {
+        self.0.place(first, count, data, valid)
     }
 
-    fn commit(&self, info: &CommitInfo) -> Result<(), TargetError> {
+    fn locate(&self, chunk: u64) -> Option<hotcopy_cow::Placed> {
+        self.0.locate(chunk)
+    }
+
+    fn commit(&self, info: &CommitInfo) -> Result<Option<u64>, TargetError> {
         self.0.commit(info)
     }
 

@@ -746,8 +746,20 @@ impl Repo {
         w: GenWriter,
         consistency_point_us: u64,
     ) -> Result<Generation> {
+        self.commit_ref(io, &w, consistency_point_us)
+    }
+
+    /// [`Repo::commit`] for a writer that is still shared (a backup target
+    /// keeps one for the readers of its point-in-time view). Once it returns,
+    /// successfully or not, the writer places nothing more.
+    pub fn commit_ref(
+        &mut self,
+        io: &mut dyn BlockIo,
+        w: &GenWriter,
+        consistency_point_us: u64,
+    ) -> Result<Generation> {
         self.check_poison()?;
-        self.check_writer(&w)?;
+        self.check_writer(w)?;
         if let Some(first) = w.first_unset() {
             return Err(RepoError::Unwritten {
                 generation: w.id,
@@ -831,13 +843,17 @@ impl Repo {
 
     /// Abandons a generation: its record is removed and its space freed.
     pub fn abort(&mut self, io: &mut dyn BlockIo, w: GenWriter) -> Result<()> {
+        self.abort_ref(io, &w)
+    }
+
+    /// [`Repo::abort`] for a writer that is still shared: its space is freed
+    /// when the last reference goes.
+    pub fn abort_ref(&mut self, io: &mut dyn BlockIo, w: &GenWriter) -> Result<()> {
         self.check_poison()?;
-        self.check_writer(&w)?;
+        self.check_writer(w)?;
         let mut cat = self.cur.catalog.clone();
         cat.gens.retain(|g| g.id != w.id);
-        let r = self.flip(io, cat, false);
-        drop(w);
-        r
+        self.flip(io, cat, false)
     }
 
     /// Removes one generation, complete or in progress (not one being

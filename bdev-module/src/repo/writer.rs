@@ -173,6 +173,18 @@ impl GenWriter {
         })
     }
 
+    /// Where `chunk` was put, once placed, zeroed, inherited or excluded.
+    pub fn location(&self, chunk: u64) -> Option<super::ChunkLoc> {
+        if chunk >= self.chunks {
+            return None;
+        }
+        self.entry(chunk).map(|e| match e.loc {
+            LOC_ZERO => super::ChunkLoc::Zero,
+            LOC_ABSENT => super::ChunkLoc::Absent,
+            off => super::ChunkLoc::Data(off),
+        })
+    }
+
     /// The first unset chunk, if any.
     pub(super) fn first_unset(&self) -> Option<u64> {
         (0..self.chunks).find(|&c| self.loc[c as usize].load(Ordering::Acquire) == UNSET)
