@@ -14,7 +14,7 @@
 //! for a short calibration window: the no-backup level, `ref`. Every window
 //! (5 ms) after that the streams compare the hosts' latency with it:
 //!
-//! * above `ref` × [`FG_TOLERANCE`]: the budget shrinks by a third
+//! * above `ref` × [`JobTuning::fg_tolerance`] ([`FG_TOLERANCE`] by default): the budget shrinks by a third
 //!   (multiplicative decrease), never below the floor that guarantees
 //!   progress: one chunk in flight for [`JobTuning::min_share`] of the time
 //!   (a quarter by default; below one chunk the streams keep one op in flight
@@ -23,8 +23,8 @@
 //!   `max_queue_depth` copy runs; with no host I/O at all it doubles.
 //!
 //! A host at a fixed queue depth gets IOPS inversely proportional to its
-//! latency, so holding latency within 1.2× of the no-backup level holds
-//! IOPS above 0.8× of it, as far as the streams are concerned. If the
+//! latency, so holding latency within 1.1× of the no-backup level holds
+//! IOPS above 0.9× of it, as far as the streams are concerned. If the
 //! latency stays high with the budget at the floor, the load has changed
 //! and it is not the streams' doing: after 200 ms `ref` starts to rise, 1%
 //! every 50 ms. Copy runs
@@ -195,6 +195,9 @@ pub struct JobTuning {
     /// The progress guarantee: the least share of time (0..=1) the streams
     /// keep a chunk in flight, however loaded the hosts are.
     pub min_share: f64,
+    /// Hosts' latency, relative to their no-backup level, above which the
+    /// streams back off (default [`FG_TOLERANCE`]).
+    pub fg_tolerance: f64,
 }
 
 impl Default for JobTuning {
@@ -205,6 +208,7 @@ impl Default for JobTuning {
             soft_watermark: 0.5,
             adaptive: true,
             min_share: 0.25,
+            fg_tolerance: FG_TOLERANCE,
         }
     }
 }
@@ -338,7 +342,7 @@ pub const COPY_RUN_BYTES: u64 = 1 << 20;
 const WINDOW: Duration = Duration::from_millis(5);
 
 /// Hosts' latency, relative to the no-backup level, above which the streams back off.
-pub const FG_TOLERANCE: f64 = 1.2;
+pub const FG_TOLERANCE: f64 = 1.1;
 
 /// Fewest host completions in a window for its latency to count.
 const FG_MIN_SAMPLES: u64 = 8;
@@ -853,7 +857,7 @@ impl Streams {
                     // since stands in for the no-backup level.
                     self.fg_ref = lat;
                 }
-                if (lat as f64) > self.fg_ref as f64 * FG_TOLERANCE {
+                if (lat as f64) > self.fg_ref as f64 * self.job.tuning.fg_tolerance.max(1.0) {
                     let pressed = self.job.container.used() >= self.job.soft_slots;
                     if self.budget_q <= floor && !pressed {
                         // Still over with the copy stream at its floor and no

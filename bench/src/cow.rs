@@ -454,6 +454,7 @@ pub struct CowBenchParams {
     pub stream_qd: u32,
     pub adaptive: bool,
     pub min_share: f64,
+    pub tolerance: f64,
     pub fairness: bool,
     pub verify: bool,
     pub writers: usize,
@@ -760,6 +761,7 @@ fn backup_config(
             rate_limit: p.rate_limit,
             adaptive: p.adaptive,
             min_share: p.min_share,
+            fg_tolerance: p.tolerance,
             ..JobTuning::default()
         },
         changed_since: None,
