@@ -72,6 +72,10 @@ pub struct CowArgs {
     /// in flight however loaded the hosts are.
     #[arg(long, default_value_t = 0.25)]
     pub min_share: f64,
+    /// Hosts' latency, relative to their level without a backup, above which the backup streams
+    /// back off.
+    #[arg(long, default_value_t = hotcopy_cow::job::FG_TOLERANCE)]
+    pub tolerance: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
     #[arg(long)]
     pub no_adaptive: bool,
@@ -212,6 +216,7 @@ pub fn run_scenario(
         stream_qd: a.stream_qd,
         adaptive: !a.no_adaptive,
         min_share: a.min_share,
+        tolerance: a.tolerance,
         fairness: a.fairness,
         verify: !a.no_verify,
         writers: a.writers,
