@@ -637,7 +637,13 @@ impl Streams {
             }
             OpKind::FlushTarget => {
                 if !ok {
-                    return self.fail(format!("flushing the target: {:?}", io.status));
+                    // The last op: end here, or the streams would wait in
+                    // `Flushing` for ever and the job never be uninstalled.
+                    let why = format!("flushing the target: {:?}", io.status);
+                    self.fail(why.clone());
+                    job.target.abort(&why);
+                    self.phase = Phase::Done;
+                    return;
                 }
                 let info = CommitInfo {
                     source: job.source.clone(),
