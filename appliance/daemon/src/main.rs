@@ -1,9 +1,11 @@
 //! The `hotcopy` command.
 
+mod backup_cmd;
 mod bench_cmd;
 mod construct;
 mod cow_cmd;
 mod demo_cmd;
+mod repo_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,11 @@ enum Cmd {
     Demo(demo_cmd::DemoArgs),
     /// Measure a bdev like SPDK's bdevperf, or (`bench cow`) what an online backup costs writers.
     Bench(Box<BenchCmd>),
+    /// Backups into a repository (`backup run`: one-shot, of a bdev no daemon serves).
+    #[command(subcommand)]
+    Backup(backup_cmd::BackupSub),
+    /// The backup repository, offline: format, list, info, verify, prune, restore.
+    Repo(repo_cmd::RepoArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,6 +65,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.cmd {
         Cmd::Demo(a) => demo_cmd::run(a),
+        Cmd::Backup(b) => backup_cmd::run(b),
         Cmd::Bench(b) => match *b {
             BenchCmd {
                 sub: Some(BenchSub::Cow(a)),
@@ -65,6 +73,7 @@ fn main() -> ExitCode {
             } => cow_cmd::run(a),
             BenchCmd { sub: None, args } => bench_cmd::run(args),
         },
+        Cmd::Repo(a) => repo_cmd::run(a),
     };
     match result {
         Ok(code) => code,

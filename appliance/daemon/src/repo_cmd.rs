@@ -1,0 +1,1364 @@
+//! `hotcopy repo`: the backup repository, offline (no daemon needed).
+//!
+//! Every subcommand builds the namespace bdev from its `--repo SPEC` (and,
+//! for restore, the destination from `--to SPEC`), starts one reactor, and
+//! runs the repository library (`hotcopy_cow::repo`) there over a
+//! [`ChannelIo`]. Nothing is kept between invocations but what is on the
+//! namespace, so a repository on a file (`uring:PATH`) persists from one
+//! command to the next.
+//!
+//! Output is a human table by default and one JSON object with `--json`.
+//! Exit codes: 0 success; 1 `verify` found damage; 2 any error (bad
+//! arguments, not a repository, I/O failure, a generation that does not
+//! exist).
+//!
+//! [`Offline`] (the bdevs of a command and one reactor) and [`open_repo`]
+//! (errors that name the spec) can serve other offline commands too.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use hotcopy_bdev::{BdevDesc, BdevRegistry};
+use hotcopy_config::{BaseRef, BdevConfig};
+use hotcopy_cow::repo::{
+    BlockIo, ChannelIo, ChunkLoc, GenState, Generation, PruneReport, Repo, RepoError, RepoInfo,
+    RestoreStats, VerifyReport,
+};
+use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::construct;
+
+/// The bdev-spec lines of the help texts (a literal, for `concat!`).
+macro_rules! spec_help {
+    () => {
+        "Bdev specs (SPEC): uring:PATH[@SIZE]  malloc:SIZE[:BLOCK]  passthru:SPEC  fault:SPEC
+  uring:PATH@SIZE creates the file (sparse) or extends it to SIZE; uring:PATH needs it to exist.
+  A repository on a file persists between commands; one on malloc lasts one command."
+    };
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = concat!("\
+Examples:
+  hotcopy repo format --repo uring:/var/tmp/backup.img@16G
+  hotcopy repo list --repo uring:/var/tmp/backup.img
+  hotcopy repo info --repo uring:/var/tmp/backup.img --generation 3
+  hotcopy repo verify --repo uring:/var/tmp/backup.img
+  hotcopy repo prune --repo uring:/var/tmp/backup.img --keep 7
+  hotcopy repo restore --repo uring:/var/tmp/backup.img --generation latest --to uring:/dev/vdb
+
+Exit codes: 0 success, 1 verify found damage, 2 error.
+
+", spec_help!()))]
+pub struct RepoArgs {
+    #[command(subcommand)]
+    cmd: RepoCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum RepoCmd {
+    /// Write an empty repository to a namespace (refuses one that is not blank without --force).
+    Format(FormatArgs),
+    /// List the generations: id, state, kind, parent, source, consistency point, space.
+    List(ListArgs),
+    /// Show the repository's identity and space, or one generation in detail.
+    Info(InfoArgs),
+    /// Re-read every chunk and check every checksum (exit 1 when anything is damaged).
+    Verify(VerifyArgs),
+    /// Remove generations by count (--keep) or age (--older-than), or one by id (--remove).
+    Prune(PruneArgs),
+    /// Write a generation back to a bdev, byte for byte as it was at its consistency point.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = concat!("\
+Examples:
+  hotcopy repo format --repo uring:/var/tmp/backup.img@16G
+  hotcopy repo format --repo uring:/dev/vdc --force      # overwrite what is there
+
+Without --force, format refuses a namespace whose first MiB is not all zeros: an existing
+repository, a filesystem, a partition table.
+
+", spec_help!()))]
+pub struct FormatArgs {
+    /// The backup namespace (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    repo: String,
+    /// Overwrite whatever the namespace holds, including a repository.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  hotcopy repo list --repo uring:/var/tmp/backup.img
+  hotcopy repo list --repo uring:/var/tmp/backup.img --json | jq '.generations[].id'
+
+JSON: {\"uuid\", \"generations\": [{\"id\", \"state\" (complete|in_progress), \"kind\" (full|incremental),
+\"parent\", \"source\": {\"name\", \"size_bytes\"}, \"chunk_size\", \"consistency_point\" (RFC 3339 UTC),
+\"consistency_point_us\", \"created\", \"created_us\", \"chunks\": {\"total\", \"stored\", \"zero\", \"absent\"},
+\"bytes_stored\", \"crc_compared\", \"damage\"}]}")]
+pub struct ListArgs {
+    /// The backup namespace (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    repo: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  hotcopy repo info --repo uring:/var/tmp/backup.img
+  hotcopy repo info --repo uring:/var/tmp/backup.img --generation 3 --json
+
+JSON: {\"uuid\", \"size_bytes\", \"used_bytes\", \"free_bytes\", \"generation_count\", \"complete\",
+\"in_progress\", \"sequence\"}, and with --generation a \"generation\" object: the fields of
+`repo list --json` plus \"index\" and \"data_from\" (which generations stored its chunks).")]
+pub struct InfoArgs {
+    /// The backup namespace (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    repo: String,
+    /// Also describe this generation.
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  hotcopy repo verify --repo uring:/var/tmp/backup.img
+  hotcopy repo verify --repo uring:/var/tmp/backup.img --generation 3 --json
+
+Reads the superblocks, the catalog, every index and every chunk (a chunk shared by several
+generations is read once) and checks every crc32c. Exit code 0 when everything is intact,
+1 when anything is damaged (each problem is listed), 2 on an error. A progress bar is drawn
+on stderr when it is a terminal.")]
+pub struct VerifyArgs {
+    /// The backup namespace (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    repo: String,
+    /// Check only this generation (default: all of them).
+    #[arg(long, value_name = "N")]
+    generation: Option<u64>,
+    /// Print one JSON object: {"ok", "generations", "bad_chunks", "problems", "warnings", ...}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    group = clap::ArgGroup::new("rule").required(true).multiple(false).args(["keep", "older_than", "remove"]),
+    after_help = "\
+Examples:
+  hotcopy repo prune --repo uring:/var/tmp/backup.img --keep 7        # newest 7 of each source
+  hotcopy repo prune --repo uring:/var/tmp/backup.img --older-than 30d
+  hotcopy repo prune --repo uring:/var/tmp/backup.img --remove 12     # e.g. an incomplete one
+
+Exactly one of --keep, --older-than and --remove. --keep and --older-than consider complete
+generations only, per source, and --older-than always keeps the newest of each source.
+Chunks a remaining generation shares are kept; the rest is free at once.
+DURATION: a number and a unit: s, m, h, d or w (30s, 15m, 12h, 7d, 2w).")]
+pub struct PruneArgs {
+    /// The backup namespace (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    repo: String,
+    /// Keep the newest N complete generations of each source; remove the older ones.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keep: Option<u64>,
+    /// Remove complete generations whose consistency point is older than DURATION.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// Remove the one generation N, complete or incomplete.
+    #[arg(long, value_name = "N")]
+    remove: Option<u64>,
+    /// Print one JSON object: {"removed": [ids], "freed_bytes", "remaining"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = concat!("\
+Examples:
+  hotcopy repo restore --repo uring:/var/tmp/backup.img --generation 3 --to uring:/var/tmp/vol.img@1G
+  hotcopy repo restore --repo uring:/var/tmp/backup.img --generation latest --to uring:/dev/vdb
+
+The destination must hold at least the source's size; chunks outside the backup's scope are
+left as they are on it. Every chunk's crc32c is checked on the way.
+
+", spec_help!()))]
+pub struct RestoreArgs {
+    /// The backup namespace (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    repo: String,
+    /// The generation: an id, or `latest` (the newest complete one).
+    #[arg(long, value_name = "N|latest", value_parser = parse_gen_sel)]
+    generation: GenSel,
+    /// With `latest` in a repository of several sources: the source's name.
+    #[arg(long, value_name = "NAME")]
+    source: Option<String>,
+    /// The destination bdev (a bdev spec).
+    #[arg(long, value_name = "SPEC")]
+    to: String,
+    /// Print one JSON object: {"generation", "source", "bytes_written", "seconds", "mibps", ...}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A `--generation` for restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenSel {
+    Id(u64),
+    Latest,
+}
+
+fn parse_gen_sel(s: &str) -> Result<GenSel, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("latest") {
+        return Ok(GenSel::Latest);
+    }
+    match t.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(GenSel::Id(n)),
+        _ => Err(format!(
+            "{s:?} is not a generation: expected an id (1, 2, ...) or \"latest\""
+        )),
+    }
+}
+
+/// Parses `30s`, `15m`, `12h`, `7d`, `2w`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let fail = || {
+        format!("invalid duration {s:?}: expected a number and a unit s, m, h, d or w (30s, 15m, 12h, 7d)")
+    };
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(fail());
+    }
+    let n: u64 = t[..digits].parse().map_err(|_| fail())?;
+    let unit: u64 = match t[digits..].trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(fail()),
+    };
+    n.checked_mul(unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("invalid duration {s:?}: too large"))
+}
+
+pub fn run(a: RepoArgs) -> anyhow::Result<ExitCode> {
+    match a.cmd {
+        RepoCmd::Format(a) => format_repo(a),
+        RepoCmd::List(a) => list(a),
+        RepoCmd::Info(a) => info(a),
+        RepoCmd::Verify(a) => verify(a),
+        RepoCmd::Prune(a) => prune(a),
+        RepoCmd::Restore(a) => restore(a),
+    }
+}
+
+// ---- Offline bdevs and a reactor --------------------------------------------
+
+/// The bdevs of one offline command and the one reactor that drives them.
+pub(crate) struct Offline {
+    // Declared first: the reactor stops before the bdevs go away.
+    rt: Runtime,
+    reg: BdevRegistry,
+}
+
+impl Offline {
+    /// Builds each `(name, option, spec)` bdev, then starts one reactor.
+    /// Errors name the option and the spec.
+    pub(crate) fn start(bdevs: &[(&str, &str, &str)]) -> anyhow::Result<Offline> {
+        let reg = BdevRegistry::new();
+        for &(name, opt, spec) in bdevs {
+            let cfg = hotcopy_config::parse_spec(spec).with_context(|| format!("{opt} {spec}"))?;
+            construct::create_one(&reg, name, &cfg).with_context(|| format!("{opt} {spec}"))?;
+        }
+        let rt = Runtime::start(RuntimeConfig {
+            cores: vec![0],
+            idle: IdlePolicy::SLEEP,
+            pin: false,
+        })
+        .context("starting a reactor")?;
+        Ok(Offline { rt, reg })
+    }
+
+    /// A descriptor of bdev `name`, to move into [`Offline::exec`].
+    pub(crate) fn open(&self, name: &str, writable: bool) -> anyhow::Result<BdevDesc> {
+        Ok(self.reg.open(name, writable)?)
+    }
+
+    /// Runs `f` on the reactor and waits for it. A panic in `f` becomes an
+    /// error.
+    pub(crate) fn exec<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        match self
+            .rt
+            .exec(0, move || std::panic::catch_unwind(AssertUnwindSafe(f)))
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(p)) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Err(anyhow!("internal error on the reactor: {msg}"))
+            }
+            Err(e) => Err(anyhow!("the reactor stopped: {e}")),
+        }
+    }
+}
+
+/// Turns a library error into one that names the namespace (and, for a
+/// namespace that is not a repository, says how one is made).
+pub(crate) fn repo_error(spec: &str, e: RepoError) -> anyhow::Error {
+    match e {
+        RepoError::NotARepository => anyhow!(
+            "--repo {spec}: not a hotcopy repository (neither superblock slot carries the magic \
+             HCREPO01); a blank namespace becomes one with `hotcopy repo format --repo {spec}`"
+        ),
+        e => anyhow::Error::new(e).context(format!("--repo {spec}")),
+    }
+}
+
+/// Opens the repository on `io`, with errors that name `spec`.
+pub(crate) fn open_repo(io: &mut dyn BlockIo, spec: &str) -> anyhow::Result<Repo> {
+    Repo::open(io).map_err(|e| repo_error(spec, e))
+}
+
+/// Opens the namespace `spec` (read-only unless `writable`) and runs `f` on
+/// the repository there, on the reactor.
+fn with_repo<T: Send + 'static>(
+    spec: &str,
+    writable: bool,
+    f: impl FnOnce(&mut ChannelIo, &mut Repo) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let off = Offline::start(&[("repo", "--repo", spec)])?;
+    let desc = off.open("repo", writable)?;
+    let spec = spec.to_string();
+    off.exec(move || {
+        let mut io = ChannelIo::new(desc.channel()?);
+        let mut repo = open_repo(&mut io, &spec)?;
+        f(&mut io, &mut repo)
+    })
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise.
+fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40.cyan/blue}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+// ---- Formatting -------------------------------------------------------------
+
+/// `1.5 GiB`, `64.0 KiB`, `512 B`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// Year, month, day of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// RFC 3339 UTC with microseconds: `2026-11-22T06:10:50.123456Z`.
+pub fn rfc3339_us(us: u64) -> String {
+    let secs = us / 1_000_000;
+    let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        us % 1_000_000
+    )
+}
+
+/// To the second, for tables: `2026-11-22 06:10:50`.
+fn short_time(us: u64) -> String {
+    let full = rfc3339_us(us);
+    full[..19].replace('T', " ")
+}
+
+fn state_str(s: GenState) -> &'static str {
+    match s {
+        GenState::Complete => "complete",
+        GenState::InProgress => "in_progress",
+    }
+}
+
+/// One generation as `repo list --json` prints it.
+fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
+    let cp = (g.state == GenState::Complete).then_some(g.consistency_point_us);
+    json!({
+        "id": g.id,
+        "state": state_str(g.state),
+        "kind": g.kind.as_str(),
+        "parent": g.parent,
+        "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
+        "chunk_size": g.chunk_size,
+        "consistency_point": cp.map(rfc3339_us),
+        "consistency_point_us": cp,
+        "created": rfc3339_us(g.created_us),
+        "created_us": g.created_us,
+        "chunks": {
+            "total": g.chunks_total,
+            "stored": g.chunks_stored,
+            "zero": g.zero_chunks,
+            "absent": g.chunks_absent,
+        },
+        "bytes_stored": g.bytes_stored,
+        "crc_compared": g.crc_compared,
+        "damage": damage,
+    })
+}
+
+fn info_json(i: &RepoInfo) -> Value {
+    json!({
+        "uuid": i.uuid,
+        "size_bytes": i.size_bytes,
+        "used_bytes": i.used_bytes,
+        "free_bytes": i.free_bytes,
+        "generation_count": i.generations,
+        "complete": i.complete,
+        "in_progress": i.in_progress,
+        "sequence": i.sequence,
+    })
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = table_line(&widths, header.iter().copied());
+    for r in rows {
+        out += &table_line(&widths, r.iter().map(String::as_str));
+    }
+    out
+}
+
+fn table_line<'a>(widths: &[usize], cells: impl Iterator<Item = &'a str>) -> String {
+    let mut s = String::new();
+    for (i, c) in cells.enumerate() {
+        if i > 0 {
+            s.push_str("  ");
+        }
+        s.push_str(c);
+        let pad = widths.get(i).copied().unwrap_or(0);
+        s.extend(std::iter::repeat_n(
+            ' ',
+            pad.saturating_sub(c.chars().count()),
+        ));
+    }
+    s.truncate(s.trim_end().len());
+    s.push('\n');
+    s
+}
+
+fn describe(g: &Generation) -> String {
+    match g.state {
+        GenState::Complete => format!(
+            "{} of {:?}, consistency point {}, {} stored",
+            g.kind.as_str(),
+            g.source.name,
+            rfc3339_us(g.consistency_point_us),
+            human_bytes(g.bytes_stored)
+        ),
+        GenState::InProgress => format!(
+            "{} of {:?}, incomplete (begun {})",
+            g.kind.as_str(),
+            g.source.name,
+            rfc3339_us(g.created_us)
+        ),
+    }
+}
+
+// ---- format -----------------------------------------------------------------
+
+fn format_repo(a: FormatArgs) -> anyhow::Result<ExitCode> {
+    let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
+    let desc = off.open("repo", true)?;
+    let (spec, force) = (a.repo.clone(), a.force);
+    let info = off.exec(move || {
+        let mut io = ChannelIo::new(desc.channel()?);
+        match Repo::format(&mut io, force) {
+            Ok(repo) => Ok(repo.info()),
+            Err(RepoError::WouldOverwrite(why)) => Err(anyhow!(
+                "--repo {spec}: refusing to format: {why}; add --force to overwrite it"
+            )),
+            Err(e) => Err(repo_error(&spec, e)),
+        }
+    })?;
+    println!(
+        "formatted {}: repository {}, {} ({} bytes) usable",
+        a.repo,
+        info.uuid,
+        human_bytes(info.size_bytes),
+        info.size_bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- list -------------------------------------------------------------------
+
+fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
+    let (info, gens) = with_repo(&a.repo, false, |_, repo| {
+        let gens: Vec<(Generation, Option<String>)> = repo
+            .generations()
+            .iter()
+            .map(|g| (g.clone(), repo.damage(g.id).map(str::to_string)))
+            .collect();
+        Ok((repo.info(), gens))
+    })?;
+    if a.json {
+        let v = json!({
+            "uuid": info.uuid,
+            "generations": gens.iter().map(|(g, d)| gen_json(g, d.as_deref())).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "repository {} on {}: {} generation{}, {} used of {}",
+        info.uuid,
+        a.repo,
+        gens.len(),
+        if gens.len() == 1 { "" } else { "s" },
+        human_bytes(info.used_bytes),
+        human_bytes(info.size_bytes)
+    );
+    if gens.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = gens
+        .iter()
+        .map(|(g, damage)| {
+            let complete = g.state == GenState::Complete;
+            vec![
+                g.id.to_string(),
+                match (g.state, damage) {
+                    (_, Some(_)) => "DAMAGED".into(),
+                    (s, None) => state_str(s).into(),
+                },
+                g.kind.as_str().into(),
+                g.parent.map_or("-".into(), |p| p.to_string()),
+                g.source.name.clone(),
+                human_bytes(g.source.size_bytes),
+                human_bytes(g.chunk_size as u64),
+                if complete {
+                    short_time(g.consistency_point_us)
+                } else {
+                    "-".into()
+                },
+                if complete {
+                    format!(
+                        "{} ({}/{} chunks, {} zero)",
+                        human_bytes(g.bytes_stored),
+                        g.chunks_stored,
+                        g.chunks_total,
+                        g.zero_chunks
+                    )
+                } else {
+                    "-".into()
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "ID",
+                "STATE",
+                "KIND",
+                "PARENT",
+                "SOURCE",
+                "SIZE",
+                "CHUNK",
+                "CONSISTENCY POINT (UTC)",
+                "STORED",
+            ],
+            &rows
+        )
+    );
+    for (g, damage) in &gens {
+        if let Some(d) = damage {
+            println!("generation {} is damaged: {d}", g.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- info -------------------------------------------------------------------
+
+/// What `info --generation` adds to the catalog record.
+struct GenDetail {
+    generation: Generation,
+    damage: Option<String>,
+    /// (generation that stored the data, chunks of this generation it holds).
+    data_from: Vec<(u64, u64)>,
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
+    let only = a.generation;
+    let (info, detail) = with_repo(&a.repo, false, move |io, repo| {
+        let detail = match only {
+            None => None,
+            Some(id) => {
+                let g = repo
+                    .generation(id)
+                    .cloned()
+                    .ok_or(RepoError::NoSuchGeneration(id))?;
+                let mut damage = repo.damage(id).map(str::to_string);
+                let mut data_from = Vec::new();
+                if g.state == GenState::Complete && damage.is_none() {
+                    match repo.index(io, id) {
+                        Ok(idx) => {
+                            let mut by: BTreeMap<u64, u64> = BTreeMap::new();
+                            for c in 0..idx.chunks() {
+                                if let Some(e) = idx.resolve(c) {
+                                    if matches!(e.loc, ChunkLoc::Data(_)) {
+                                        *by.entry(e.stored_by).or_default() += 1;
+                                    }
+                                }
+                            }
+                            data_from = by.into_iter().collect();
+                        }
+                        Err(e) => damage = Some(e.to_string()),
+                    }
+                }
+                Some(GenDetail {
+                    generation: g,
+                    damage,
+                    data_from,
+                })
+            }
+        };
+        Ok((repo.info(), detail))
+    })?;
+    if a.json {
+        let mut v = info_json(&info);
+        if let Some(d) = &detail {
+            let mut g = gen_json(&d.generation, d.damage.as_deref());
+            g["index"] = match d.generation.index {
+                Some(i) => json!({ "offset": i.offset, "len": i.len }),
+                None => Value::Null,
+            };
+            g["data_from"] = d
+                .data_from
+                .iter()
+                .map(|&(gen, chunks)| json!({ "generation": gen, "chunks": chunks }))
+                .collect();
+            v["generation"] = g;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let kv = |k: &str, v: String| println!("{k:<22} {v}");
+    kv("repository", info.uuid.clone());
+    kv("namespace", a.repo.clone());
+    kv(
+        "size",
+        format!(
+            "{} ({} bytes)",
+            human_bytes(info.size_bytes),
+            info.size_bytes
+        ),
+    );
+    kv(
+        "used",
+        format!(
+            "{} ({} bytes)",
+            human_bytes(info.used_bytes),
+            info.used_bytes
+        ),
+    );
+    kv(
+        "free",
+        format!(
+            "{} ({} bytes)",
+            human_bytes(info.free_bytes),
+            info.free_bytes
+        ),
+    );
+    kv(
+        "generations",
+        format!(
+            "{} ({} complete, {} in progress)",
+            info.generations, info.complete, info.in_progress
+        ),
+    );
+    kv("sequence", info.sequence.to_string());
+    let Some(d) = detail else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let g = &d.generation;
+    println!();
+    kv("generation", g.id.to_string());
+    kv("state", state_str(g.state).into());
+    kv("kind", g.kind.as_str().into());
+    kv("parent", g.parent.map_or("-".into(), |p| p.to_string()));
+    kv("source", g.source.name.clone());
+    kv(
+        "source size",
+        format!(
+            "{} ({} bytes)",
+            human_bytes(g.source.size_bytes),
+            g.source.size_bytes
+        ),
+    );
+    kv(
+        "chunk size",
+        format!(
+            "{} ({} bytes)",
+            human_bytes(g.chunk_size as u64),
+            g.chunk_size
+        ),
+    );
+    kv(
+        "consistency point",
+        if g.state == GenState::Complete {
+            format!(
+                "{} ({} us)",
+                rfc3339_us(g.consistency_point_us),
+                g.consistency_point_us
+            )
+        } else {
+            "- (incomplete)".into()
+        },
+    );
+    kv("created", rfc3339_us(g.created_us));
+    kv(
+        "chunks",
+        format!(
+            "{} total: {} stored, {} zero, {} out of scope, {} from earlier generations",
+            g.chunks_total,
+            g.chunks_stored,
+            g.zero_chunks,
+            g.chunks_absent,
+            g.chunks_total
+                .saturating_sub(g.chunks_stored + g.zero_chunks + g.chunks_absent)
+        ),
+    );
+    kv(
+        "bytes stored",
+        format!("{} ({} bytes)", human_bytes(g.bytes_stored), g.bytes_stored),
+    );
+    if g.crc_compared {
+        kv(
+            "unchanged chunks",
+            "found by comparing checksums with the parent".into(),
+        );
+    }
+    if let Some(i) = g.index {
+        kv("index", format!("{} bytes at byte {}", i.len, i.offset));
+    }
+    if !d.data_from.is_empty() {
+        kv(
+            "data from",
+            d.data_from
+                .iter()
+                .map(|&(gen, n)| format!("generation {gen}: {n} chunks"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    if let Some(dmg) = &d.damage {
+        kv("DAMAGE", dmg.clone());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- verify -----------------------------------------------------------------
+
+/// A [`BlockIo`] that advances a progress bar by the bytes it reads.
+struct ProgressIo<'a> {
+    io: &'a mut dyn BlockIo,
+    bar: &'a ProgressBar,
+}
+
+impl BlockIo for ProgressIo<'_> {
+    fn block_size(&self) -> u32 {
+        self.io.block_size()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.io.size_bytes()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), RepoError> {
+        let r = self.io.read(offset, buf);
+        self.bar.inc(buf.len() as u64);
+        if let Some(len) = self.bar.length() {
+            if self.bar.position() > len {
+                self.bar.set_length(self.bar.position());
+            }
+        }
+        r
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RepoError> {
+        self.io.write(offset, data)
+    }
+    fn flush(&mut self) -> Result<(), RepoError> {
+        self.io.flush()
+    }
+}
+
+enum VerifyOutcome {
+    Report(VerifyReport, Vec<Generation>),
+    /// The repository could not even be opened: its superblocks or catalog
+    /// are damaged.
+    Unopenable(String),
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
+    let desc = off.open("repo", false)?;
+    let (spec, only) = (a.repo.clone(), a.generation);
+    let bar = progress_bar(0, "verify");
+    let started = Instant::now();
+    let outcome = off.exec({
+        let bar = bar.clone();
+        move || {
+            let mut io = ChannelIo::new(desc.channel()?);
+            let repo = match Repo::open(&mut io) {
+                Ok(r) => r,
+                Err(
+                    e @ (RepoError::CorruptSuperblock { .. }
+                    | RepoError::CorruptCatalog { .. }
+                    | RepoError::CorruptIndex { .. }),
+                ) => return Ok(VerifyOutcome::Unopenable(e.to_string())),
+                Err(e) => return Err(repo_error(&spec, e)),
+            };
+            // What the reads will add up to, about: everything in use, or
+            // one generation's data and index.
+            let estimate = match only {
+                None => repo.info().used_bytes,
+                Some(id) => {
+                    let g = repo.generation(id).ok_or(RepoError::NoSuchGeneration(id))?;
+                    let data = g
+                        .chunks_total
+                        .saturating_sub(g.zero_chunks + g.chunks_absent)
+                        * g.chunk_size as u64;
+                    data + g.index.map_or(0, |i| i.len)
+                }
+            };
+            bar.set_length(estimate.max(1));
+            let mut pio = ProgressIo {
+                io: &mut io,
+                bar: &bar,
+            };
+            let report = repo
+                .verify(&mut pio, only)
+                .map_err(|e| repo_error(&spec, e))?;
+            Ok(VerifyOutcome::Report(report, repo.generations().to_vec()))
+        }
+    });
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    let secs = started.elapsed().as_secs_f64();
+    let (report, gens) = match outcome {
+        VerifyOutcome::Unopenable(why) => {
+            if a.json {
+                let v = json!({
+                    "ok": false,
+                    "generations": [],
+                    "bad_chunks": [],
+                    "problems": [why],
+                    "warnings": [],
+                    "messages": [why],
+                    "extents_read": 0,
+                    "bytes_read": 0,
+                    "seconds": secs,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("verify: FAILED: the repository cannot be opened: {why}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+        VerifyOutcome::Report(r, g) => (r, g),
+    };
+    let ok = report.is_ok();
+    let messages = report.messages();
+    if a.json {
+        let v = json!({
+            "ok": ok,
+            "generations": report.generations.iter().map(|g| json!({
+                "id": g.id,
+                "state": state_str(g.state),
+                "ok": g.is_ok(),
+                "chunks_checked": g.chunks_checked,
+                "bad_chunks": g.bad_chunks,
+                "problems": g.problems,
+            })).collect::<Vec<_>>(),
+            "bad_chunks": report.bad_chunks.iter().map(|b| json!({
+                "generation": b.generation,
+                "chunk": b.chunk,
+                "offset": b.offset,
+                "expected_crc": b.expected,
+                "found_crc": b.found,
+                "error": b.error,
+            })).collect::<Vec<_>>(),
+            "problems": report.problems,
+            "warnings": report.warnings,
+            "messages": messages,
+            "extents_read": report.extents_read,
+            "bytes_read": report.bytes_read,
+            "seconds": secs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    if !report.generations.is_empty() {
+        let source = |id: u64| {
+            gens.iter()
+                .find(|g| g.id == id)
+                .map_or(String::new(), |g| g.source.name.clone())
+        };
+        let rows: Vec<Vec<String>> = report
+            .generations
+            .iter()
+            .map(|g| {
+                let complete = g.state == GenState::Complete;
+                vec![
+                    g.id.to_string(),
+                    state_str(g.state).into(),
+                    source(g.id),
+                    if complete {
+                        g.chunks_checked.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    if complete {
+                        g.bad_chunks.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    match (complete, g.is_ok()) {
+                        (false, _) => "incomplete: nothing to check".into(),
+                        (true, true) => "OK".into(),
+                        (true, false) => "DAMAGED".into(),
+                    },
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &["ID", "STATE", "SOURCE", "CHECKED", "BAD", "RESULT"],
+                &rows
+            )
+        );
+    }
+    const SHOWN: usize = 50;
+    if !messages.is_empty() {
+        println!("problems:");
+        for m in messages.iter().take(SHOWN) {
+            println!("  {m}");
+        }
+        if messages.len() > SHOWN {
+            println!(
+                "  ... and {} more (--json lists them all)",
+                messages.len() - SHOWN
+            );
+        }
+    }
+    if !report.warnings.is_empty() {
+        println!("warnings:");
+        for w in &report.warnings {
+            println!("  {w}");
+        }
+    }
+    let checked: u64 = report.generations.iter().map(|g| g.chunks_checked).sum();
+    let read = format!("{} read in {secs:.2} s", human_bytes(report.bytes_read));
+    if ok {
+        println!(
+            "verify: OK: {} generation{}, {checked} chunk checks, superblocks and catalog intact; {read}",
+            report.generations.len(),
+            if report.generations.len() == 1 { "" } else { "s" },
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let damaged = report.generations.iter().filter(|g| !g.is_ok()).count();
+        println!(
+            "verify: FAILED: {} problem{} ({} of {} generations damaged); {read}",
+            messages.len(),
+            if messages.len() == 1 { "" } else { "s" },
+            damaged,
+            report.generations.len()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+// ---- prune ------------------------------------------------------------------
+
+fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
+    #[derive(Clone, Copy)]
+    enum Rule {
+        Keep(u64),
+        OlderThan(Duration),
+        Remove(u64),
+    }
+    let rule = match (a.keep, a.older_than, a.remove) {
+        (Some(n), None, None) => Rule::Keep(n),
+        (None, Some(d), None) => Rule::OlderThan(d),
+        (None, None, Some(id)) => Rule::Remove(id),
+        // clap's group enforces this; keep the message for other callers.
+        _ => bail!("give exactly one of --keep N, --older-than DURATION and --remove N"),
+    };
+    let (report, before, remaining) = with_repo(&a.repo, true, move |io, repo| {
+        let before = repo.generations().to_vec();
+        let report = match rule {
+            Rule::Keep(n) => repo.prune_keep(io, usize::try_from(n).unwrap_or(usize::MAX)),
+            Rule::OlderThan(d) => repo.prune_older_than(io, d),
+            Rule::Remove(id) => repo.remove(io, id),
+        }?;
+        Ok((report, before, repo.info()))
+    })?;
+    let PruneReport {
+        removed,
+        kept_in_use,
+        freed_bytes,
+    } = &report;
+    if a.json {
+        let v = json!({
+            "removed": removed,
+            "kept_in_use": kept_in_use,
+            "freed_bytes": freed_bytes,
+            "remaining": remaining.generations,
+            "free_bytes": remaining.free_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if removed.is_empty() {
+        let why = match rule {
+            Rule::Keep(n) => format!(
+                "no source has more than {n} complete generation{}",
+                if n == 1 { "" } else { "s" }
+            ),
+            Rule::OlderThan(_) => "no complete generation is older than that \
+                                   (the newest of each source is always kept)"
+                .into(),
+            Rule::Remove(_) => "the generation is already gone".into(),
+        };
+        println!("nothing to remove: {why}");
+    }
+    for id in removed {
+        match before.iter().find(|g| g.id == *id) {
+            Some(g) => println!("removed generation {id}: {}", describe(g)),
+            None => println!("removed generation {id}"),
+        }
+    }
+    for id in kept_in_use {
+        println!("kept generation {id}: a backup is using it");
+    }
+    println!(
+        "reclaimed {} ({freed_bytes} bytes); {} generation{} left, {} free",
+        human_bytes(*freed_bytes),
+        remaining.generations,
+        if remaining.generations == 1 { "" } else { "s" },
+        human_bytes(remaining.free_bytes)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- restore ----------------------------------------------------------------
+
+/// The file or device at the bottom of a spec's stack, if it has one.
+fn backing_path(cfg: &BdevConfig) -> Option<PathBuf> {
+    match cfg {
+        BdevConfig::Uring { path, .. } => Some(path.clone()),
+        BdevConfig::Passthru { base }
+        | BdevConfig::Cow { base }
+        | BdevConfig::Fault { base, .. } => match base {
+            BaseRef::Inline(inner) => backing_path(inner),
+            BaseRef::Name(_) => None,
+        },
+        BdevConfig::Null { .. } | BdevConfig::Malloc { .. } => None,
+    }
+}
+
+/// Picks the generation `sel` names, or says why none fits.
+fn select_generation(repo: &Repo, sel: GenSel, source: Option<&str>) -> anyhow::Result<Generation> {
+    let g = match sel {
+        GenSel::Id(id) => repo
+            .generation(id)
+            .ok_or_else(|| {
+                anyhow!("no generation {id} in the repository (`hotcopy repo list` shows them)")
+            })?
+            .clone(),
+        GenSel::Latest => {
+            if source.is_none() {
+                let mut names: Vec<&str> = repo
+                    .generations()
+                    .iter()
+                    .filter(|g| g.state == GenState::Complete)
+                    .map(|g| g.source.name.as_str())
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                if names.len() > 1 {
+                    bail!(
+                        "--generation latest is ambiguous: the repository holds backups of {} sources ({}); name one with --source",
+                        names.len(),
+                        names.join(", ")
+                    );
+                }
+            }
+            repo.latest(source)
+                .ok_or_else(|| match source {
+                    Some(s) => anyhow!("the repository has no complete generation of source {s:?}"),
+                    None => anyhow!("the repository has no complete generation"),
+                })?
+                .clone()
+        }
+    };
+    if let Some(s) = source {
+        if g.source.name != s {
+            bail!(
+                "generation {} is a backup of {:?}, not of {s:?}",
+                g.id,
+                g.source.name
+            );
+        }
+    }
+    if g.state != GenState::Complete {
+        bail!(
+            "generation {} is incomplete (its backup did not commit): it cannot be restored, only removed (`hotcopy repo prune --remove {}`)",
+            g.id,
+            g.id
+        );
+    }
+    Ok(g)
+}
+
+/// The restore engine: every chunk of generation `id` to `dst`. Today the
+/// library's synchronous copy over [`BlockIo`]; an asynchronous engine can
+/// take its place behind this signature.
+fn restore_engine(
+    repo: &Repo,
+    io: &mut dyn BlockIo,
+    id: u64,
+    dst: &mut dyn BlockIo,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RestoreStats, RepoError> {
+    repo.restore(io, id, dst, progress)
+}
+
+fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let repo_cfg =
+        hotcopy_config::parse_spec(&a.repo).with_context(|| format!("--repo {}", a.repo))?;
+    let to_cfg = hotcopy_config::parse_spec(&a.to).with_context(|| format!("--to {}", a.to))?;
+    if let (Some(r), Some(t)) = (backing_path(&repo_cfg), backing_path(&to_cfg)) {
+        let same =
+            r == t || matches!((r.canonicalize(), t.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        if same {
+            bail!(
+                "--to {} is the repository's own namespace ({}); restore to another file or device",
+                a.to,
+                r.display()
+            );
+        }
+    }
+    let off = Offline::start(&[
+        ("repo", "--repo", a.repo.as_str()),
+        ("dest", "--to", a.to.as_str()),
+    ])?;
+    let repo_desc = off.open("repo", false)?;
+    let dst_desc = off.open("dest", true)?;
+    let (dst_size, dst_bs) = (dst_desc.bdev().size_bytes(), dst_desc.bdev().block_size());
+    let (spec, to, sel, source) = (a.repo.clone(), a.to.clone(), a.generation, a.source.clone());
+    let bar = progress_bar(0, "restore");
+    let result = off.exec({
+        let bar = bar.clone();
+        move || {
+            let mut io = ChannelIo::new(repo_desc.channel()?);
+            let repo = open_repo(&mut io, &spec)?;
+            // Pick and check the generation before anything is written.
+            let g = select_generation(&repo, sel, source.as_deref())?;
+            let need = g.source.size_bytes;
+            if dst_size < need {
+                bail!(
+                    "--to {to}: the destination holds {} ({dst_size} bytes); generation {} of {:?} needs {} ({need} bytes)",
+                    human_bytes(dst_size),
+                    g.id,
+                    g.source.name,
+                    human_bytes(need)
+                );
+            }
+            if !need.is_multiple_of(dst_bs as u64) {
+                bail!(
+                    "--to {to}: the source size {need} is not a multiple of the destination's {dst_bs}-byte blocks"
+                );
+            }
+            if let Some(d) = repo.damage(g.id) {
+                bail!("generation {} is damaged: {d}", g.id);
+            }
+            bar.set_length(need);
+            let mut dst = ChannelIo::new(dst_desc.channel()?);
+            let started = Instant::now();
+            let id = g.id;
+            let stats = restore_engine(&repo, &mut io, id, &mut dst, &mut |done, _total| {
+                bar.set_position(done)
+            })
+            .map_err(|e| repo_error(&spec, e).context(format!("restoring generation {id}")))?;
+            Ok((g, stats, started.elapsed()))
+        }
+    });
+    bar.finish_and_clear();
+    let (g, stats, elapsed) = result?;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let mibps = stats.bytes_written as f64 / secs / (1 << 20) as f64;
+    if a.json {
+        let v = json!({
+            "generation": g.id,
+            "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
+            "consistency_point": rfc3339_us(g.consistency_point_us),
+            "consistency_point_us": g.consistency_point_us,
+            "to": a.to,
+            "bytes_written": stats.bytes_written,
+            "data_chunks": stats.data_chunks,
+            "zero_chunks": stats.zero_chunks,
+            "absent_chunks": stats.absent_chunks,
+            "seconds": secs,
+            "mibps": mibps,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "restored generation {} ({}) to {}",
+        g.id,
+        describe(&g),
+        a.to
+    );
+    println!(
+        "{} written in {secs:.2} s: {mibps:.1} MiB/s ({} data chunks, {} zero chunks{})",
+        human_bytes(stats.bytes_written),
+        stats.data_chunks,
+        stats.zero_chunks,
+        if stats.absent_chunks > 0 {
+            format!(
+                ", {} out-of-scope chunks left as they were",
+                stats.absent_chunks
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339_us(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339_us(1_700_000_000_123_456),
+            "2023-11-14T22:13:20.123456Z"
+        );
+        // A leap day and the turn of a century.
+        assert_eq!(
+            rfc3339_us(951_782_400_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
+        assert_eq!(
+            rfc3339_us(4_107_542_399_000_000),
+            "2100-02-28T23:59:59.000000Z"
+        );
+        assert_eq!(short_time(1_700_000_000_123_456), "2023-11-14 22:13:20");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(1_209_600)));
+        for bad in ["", "7", "d", "7x", "-1d", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn generation_selectors() {
+        assert_eq!(parse_gen_sel("latest"), Ok(GenSel::Latest));
+        assert_eq!(parse_gen_sel("7"), Ok(GenSel::Id(7)));
+        assert!(parse_gen_sel("0").is_err());
+        assert!(parse_gen_sel("newest").is_err());
+    }
+
+    #[test]
+    fn sizes_and_tables() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(64 << 10), "64.0 KiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(
+            table(&["A", "BB"], &[vec!["xyz".into(), "1".into()]]),
+            "A    BB\nxyz  1\n"
+        );
+    }
+}
