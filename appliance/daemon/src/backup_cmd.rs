@@ -52,10 +52,10 @@ pub struct RunArgs {
     pub incremental: bool,
     /// Back up only these byte ranges.
     #[arg(long, value_parser = parse_ranges)]
-    pub include: Option<Vec<(u64, u64)>>,
+    pub include: Option<Ranges>,
     /// Leave these byte ranges out.
     #[arg(long, value_parser = parse_ranges)]
-    pub exclude: Option<Vec<(u64, u64)>>,
+    pub exclude: Option<Ranges>,
     /// The source's name in the repository.
     #[arg(long)]
     pub name: Option<String>,
@@ -87,7 +87,11 @@ pub struct RunReport {
     pub note: Option<String>,
 }
 
-fn parse_ranges(s: &str) -> Result<Vec<(u64, u64)>, String> {
+/// Byte ranges (start, length) from `START+LEN,…`.
+#[derive(Debug, Clone)]
+pub struct Ranges(pub Vec<(u64, u64)>);
+
+fn parse_ranges(s: &str) -> Result<Ranges, String> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
@@ -107,7 +111,8 @@ fn parse_ranges(s: &str) -> Result<Vec<(u64, u64)>, String> {
             }
             Ok((start.0, len.0))
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()
+        .map(Ranges)
 }
 
 /// The source's default name: the file of a `uring:` spec, else the spec.
@@ -138,9 +143,9 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
     let bs = source.block_size() as u64;
     let chunk = a.chunk.0;
     let name = a.name.clone().unwrap_or_else(|| source_name(&a.source));
-    let ranges = |r: &Option<Vec<(u64, u64)>>, what: &str| -> anyhow::Result<Vec<BlockRange>> {
+    let ranges = |r: &Option<Ranges>, what: &str| -> anyhow::Result<Vec<BlockRange>> {
         r.iter()
-            .flatten()
+            .flat_map(|r| r.0.iter())
             .map(|&(s, l)| {
                 if !s.is_multiple_of(bs) || !l.is_multiple_of(bs) {
                     bail!("--{what} {s}+{l}: not a multiple of the source's block size {bs}");
