@@ -46,7 +46,7 @@ fn make_source(path: &Path, mib: usize, seed: u64) {
     let mut x = seed | 1;
     let mut data = vec![0u8; mib << 20];
     for (i, w) in data.chunks_exact_mut(8).enumerate() {
-        if (i * 8 >> 20) % 16 == 5 {
+        if ((i * 8) >> 20) % 16 == 5 {
             continue;
         }
         x ^= x << 13;
