@@ -44,6 +44,7 @@ pub mod cbt;
 pub mod chunk_map;
 pub mod job;
 pub mod repo;
+pub mod repo_bdev;
 pub mod repo_target;
 pub mod scope;
 pub mod target;
