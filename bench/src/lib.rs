@@ -16,6 +16,7 @@
 pub mod cow;
 mod job;
 pub mod plot;
+pub mod repo;
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -5,6 +5,7 @@ mod bench_cmd;
 mod construct;
 mod cow_cmd;
 mod demo_cmd;
+mod repo_bench_cmd;
 mod repo_cmd;
 
 use std::process::ExitCode;
@@ -52,6 +53,8 @@ struct BenchCmd {
 enum BenchSub {
     /// Foreground random writes on a cow volume, without and then during a full online backup.
     Cow(cow_cmd::CowArgs),
+    /// Repository figures: incremental cost, restore speed at generation 1 and 50, instant restore.
+    Repo(repo_bench_cmd::RepoBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,10 @@ fn main() -> ExitCode {
                 sub: Some(BenchSub::Cow(a)),
                 ..
             } => cow_cmd::run(a),
+            BenchCmd {
+                sub: Some(BenchSub::Repo(a)),
+                ..
+            } => repo_bench_cmd::run(a),
             BenchCmd { sub: None, args } => bench_cmd::run(args),
         },
         Cmd::Repo(a) => repo_cmd::run(a),
