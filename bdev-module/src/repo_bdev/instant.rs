@@ -81,7 +81,7 @@ use hotcopy_bdev::{
     BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevError, BdevInfo, BdevIo,
     BdevRegistry, Claim, IoError, IoStatus, IoType,
 };
-use hotcopy_runtime::{BufferPool, DmaBuf, HugepageMode, PollStatus, Poller, ReactorHandle};
+use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode, PollStatus, Poller, ReactorHandle};
 use serde::Serialize;
 
 use super::common::{
@@ -101,6 +101,12 @@ pub struct InstantTuning {
     /// Room in the hot queue; a chunk that finds it full is left to the
     /// cursor.
     pub hot_queue: usize,
+    /// Runs in flight while hosts are doing I/O (any within the last
+    /// `busy_window`): the hydrator steps aside so that a host's first read,
+    /// which goes to the backup, does not queue behind megabytes of
+    /// hydration on the same devices.
+    pub busy_qd: usize,
+    pub busy_window: std::time::Duration,
 }
 
 impl Default for InstantTuning {
@@ -111,6 +117,8 @@ impl Default for InstantTuning {
             qd: 16,
             run_bytes: 1 << 20,
             hot_queue: 4096,
+            busy_qd: 2,
+            busy_window: std::time::Duration::from_millis(2),
         }
     }
 }
@@ -246,6 +254,8 @@ struct IrShared {
     bytes_hydrated: AtomicU64,
     hot_runs: AtomicU64,
     checksum_errors: AtomicU64,
+    /// When a host last submitted I/O (TSC ticks).
+    host_tick: AtomicU64,
     start: Instant,
     /// Nanoseconds from `start` to the end of the hydrator (0 while running).
     elapsed_ns: AtomicU64,
@@ -906,6 +916,8 @@ impl BackendChannel for IrChannel {
         if sh.all_done.load(Ordering::Acquire) {
             return st.pass(io);
         }
+        // Hosts are active: the hydrator narrows its queue for a moment.
+        sh.host_tick.store(clock::ticks(), Ordering::Relaxed);
         match io.io_type {
             IoType::Read => st.read(sh, io),
             IoType::Write => st.write(sh, io),
@@ -995,6 +1007,10 @@ struct Hydrator {
     run_max: u64,
     zero_max: u64,
     write_zeroes: bool,
+    /// Runs in flight while hosts are busy, and how recent their last I/O
+    /// must be for that (ticks).
+    busy_qd: usize,
+    busy_ticks: u64,
     runs: Slab<Run>,
     qd: usize,
     cursor: u64,
@@ -1009,6 +1025,8 @@ impl Hydrator {
     fn new(sh: Arc<IrShared>, claim: Arc<Claim>, tuning: &InstantTuning) -> Result<Self, String> {
         let cs = sh.cs;
         let qd = tuning.qd.max(1);
+        let busy_qd = tuning.busy_qd.clamp(1, qd);
+        let busy_ticks = clock::duration_to_ticks(tuning.busy_window);
         let run_max = (tuning.run_bytes / cs).max(1);
         let write_zeroes = sh.tgt.bdev().supports(IoType::WriteZeroes);
         let zero_max = if write_zeroes {
@@ -1031,6 +1049,8 @@ impl Hydrator {
             write_zeroes,
             runs: Slab::new(qd),
             qd,
+            busy_qd,
+            busy_ticks,
             cursor: 0,
             // A target that takes no flush is durable as written.
             flush: if sh.tgt.bdev().supports(IoType::Flush) {
@@ -1064,8 +1084,15 @@ impl Hydrator {
         }
         self.comp = comp;
         let stop = self.failed || self.sh.cancel.load(Ordering::Relaxed);
+        let now = clock::ticks();
+        let qd = if now.saturating_sub(self.sh.host_tick.load(Ordering::Relaxed)) < self.busy_ticks
+        {
+            self.busy_qd
+        } else {
+            self.qd
+        };
         if !stop {
-            while self.runs.len() < self.qd {
+            while self.runs.len() < qd {
                 let Some(run) = self.next_run() else { break };
                 work += 1;
                 self.start(run);
@@ -1385,6 +1412,7 @@ pub fn start_instant_restore(
         error: Mutex::new(None),
         bytes_hydrated: AtomicU64::new(0),
         hot_runs: AtomicU64::new(0),
+        host_tick: AtomicU64::new(0),
         checksum_errors: AtomicU64::new(0),
         start: Instant::now(),
         elapsed_ns: AtomicU64::new(0),
