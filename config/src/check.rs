@@ -6,7 +6,8 @@ use crate::error::{FieldPath, Issue};
 use crate::model::*;
 
 /// Check every rule; the first problem found is returned. Order: reactors, buffer pool, each
-/// bdev's own fields (in file order), duplicate names, base references, cycles.
+/// bdev's own fields (in file order), duplicate names, base references, cycles, tracking
+/// stores, the RPC socket, exports.
 pub(crate) fn check_config(config: &Config) -> Result<(), Issue> {
     check_reactors(&config.reactors)?;
     check_pool(&config.buffer_pool)?;
@@ -16,7 +17,219 @@ pub(crate) fn check_config(config: &Config) -> Result<(), Issue> {
         check_name(&b.name, &path.key("name"))?;
         check_body(&b.bdev, &path)?;
     }
-    check_references(config, &list)
+    check_references(config, &list)?;
+    check_tracking(config, &list)?;
+    check_rpc_socket(config)?;
+    check_exports(config)
+}
+
+/// The named bdevs under `name`, following bases (named or inline) down; `name` first.
+fn stack_below<'a>(config: &'a Config, name: &'a str) -> Vec<&'a str> {
+    let mut out = vec![name];
+    let mut cur = name;
+    while let Some(next) = config.bdev(cur).and_then(|b| b.bdev.base_name()) {
+        if out.contains(&next) || out.len() > config.bdevs.len() {
+            break;
+        }
+        out.push(next);
+        cur = next;
+    }
+    out
+}
+
+/// Whether some bdev of `config` uses `name` as its (named) base.
+fn user_of<'a>(config: &'a Config, name: &str) -> Option<&'a str> {
+    config
+        .bdevs
+        .iter()
+        .find(|b| b.bdev.base_name() == Some(name))
+        .map(|b| b.name.as_str())
+}
+
+fn check_tracking(config: &Config, list: &FieldPath) -> Result<(), Issue> {
+    // (store bdev, offset) -> the path of the first tracking that uses it.
+    let mut stores: HashMap<(&str, u64), FieldPath> = HashMap::new();
+    for (cow, t) in &config.tracking {
+        let i = config.bdevs.iter().position(|b| &b.name == cow);
+        let path = match i {
+            Some(i) => list.index(i).key("tracking"),
+            None => FieldPath::root().key("tracking").key(cow),
+        };
+        match config.bdev(cow).map(|b| &b.bdev) {
+            Some(BdevConfig::Cow { .. }) => {}
+            Some(other) => {
+                return Err(Issue::new(
+                    path,
+                    format!(
+                        "change tracking belongs to cow bdevs; {cow:?} is a {} bdev",
+                        other.type_name()
+                    ),
+                ))
+            }
+            None => return Err(Issue::new(path, format!("unknown cow bdev {cow:?}"))),
+        }
+        if !t.offset.bytes().is_multiple_of(TRACKING_ALIGN) {
+            return Err(Issue::new(
+                path.key("offset"),
+                format!(
+                    "offset {} is not a multiple of {TRACKING_ALIGN} (the store's header is one \
+                     4 KiB block)",
+                    t.offset.bytes()
+                ),
+            ));
+        }
+        let store = match &t.bdev {
+            BaseRef::Inline(inner) => {
+                check_body(inner, &path.key("bdev"))?;
+                match inner.base_name() {
+                    // An anonymous store stacked on a named bdev: that one must be free too.
+                    Some(n) => n,
+                    None => continue,
+                }
+            }
+            BaseRef::Name(n) => n.as_str(),
+        };
+        let at = path.key("bdev");
+        if config.bdev(store).is_none() {
+            let names: Vec<&str> = config.bdevs.iter().map(|b| b.name.as_str()).collect();
+            return Err(Issue::new(
+                at,
+                format!("unknown bdev {store:?} (defined: {})", names.join(", ")),
+            ));
+        }
+        if stack_below(config, cow).contains(&store) {
+            return Err(Issue::new(
+                at,
+                format!(
+                    "bdev {store:?} is under the cow bdev {cow:?}: the tracking of its writes \
+                     cannot be kept on the volume itself"
+                ),
+            ));
+        }
+        if stack_below(config, store).contains(&cow.as_str()) {
+            return Err(Issue::new(
+                at,
+                format!("bdev {store:?} is stacked on the cow bdev {cow:?}"),
+            ));
+        }
+        if let Some(user) = user_of(config, store) {
+            return Err(Issue::new(
+                at,
+                format!(
+                    "bdev {store:?} is the base of {user:?}, which claims it: the tracking store \
+                     needs a bdev nothing else writes"
+                ),
+            ));
+        }
+        if let Some(e) = config
+            .exports
+            .iter()
+            .find(|e| e.bdev == store && !e.read_only)
+        {
+            return Err(Issue::new(
+                at,
+                format!(
+                    "bdev {store:?} is exported writable as {:?}: the tracking store needs a bdev \
+                     nothing else writes",
+                    e.name
+                ),
+            ));
+        }
+        if matches!(t.bdev, BaseRef::Name(_)) {
+            if let Some(first) = stores.get(&(store, t.offset.bytes())) {
+                return Err(Issue::new(
+                    at,
+                    format!(
+                        "another cow bdev keeps its tracking on {store:?} at offset {}; give \
+                         each store its own offset",
+                        t.offset.bytes()
+                    ),
+                )
+                .with_note("first used by", first.clone()));
+            }
+            stores.insert((store, t.offset.bytes()), at);
+        }
+    }
+    Ok(())
+}
+
+fn check_rpc_socket(config: &Config) -> Result<(), Issue> {
+    let Some(p) = &config.rpc_socket else {
+        return Ok(());
+    };
+    let path = FieldPath::root().key("rpc_socket");
+    let len = p.as_os_str().len();
+    if len == 0 {
+        return Err(Issue::new(path, "rpc_socket is empty"));
+    }
+    if len > crate::listen::MAX_UNIX_PATH {
+        return Err(Issue::new(
+            path,
+            format!(
+                "a Unix socket path is at most {} bytes; this one has {len}",
+                crate::listen::MAX_UNIX_PATH
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_exports(config: &Config) -> Result<(), Issue> {
+    let list = FieldPath::root().key("exports");
+    let mut seen: HashMap<(String, &str), usize> = HashMap::new();
+    for (i, e) in config.exports.iter().enumerate() {
+        let path = list.index(i);
+        if e.name.is_empty() {
+            return Err(Issue::new(path.key("name"), "the export name is empty"));
+        }
+        if e.name.len() > MAX_EXPORT_NAME || e.name.chars().any(char::is_control) {
+            return Err(Issue::new(
+                path.key("name"),
+                format!(
+                    "invalid export name {:?}: at most {MAX_EXPORT_NAME} bytes, no control \
+                     characters",
+                    e.name
+                ),
+            ));
+        }
+        if config.bdev(&e.bdev).is_none() {
+            let names: Vec<&str> = config.bdevs.iter().map(|b| b.name.as_str()).collect();
+            let defined = if names.is_empty() {
+                "no bdevs are defined".to_string()
+            } else {
+                format!("defined: {}", names.join(", "))
+            };
+            return Err(Issue::new(
+                path.key("bdev"),
+                format!("unknown bdev {:?} ({defined})", e.bdev),
+            ));
+        }
+        if !e.read_only {
+            if let Some(user) = user_of(config, &e.bdev) {
+                return Err(Issue::new(
+                    path.key("bdev"),
+                    format!(
+                        "bdev {:?} is the base of {user:?}, which claims it: export {user:?} \
+                         instead, or set `read_only: true`",
+                        e.bdev
+                    ),
+                ));
+            }
+        }
+        let key = (e.listen.to_string(), e.name.as_str());
+        if let Some(&j) = seen.get(&key) {
+            return Err(Issue::new(
+                path.key("name"),
+                format!("duplicate export {:?} on {}", e.name, e.listen),
+            )
+            .with_note(
+                format!("first defined by exports[{j}]"),
+                list.index(j).key("name"),
+            ));
+        }
+        seen.insert(key, i);
+    }
+    Ok(())
 }
 
 fn check_reactors(r: &ReactorsConfig) -> Result<(), Issue> {

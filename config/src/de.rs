@@ -20,6 +20,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::check::check_config;
 use crate::error::{FieldPath, Issue};
+use crate::listen::Listen;
 use crate::model::*;
 use crate::size::ByteSize;
 
@@ -228,7 +229,8 @@ impl BdevType {
         match self {
             BdevType::Null | BdevType::Malloc => &["size", "block_size"],
             BdevType::Uring => &["path", "size", "block_size", "direct"],
-            BdevType::Passthru | BdevType::Cow => &["base"],
+            BdevType::Passthru => &["base"],
+            BdevType::Cow => &["base", "tracking"],
             BdevType::Fault => &[
                 "base",
                 "read_error_rate",
@@ -273,6 +275,7 @@ const BDEV_FIELDS: &[&str] = &[
     "write_error_rate",
     "latency_us",
     "volatile_cache",
+    "tracking",
 ];
 
 /// A bdev mapping as written: every field any type can have.
@@ -289,6 +292,46 @@ pub(crate) struct RawBdev {
     pub(crate) write_error_rate: Option<f64>,
     pub(crate) latency_us: Option<u64>,
     pub(crate) volatile_cache: Option<bool>,
+    pub(crate) tracking: Option<RawTracking>,
+}
+
+/// `tracking:` as written.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RawTracking {
+    pub(crate) bdev: Option<RawBase>,
+    pub(crate) offset: Option<ByteSize>,
+}
+
+const TRACKING_FIELDS: &[&str] = &["bdev", "offset"];
+
+impl<'de> Deserialize<'de> for RawTracking {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TrackingVisitor;
+        impl<'de> Visitor<'de> for TrackingVisitor {
+            type Value = RawTracking;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a `tracking` mapping with fields bdev, offset")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTracking, A::Error> {
+                let mut out = RawTracking {
+                    bdev: None,
+                    offset: None,
+                };
+                let mut seen = 0;
+                let check = plain_fields(TRACKING_FIELDS);
+                while let Some(i) = next_field(&mut map, TRACKING_FIELDS, &mut seen, &check)? {
+                    match TRACKING_FIELDS[i] {
+                        "bdev" => out.bdev = Some(map.next_value()?),
+                        _ => out.offset = Some(map.next_value()?),
+                    }
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_any(TrackingVisitor)
+    }
 }
 
 /// `base:` as written.
@@ -315,6 +358,7 @@ fn visit_bdev_map<'de, A: MapAccess<'de>>(mut map: A, inline: bool) -> Result<Ra
     let mut write_error_rate = None;
     let mut latency_us = None;
     let mut volatile_cache = None;
+    let mut tracking = None;
     loop {
         let known_ty = ty;
         let check = move |key: &str| -> Option<String> {
@@ -361,7 +405,8 @@ fn visit_bdev_map<'de, A: MapAccess<'de>>(mut map: A, inline: bool) -> Result<Ra
             "read_error_rate" => read_error_rate = Some(map.next_value::<f64>()?),
             "write_error_rate" => write_error_rate = Some(map.next_value::<f64>()?),
             "latency_us" => latency_us = Some(map.next_value::<u64>()?),
-            _ => volatile_cache = Some(map.next_value::<bool>()?),
+            "volatile_cache" => volatile_cache = Some(map.next_value::<bool>()?),
+            _ => tracking = Some(map.next_value::<RawTracking>()?),
         }
     }
     let Some(ty) = ty else {
@@ -382,6 +427,7 @@ fn visit_bdev_map<'de, A: MapAccess<'de>>(mut map: A, inline: bool) -> Result<Ra
         write_error_rate,
         latency_us,
         volatile_cache,
+        tracking,
     })
 }
 
@@ -451,7 +497,7 @@ pub(crate) fn convert_bdev(
     path: &FieldPath,
     inline: bool,
 ) -> Result<BdevConfig, Issue> {
-    let present: [(&str, bool); 9] = [
+    let present: [(&str, bool); 10] = [
         ("size", raw.size.is_some()),
         ("block_size", raw.block_size.is_some()),
         ("path", raw.path.is_some()),
@@ -461,6 +507,7 @@ pub(crate) fn convert_bdev(
         ("write_error_rate", raw.write_error_rate.is_some()),
         ("latency_us", raw.latency_us.is_some()),
         ("volatile_cache", raw.volatile_cache.is_some()),
+        ("tracking", raw.tracking.is_some()),
     ];
     for (field, is_present) in present {
         if is_present && !raw.ty.fields().contains(&field) {
@@ -468,6 +515,14 @@ pub(crate) fn convert_bdev(
                 Issue::new(path.key(field), raw.ty.misplaced_field(field, inline)).at_key(),
             );
         }
+    }
+    if inline && raw.tracking.is_some() {
+        return Err(Issue::new(
+            path.key("tracking"),
+            "field \"tracking\" is only valid on a named cow bdev: define the cow bdev in \
+             `bdevs:` to give it change tracking",
+        )
+        .at_key());
     }
     let missing = |field: &str, example: &str| {
         Issue::new(
@@ -523,16 +578,55 @@ pub(crate) fn convert_bdev(
     })
 }
 
-/// Convert a top-level bdev entry (which must have a name).
-pub(crate) fn convert_named(mut raw: RawBdev, path: &FieldPath) -> Result<NamedBdev, Issue> {
+/// Convert a top-level bdev entry (which must have a name), and its `tracking:` if it has one.
+pub(crate) fn convert_named(
+    mut raw: RawBdev,
+    path: &FieldPath,
+) -> Result<(NamedBdev, Option<TrackingConfig>), Issue> {
     let Some(name) = raw.name.take() else {
         return Err(Issue::new(
             path.clone(),
             "missing field \"name\": every entry of `bdevs` needs a unique name",
         ));
     };
+    let tracking = match raw.ty {
+        BdevType::Cow => raw.tracking.take(),
+        // Reported as misplaced by `convert_bdev`.
+        _ => None,
+    };
     let bdev = convert_bdev(raw, path, false)?;
-    Ok(NamedBdev { name, bdev })
+    let tracking = match tracking {
+        None => None,
+        Some(t) => Some(convert_tracking(t, &path.key("tracking"))?),
+    };
+    Ok((NamedBdev { name, bdev }, tracking))
+}
+
+/// A `tracking:` mapping: the store's bdev (a name, a spec string or an inline mapping) and
+/// offset.
+fn convert_tracking(raw: RawTracking, path: &FieldPath) -> Result<TrackingConfig, Issue> {
+    let bdev = match raw.bdev {
+        None => {
+            return Err(Issue::new(
+                path.clone(),
+                "missing field \"bdev\": the bdev that keeps the change tracking, e.g. \
+                 `bdev: uring:/var/tmp/vol.cbt@1M` or the name of a bdev in `bdevs:`",
+            ))
+        }
+        // Bdev names have no ':'; a spec always has one.
+        Some(RawBase::Name(s)) if s.contains(':') => match crate::spec::parse_spec(&s) {
+            Ok(b) => BaseRef::Inline(Box::new(b)),
+            Err(e) => return Err(Issue::new(path.key("bdev"), e.to_string())),
+        },
+        Some(RawBase::Name(s)) => BaseRef::Name(s),
+        Some(RawBase::Inline(inner)) => {
+            BaseRef::Inline(Box::new(convert_bdev(*inner, &path.key("bdev"), true)?))
+        }
+    };
+    Ok(TrackingConfig {
+        bdev,
+        offset: raw.offset.unwrap_or(ByteSize(0)),
+    })
 }
 
 /// Errors from conversion/validation inside a plain `Deserialize` impl (no source text to
@@ -556,9 +650,16 @@ impl<'de> Deserialize<'de> for BdevConfig {
 }
 
 impl<'de> Deserialize<'de> for NamedBdev {
+    /// Reads one `bdevs:` entry. A `tracking:` field is rejected: it is kept in
+    /// [`Config::tracking`], so read the whole config.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = BdevSeed { inline: false }.deserialize(deserializer)?;
-        convert_named(raw, &FieldPath::root()).map_err(issue_to_de)
+        match convert_named(raw, &FieldPath::root()).map_err(issue_to_de)? {
+            (b, None) => Ok(b),
+            (_, Some(_)) => Err(D::Error::custom(
+                "tracking: a lone bdev entry cannot keep its tracking; read the whole config",
+            )),
+        }
     }
 }
 
@@ -737,15 +838,110 @@ impl<'de> Visitor<'de> for BdevList {
     }
 }
 
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListenVisitor;
+        impl Visitor<'_> for ListenVisitor {
+            type Value = Listen;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a listen address: HOST:PORT or unix:PATH")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Listen, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(ListenVisitor)
+    }
+}
+
+/// An `exports:` entry as written.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawExport {
+    pub(crate) name: Option<String>,
+    pub(crate) bdev: Option<String>,
+    pub(crate) listen: Option<Listen>,
+    pub(crate) read_only: Option<bool>,
+}
+
+const EXPORT_FIELDS: &[&str] = &["name", "bdev", "listen", "read_only"];
+
+impl<'de> Deserialize<'de> for RawExport {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ExportVisitor;
+        impl<'de> Visitor<'de> for ExportVisitor {
+            type Value = RawExport;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an export mapping with fields name, bdev, listen, read_only")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawExport, A::Error> {
+                let mut out = RawExport::default();
+                let mut seen = 0;
+                let check = plain_fields(EXPORT_FIELDS);
+                while let Some(i) = next_field(&mut map, EXPORT_FIELDS, &mut seen, &check)? {
+                    match EXPORT_FIELDS[i] {
+                        "name" => out.name = Some(map.next_value()?),
+                        "bdev" => out.bdev = Some(map.next_value()?),
+                        "listen" => out.listen = Some(map.next_value()?),
+                        _ => out.read_only = Some(map.next_value()?),
+                    }
+                }
+                Ok(out)
+            }
+        }
+        deserializer.deserialize_any(ExportVisitor)
+    }
+}
+
+/// A list section whose `null` means empty.
+struct ListOf<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ListOf<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(x) = seq.next_element()? {
+            out.push(x);
+        }
+        Ok(out)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for ListOf<T> {
+    type Value = Vec<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
 /// The whole document, before bdev conversion.
 #[derive(Debug, Default)]
 pub(crate) struct RawConfig {
     pub(crate) reactors: ReactorsConfig,
     pub(crate) buffer_pool: BufferPoolConfig,
     pub(crate) bdevs: Vec<RawBdev>,
+    pub(crate) rpc_socket: Option<PathBuf>,
+    pub(crate) exports: Vec<RawExport>,
 }
 
-const TOP_FIELDS: &[&str] = &["reactors", "buffer_pool", "bdevs"];
+const TOP_FIELDS: &[&str] = &["reactors", "buffer_pool", "bdevs", "rpc_socket", "exports"];
 
 impl<'de> Deserialize<'de> for RawConfig {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -773,7 +969,12 @@ impl<'de> Deserialize<'de> for RawConfig {
                     match TOP_FIELDS[i] {
                         "reactors" => out.reactors = map.next_value()?,
                         "buffer_pool" => out.buffer_pool = map.next_value()?,
-                        _ => out.bdevs = map.next_value_seed(BdevList)?,
+                        "bdevs" => out.bdevs = map.next_value_seed(BdevList)?,
+                        "rpc_socket" => out.rpc_socket = map.next_value()?,
+                        _ => {
+                            out.exports =
+                                map.next_value_seed(ListOf::<RawExport>(std::marker::PhantomData))?
+                        }
                     }
                 }
                 Ok(out)
@@ -784,19 +985,46 @@ impl<'de> Deserialize<'de> for RawConfig {
 }
 
 impl RawConfig {
-    /// Convert the bdevs (first problem wins).
+    /// Convert the bdevs and exports (first problem wins).
     pub(crate) fn convert(self) -> Result<Config, Issue> {
         let list = FieldPath::root().key("bdevs");
-        let bdevs = self
-            .bdevs
+        let mut bdevs = Vec::with_capacity(self.bdevs.len());
+        let mut tracking = std::collections::BTreeMap::new();
+        for (i, raw) in self.bdevs.into_iter().enumerate() {
+            let (b, t) = convert_named(raw, &list.index(i))?;
+            if let Some(t) = t {
+                // A duplicate name is reported by the checks; keep the first.
+                tracking.entry(b.name.clone()).or_insert(t);
+            }
+            bdevs.push(b);
+        }
+        let list = FieldPath::root().key("exports");
+        let exports = self
+            .exports
             .into_iter()
             .enumerate()
-            .map(|(i, raw)| convert_named(raw, &list.index(i)))
+            .map(|(i, raw)| {
+                let Some(bdev) = raw.bdev else {
+                    return Err(Issue::new(
+                        list.index(i),
+                        "missing field \"bdev\": the bdev to export, e.g. `bdev: vol0`",
+                    ));
+                };
+                Ok(ExportConfig {
+                    name: raw.name.unwrap_or_else(|| bdev.clone()),
+                    bdev,
+                    listen: raw.listen.unwrap_or_default(),
+                    read_only: raw.read_only.unwrap_or(false),
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             reactors: self.reactors,
             buffer_pool: self.buffer_pool,
             bdevs,
+            rpc_socket: self.rpc_socket,
+            exports,
+            tracking,
         })
     }
 }

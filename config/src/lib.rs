@@ -46,7 +46,28 @@
 //!     write_error_rate: 0.0  # optional, in [0, 1]
 //!     latency_us: 0          # optional, added to every completion
 //!     volatile_cache: false  # optional: unflushed writes are lost on a power cut
+//!
+//!   - name: vol
+//!     type: cow            # copy-on-write backup module (online backups of its base)
+//!     base: disk
+//!     tracking:            # optional: changed-block tracking kept across clean restarts
+//!       bdev: uring:/var/tmp/vol.cbt@1M  # a bdev name, a spec string, or an inline mapping
+//!       offset: 0          # optional, default 0; a multiple of 4096
+//!
+//! rpc_socket: /var/tmp/hotcopy.sock  # optional: where `hotcopy serve` takes JSON-RPC
+//!
+//! exports:                 # optional: bdevs `hotcopy serve` exports over NBD
+//!   - bdev: vol            # required: an entry of `bdevs:`
+//!     name: vol            # optional: the export name clients ask for (default: the bdev's)
+//!     listen: 127.0.0.1:10809  # optional, this default; HOST:PORT, [IPv6]:PORT or unix:PATH
+//!     read_only: false     # optional, default false
 //! ```
+//!
+//! **Tracking stores.** A store takes 4 KiB plus one bit per chunk (64 KiB chunks) rounded up
+//! to 4 KiB. Its bdev must not be stacked under or over the cow bdev, nor be the base of any
+//! bdev, nor be exported writable; two stores on one bdev need different offsets. **Exports.**
+//! Each export's bdev must be defined; a writable export's bdev must not be the base of another
+//! bdev (it is claimed); names are unique per listen address.
 //!
 //! **Sizes** are an integer number of bytes or a string with a case-insensitive suffix, with
 //! an optional space: `4096`, `"4K"`, `512 MiB`, `1G`, `2TiB`. **All suffixes are binary**
@@ -106,6 +127,7 @@
 mod check;
 mod de;
 mod error;
+mod listen;
 mod locate;
 mod model;
 mod size;
@@ -114,10 +136,12 @@ mod spec;
 use std::path::Path;
 
 pub use error::{ConfigError, ErrorKind};
+pub use listen::{Listen, MAX_UNIX_PATH};
 pub use model::{
-    BaseRef, BdevConfig, BufferPoolConfig, Config, CoreList, HugepagesMode, IdleMode, NamedBdev,
-    ReactorsConfig, BDEV_TYPES, BUFFER_ALIGN, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_CPUS,
-    MIN_BLOCK_SIZE,
+    BaseRef, BdevConfig, BufferPoolConfig, Config, CoreList, ExportConfig, HugepagesMode, IdleMode,
+    NamedBdev, ReactorsConfig, TrackingConfig, BDEV_TYPES, BUFFER_ALIGN, DEFAULT_BLOCK_SIZE,
+    DEFAULT_NBD_LISTEN, DEFAULT_RPC_SOCKET, MAX_BLOCK_SIZE, MAX_CPUS, MAX_EXPORT_NAME,
+    MIN_BLOCK_SIZE, TRACKING_ALIGN,
 };
 pub use size::{ByteSize, ParseSizeError};
 pub use spec::{parse_spec, SpecError, MAX_SPEC_DEPTH, SPEC_FORMS};

@@ -1,10 +1,12 @@
 //! The config types. Their `Deserialize` impls live in `de.rs`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 
+use crate::listen::Listen;
 use crate::size::ByteSize;
 
 /// Default block size of `null` and `malloc` bdevs.
@@ -17,13 +19,26 @@ pub const MAX_BLOCK_SIZE: u32 = 65536;
 pub const BUFFER_ALIGN: u64 = 4096;
 /// Reactor counts and CPU ids must be below this (the size of a Linux `cpu_set_t`).
 pub const MAX_CPUS: usize = 1024;
+/// Where `hotcopy serve` listens for JSON-RPC when neither the config nor `--rpc-socket` says.
+/// `/var/tmp` rather than `/run`: the daemon runs unprivileged in tests and on developer
+/// machines, and `/var/tmp` survives reboots no worse than the socket's own stale-file check.
+pub const DEFAULT_RPC_SOCKET: &str = "/var/tmp/hotcopy.sock";
+/// Where an export listens when it names no `listen:`: loopback on NBD's IANA port.
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+/// Longest NBD export name (the protocol's limit on a name in `NBD_OPT_GO`).
+pub const MAX_EXPORT_NAME: usize = 4096;
+/// A change-tracking store's offset must be a multiple of this (its header is one 4 KiB block).
+pub const TRACKING_ALIGN: u64 = 4096;
 
 /// A whole hotcopy config file. See the [crate docs](crate) for the YAML schema.
 ///
 /// Its `Deserialize` impl checks everything [`load`](crate::load) checks, but its errors
 /// carry no line numbers for semantic problems; use [`load`](crate::load) or
 /// [`parse_str`](crate::parse_str) to read config files.
-#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+///
+/// It serializes back to the YAML it was read from (a cow bdev's `tracking:` inside its own
+/// entry of `bdevs:`; `rpc_socket:` and `exports:` only when set).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     /// Reactor threads (one per CPU).
     pub reactors: ReactorsConfig,
@@ -31,6 +46,41 @@ pub struct Config {
     pub buffer_pool: BufferPoolConfig,
     /// The block devices, in file order.
     pub bdevs: Vec<NamedBdev>,
+    /// `rpc_socket:` the Unix socket `hotcopy serve` takes JSON-RPC on (`None`: the
+    /// `--rpc-socket` flag, else [`DEFAULT_RPC_SOCKET`]).
+    pub rpc_socket: Option<PathBuf>,
+    /// `exports:` the bdevs `hotcopy serve` exports over NBD.
+    pub exports: Vec<ExportConfig>,
+    /// Change tracking of cow bdevs, by the cow bdev's name. Written as `tracking:` in the cow
+    /// bdev's entry of `bdevs:`.
+    pub tracking: BTreeMap<String, TrackingConfig>,
+}
+
+/// One entry of `exports:`: a bdev served over NBD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExportConfig {
+    /// The export name clients ask for (`NBD_OPT_GO`). Default: the bdev's name.
+    pub name: String,
+    /// The bdev exported (an entry of `bdevs:`).
+    pub bdev: String,
+    /// `HOST:PORT` or `unix:PATH`. Default: [`DEFAULT_NBD_LISTEN`].
+    pub listen: Listen,
+    /// Refuse writes, trims and write-zeroes. Default: false.
+    #[serde(skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// `tracking:` of a cow bdev: where its changed-block tracking is kept across restarts, so
+/// that the first incremental after a clean restart copies only the chunks written since the
+/// last backup. A crash or a power cut makes the store untrusted (the next backup is full).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrackingConfig {
+    /// The bdev holding the store: the name of another entry of `bdevs:` (not one stacked
+    /// under or over the cow bdev, and not the base of any bdev), or an anonymous bdev written
+    /// as a spec string (`uring:/var/tmp/vol.cbt@1M`) or an inline mapping.
+    pub bdev: BaseRef,
+    /// Byte offset of the store on that bdev: a multiple of 4096. Default: 0.
+    pub offset: ByteSize,
 }
 
 /// The `reactors:` section.
@@ -251,6 +301,42 @@ impl BdevConfig {
     }
 }
 
+/// A `bdevs:` entry as written: the bdev and, for a cow bdev, its `tracking:`.
+#[derive(Serialize)]
+struct BdevEntry<'a> {
+    name: &'a str,
+    #[serde(flatten)]
+    bdev: &'a BdevConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracking: Option<&'a TrackingConfig>,
+}
+
+impl Serialize for Config {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let extra = usize::from(self.rpc_socket.is_some()) + usize::from(!self.exports.is_empty());
+        let mut map = serializer.serialize_map(Some(3 + extra))?;
+        map.serialize_entry("reactors", &self.reactors)?;
+        map.serialize_entry("buffer_pool", &self.buffer_pool)?;
+        let bdevs: Vec<BdevEntry<'_>> = self
+            .bdevs
+            .iter()
+            .map(|b| BdevEntry {
+                name: &b.name,
+                bdev: &b.bdev,
+                tracking: self.tracking.get(&b.name),
+            })
+            .collect();
+        map.serialize_entry("bdevs", &bdevs)?;
+        if let Some(sock) = &self.rpc_socket {
+            map.serialize_entry("rpc_socket", sock)?;
+        }
+        if !self.exports.is_empty() {
+            map.serialize_entry("exports", &self.exports)?;
+        }
+        map.end()
+    }
+}
+
 impl Config {
     /// Serialize to YAML; [`parse_str`](crate::parse_str) on the result gives back an equal
     /// config.
@@ -292,6 +378,62 @@ impl Config {
             for i in chain.into_iter().rev() {
                 state[i] = 2;
                 out.push(&self.bdevs[i]);
+            }
+        }
+        out
+    }
+
+    /// Every bdev in an order that creates each one after its base and after the bdev that
+    /// holds its change-tracking store (a cow bdev opens its tracking before it takes writes).
+    /// Otherwise like [`Config::build_order`]: file order, inline bases not listed, never
+    /// loops (on a cycle, the bdevs on it come in file order).
+    pub fn creation_order(&self) -> Vec<&NamedBdev> {
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, b) in self.bdevs.iter().enumerate() {
+            index.entry(b.name.as_str()).or_insert(i);
+        }
+        let deps = |i: usize| -> Vec<usize> {
+            let b = &self.bdevs[i];
+            let mut d = Vec::new();
+            if let Some(j) = b.bdev.base_name().and_then(|n| index.get(n)) {
+                d.push(*j);
+            }
+            if let Some(t) = self.tracking.get(&b.name) {
+                let store = match &t.bdev {
+                    BaseRef::Name(n) => Some(n.as_str()),
+                    BaseRef::Inline(inner) => inner.base_name(),
+                };
+                if let Some(j) = store.and_then(|n| index.get(n)) {
+                    d.push(*j);
+                }
+            }
+            d
+        };
+        // 0 = not seen, 1 = being visited, 2 = emitted.
+        let mut state = vec![0u8; self.bdevs.len()];
+        let mut out = Vec::with_capacity(self.bdevs.len());
+        for start in 0..self.bdevs.len() {
+            // Iterative depth-first search: (bdev, its dependencies not yet visited).
+            let mut stack: Vec<(usize, Vec<usize>)> = Vec::new();
+            if state[start] == 0 {
+                state[start] = 1;
+                stack.push((start, deps(start)));
+            }
+            while let Some((i, pending)) = stack.last_mut() {
+                match pending.pop() {
+                    Some(j) if state[j] == 0 => {
+                        state[j] = 1;
+                        let d = deps(j);
+                        stack.push((j, d));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let i = *i;
+                        state[i] = 2;
+                        out.push(&self.bdevs[i]);
+                        stack.pop();
+                    }
+                }
             }
         }
         out

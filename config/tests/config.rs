@@ -248,6 +248,22 @@ fn full_config() -> Config {
                 },
             },
         ],
+        rpc_socket: Some("/var/tmp/with space.sock".into()),
+        exports: vec![
+            ExportConfig {
+                name: "disk one".into(),
+                bdev: "123".into(),
+                listen: "unix:/var/tmp/nbd.sock".parse().unwrap(),
+                read_only: false,
+            },
+            ExportConfig {
+                name: "u".into(),
+                bdev: "u".into(),
+                listen: "[::1]:10809".parse().unwrap(),
+                read_only: true,
+            },
+        ],
+        tracking: Default::default(),
     }
 }
 
@@ -497,6 +513,7 @@ fn config() -> impl Strategy<Value = Config> {
                     count,
                 },
                 bdevs,
+                ..Config::default()
             }
         })
 }
@@ -574,4 +591,81 @@ proptest! {
     fn mutated_files_never_panic(text in mutated()) {
         check_outcome(&text);
     }
+}
+
+#[test]
+fn serve_sections_parse_with_defaults_and_round_trip() {
+    let c = parse(
+        "\
+bdevs:
+  - {name: disk, type: uring, path: /var/tmp/d.img, size: 64M}
+  - name: vol
+    type: cow
+    base: disk
+    tracking:
+      bdev: uring:/var/tmp/vol.cbt@1M
+  - name: vol2
+    type: cow
+    base: {type: malloc, size: 8M}
+    tracking:
+      bdev: stores
+      offset: 8K
+  - {name: stores, type: malloc, size: 1M}
+rpc_socket: /var/tmp/h.sock
+exports:
+  - bdev: vol
+  - {bdev: vol2, name: second, listen: unix:/var/tmp/n.sock, read_only: true}
+",
+    );
+    assert_eq!(c.rpc_socket.as_deref(), Some(Path::new("/var/tmp/h.sock")));
+    assert_eq!(
+        c.exports[0],
+        ExportConfig {
+            name: "vol".into(),
+            bdev: "vol".into(),
+            listen: DEFAULT_NBD_LISTEN.parse().unwrap(),
+            read_only: false,
+        }
+    );
+    assert_eq!(c.exports[1].listen, Listen::Unix("/var/tmp/n.sock".into()));
+    assert!(c.exports[1].read_only);
+    let t = &c.tracking["vol"];
+    assert_eq!(t.offset, ByteSize(0));
+    assert_eq!(
+        t.bdev,
+        BaseRef::Inline(Box::new(BdevConfig::Uring {
+            path: "/var/tmp/vol.cbt".into(),
+            size: Some(ByteSize::mib(1)),
+            block_size: None,
+            direct: true
+        }))
+    );
+    assert_eq!(c.tracking["vol2"].bdev, BaseRef::Name("stores".into()));
+    assert_eq!(c.tracking["vol2"].offset, ByteSize(8192));
+    let yaml = c.to_yaml();
+    assert_eq!(parse(&yaml), c, "{yaml}");
+    assert!(yaml.contains("  tracking:\n"), "{yaml}");
+    let json = serde_json::to_string(&c).unwrap();
+    assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
+    // The store is created before the cow bdev that keeps its tracking there.
+    let order: Vec<&str> = c.creation_order().iter().map(|b| b.name.as_str()).collect();
+    let at = |n: &str| order.iter().position(|x| *x == n).unwrap();
+    assert!(at("stores") < at("vol2"), "{order:?}");
+    assert!(at("disk") < at("vol"), "{order:?}");
+    assert_eq!(order.len(), 4);
+}
+
+#[test]
+fn creation_order_terminates_on_cycles_through_tracking() {
+    let mut c =
+        parse("bdevs:\n  - {name: a, type: cow, base: b}\n  - {name: b, type: malloc, size: 1M}\n");
+    c.tracking.insert(
+        "a".into(),
+        TrackingConfig {
+            bdev: BaseRef::Name("a".into()),
+            offset: ByteSize(0),
+        },
+    );
+    assert_eq!(c.creation_order().len(), 2);
+    assert!(c.validate().is_err());
 }

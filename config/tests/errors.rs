@@ -241,8 +241,8 @@ bdevs:
             1,
             "reactor",
             Schema,
-            "unknown field \"reactor\", expected one of: reactors, buffer_pool, bdevs \
-             (did you mean \"reactors\"?)",
+            "unknown field \"reactor\", expected one of: reactors, buffer_pool, bdevs, \
+             rpc_socket, exports (did you mean \"reactors\"?)",
         ),
         (
             "reactors:\n  idel: poll\n",
@@ -804,4 +804,194 @@ fn deep_nesting_is_an_error_not_a_crash() {
     }
     let text = format!("bdevs:\n  - name: deep\n    type: fault\n    base: {base}\n");
     assert!(err(&text).message.contains("recursion limit"));
+}
+
+// ----------------------------------------------------------------------------------------
+// The daemon's sections: tracking stores, the RPC socket, exports.
+
+const COW: &str = "\
+bdevs:
+  - name: disk
+    type: malloc
+    size: 8M
+  - name: vol
+    type: cow
+    base: disk
+";
+
+#[test]
+fn tracking_errors() {
+    let cases: Vec<(String, usize, usize, &str, ErrorKind, &str)> = vec![
+        (
+            format!("{COW}    tracking:\n      offset: 4K\n"),
+            9,
+            7,
+            "bdevs[1].tracking",
+            Schema,
+            "missing field \"bdev\": the bdev that keeps the change tracking, e.g. \
+             `bdev: uring:/var/tmp/vol.cbt@1M` or the name of a bdev in `bdevs:`",
+        ),
+        (
+            format!("{COW}    tracking:\n      bdev: nope\n"),
+            9,
+            13,
+            "bdevs[1].tracking.bdev",
+            Invalid,
+            "unknown bdev \"nope\" (defined: disk, vol)",
+        ),
+        (
+            format!("{COW}    tracking:\n      bdev: disk\n"),
+            9,
+            13,
+            "bdevs[1].tracking.bdev",
+            Invalid,
+            "bdev \"disk\" is under the cow bdev \"vol\": the tracking of its writes cannot be \
+             kept on the volume itself",
+        ),
+        (
+            format!("{COW}    tracking:\n      bdev: malloc:1M\n      offset: 100\n"),
+            10,
+            15,
+            "bdevs[1].tracking.offset",
+            Invalid,
+            "offset 100 is not a multiple of 4096 (the store's header is one 4 KiB block)",
+        ),
+        (
+            format!("{COW}    tracking:\n      bdev: malloc:12X\n"),
+            9,
+            13,
+            "bdevs[1].tracking.bdev",
+            Schema,
+            "invalid bdev spec \"malloc:12X\": invalid size \"12X\": expected a number with an \
+             optional K/M/G/T suffix (accepted forms: null:SIZE[:BLOCK], malloc:SIZE[:BLOCK], \
+             uring:PATH[@SIZE], passthru:SPEC, fault:SPEC, cow:SPEC)",
+        ),
+        (
+            format!("{COW}    tracking:\n      bdev: malloc:1M\n      ofset: 0\n"),
+            10,
+            7,
+            "bdevs[1].tracking.ofset",
+            Schema,
+            "unknown field \"ofset\", expected one of: bdev, offset (did you mean \"offset\"?)",
+        ),
+        (
+            "bdevs:\n  - name: m\n    type: malloc\n    size: 1M\n    tracking: {bdev: x}\n"
+                .to_string(),
+            5,
+            5,
+            "bdevs[0].tracking",
+            Schema,
+            "field \"tracking\" is not valid for a malloc bdev (valid fields: name, type, size, \
+             block_size)",
+        ),
+    ];
+    for (text, line, column, field, kind, message) in &cases {
+        assert_eq!(
+            at(text, *line, *column, field, *kind),
+            *message,
+            "for {text:?}"
+        );
+    }
+    // A store that is the base of another bdev, and two stores at one offset.
+    let text = "\
+bdevs:
+  - {name: a, type: cow, base: {type: malloc, size: 1M}, tracking: {bdev: s}}
+  - {name: b, type: cow, base: {type: malloc, size: 1M}, tracking: {bdev: s}}
+  - {name: s, type: malloc, size: 1M}
+";
+    let e = err(text);
+    assert_eq!(e.field, "bdevs[1].tracking.bdev", "{e}");
+    assert!(
+        e.message
+            .starts_with("another cow bdev keeps its tracking on \"s\" at offset 0"),
+        "{e}"
+    );
+    let text = "\
+bdevs:
+  - {name: a, type: cow, base: {type: malloc, size: 1M}, tracking: {bdev: s}}
+  - {name: p, type: passthru, base: s}
+  - {name: s, type: malloc, size: 1M}
+";
+    assert!(err(text).message.contains("is the base of \"p\""));
+}
+
+#[test]
+fn export_and_socket_errors() {
+    let base =
+        "bdevs:\n  - {name: d, type: malloc, size: 1M}\n  - {name: p, type: passthru, base: d}\n";
+    let cases: Vec<(String, usize, usize, &str, ErrorKind, &str)> = vec![
+        (
+            format!("{base}exports:\n  - bdev: x\n"),
+            5,
+            11,
+            "exports[0].bdev",
+            Invalid,
+            "unknown bdev \"x\" (defined: d, p)",
+        ),
+        (
+            format!("{base}exports:\n  - name: n\n"),
+            5,
+            5,
+            "exports[0]",
+            Schema,
+            "missing field \"bdev\": the bdev to export, e.g. `bdev: vol0`",
+        ),
+        (
+            format!("{base}exports:\n  - bdev: p\n    listen: 10809\n"),
+            6,
+            13,
+            "exports[0].listen",
+            Schema,
+            "invalid listen address \"10809\": expected HOST:PORT (e.g. 127.0.0.1:10809) or \
+             unix:PATH",
+        ),
+        (
+            format!("{base}exports:\n  - bdev: d\n"),
+            5,
+            11,
+            "exports[0].bdev",
+            Invalid,
+            "bdev \"d\" is the base of \"p\", which claims it: export \"p\" instead, or set \
+             `read_only: true`",
+        ),
+        (
+            format!("{base}exports:\n  - bdev: p\n  - {{bdev: d, name: p, read_only: true}}\n"),
+            6,
+            21,
+            "exports[1].name",
+            Invalid,
+            "duplicate export \"p\" on 127.0.0.1:10809 (first defined by exports[0] at line 5)",
+        ),
+        (
+            format!("{base}exports:\n  - bdev: p\n    port: 1\n"),
+            6,
+            5,
+            "exports[0].port",
+            Schema,
+            "unknown field \"port\", expected one of: name, bdev, listen, read_only",
+        ),
+        (
+            format!("{base}rpc_socket: \"\"\n"),
+            4,
+            13,
+            "rpc_socket",
+            Invalid,
+            "rpc_socket is empty",
+        ),
+    ];
+    for (text, line, column, field, kind, message) in &cases {
+        assert_eq!(
+            at(text, *line, *column, field, *kind),
+            *message,
+            "for {text:?}"
+        );
+    }
+    // Read-only exports of a claimed bdev are fine; so is one name on two addresses.
+    parse_str(
+        &format!(
+            "{base}exports:\n  - {{bdev: d, read_only: true}}\n  - {{bdev: p, name: d, listen: unix:/tmp/x}}\n"
+        ),
+        "ok.yaml",
+    )
+    .unwrap();
 }

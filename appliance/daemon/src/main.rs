@@ -7,10 +7,13 @@ mod cow_cmd;
 mod demo_cmd;
 mod repo_bench_cmd;
 mod repo_cmd;
+mod rpc_cmd;
+mod serve;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -33,11 +36,16 @@ enum Cmd {
     Demo(demo_cmd::DemoArgs),
     /// Measure a bdev like SPDK's bdevperf, or (`bench cow`) what an online backup costs writers.
     Bench(Box<BenchCmd>),
-    /// Backups into a repository (`backup run`: one-shot, of a bdev no daemon serves).
+    /// Backups into a repository (`backup run`: one-shot, of a bdev no daemon serves;
+    /// `backup start|status|cancel`: through a running daemon).
     #[command(subcommand)]
-    Backup(backup_cmd::BackupSub),
+    Backup(rpc_cmd::BackupCmd),
     /// The backup repository, offline: format, list, info, verify, prune, restore.
     Repo(repo_cmd::RepoArgs),
+    /// Run the appliance daemon: bdevs from the config, NBD exports, JSON-RPC control.
+    Serve(serve::ServeArgs),
+    /// Call a method of a running daemon (JSON-RPC over its Unix socket).
+    Rpc(rpc_cmd::RpcArgs),
 }
 
 #[derive(clap::Args)]
@@ -58,17 +66,25 @@ enum BenchSub {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let log_given = !matches!(matches.value_source("log"), Some(ValueSource::DefaultValue));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The daemon logs what it does (info) unless told otherwise.
+    let log = match (&cli.cmd, log_given) {
+        (Cmd::Serve(_), false) => "info",
+        _ => cli.log.as_str(),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
+            tracing_subscriber::EnvFilter::try_new(log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
     let result = match cli.cmd {
         Cmd::Demo(a) => demo_cmd::run(a),
-        Cmd::Backup(b) => backup_cmd::run(b),
+        Cmd::Backup(b) => rpc_cmd::run_backup(b),
         Cmd::Bench(b) => match *b {
             BenchCmd {
                 sub: Some(BenchSub::Cow(a)),
@@ -81,6 +97,8 @@ fn main() -> ExitCode {
             BenchCmd { sub: None, args } => bench_cmd::run(args),
         },
         Cmd::Repo(a) => repo_cmd::run(a),
+        Cmd::Serve(a) => serve::run(a),
+        Cmd::Rpc(a) => rpc_cmd::run_rpc(a),
     };
     match result {
         Ok(code) => code,

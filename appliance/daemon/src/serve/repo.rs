@@ -1,0 +1,644 @@
+//! The repository through the daemon: format, list, verify, prune, restore,
+//! instant restore and snapshots.
+//!
+//! `repo` parameters take a bdev name or a spec; a spec names the daemon's
+//! bdev on the same file when there is one, else a new bdev is made for it
+//! (`repoN`, kept and saved by `save_config`). Catalog reads, verify and
+//! prune run on the RPC connection's thread through a channel of its own,
+//! so a long verify never stalls a reactor; restores and hydration run on
+//! the home reactor with the library's pipelined engines.
+
+use std::time::Duration;
+
+use hotcopy_cow::repo::{GenState, Generation, Repo, RepoInfo};
+use hotcopy_cow::repo_bdev::{
+    create_snapshot, restore_to, start_instant_restore, InstantRestore, InstantStatus,
+    InstantTuning, OverlayConfig, SnapshotHandle,
+};
+use serde_json::{json, Value};
+
+use super::daemon::{with_io, Daemon, Origin};
+use super::error::{Result, ServeError};
+use super::params::Params;
+use crate::repo_cmd::rfc3339_us;
+
+/// A snapshot bdev of a generation.
+pub struct SnapRecord {
+    pub repo: String,
+    pub overlay: Option<String>,
+    pub handle: SnapshotHandle,
+}
+
+/// An instant restore bdev.
+pub struct InstantRecord {
+    pub repo: String,
+    pub target: String,
+    pub handle: InstantRestore,
+}
+
+fn state_str(s: GenState) -> &'static str {
+    match s {
+        GenState::Complete => "complete",
+        GenState::InProgress => "in_progress",
+    }
+}
+
+/// One generation, with the fields and names of `hotcopy repo list --json`.
+pub fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
+    let cp = (g.state == GenState::Complete).then_some(g.consistency_point_us);
+    json!({
+        "id": g.id,
+        "state": state_str(g.state),
+        "kind": g.kind.as_str(),
+        "parent": g.parent,
+        "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
+        "chunk_size": g.chunk_size,
+        "consistency_point": cp.map(rfc3339_us),
+        "consistency_point_us": cp,
+        "created": rfc3339_us(g.created_us),
+        "created_us": g.created_us,
+        "chunks": {
+            "total": g.chunks_total,
+            "stored": g.chunks_stored,
+            "zero": g.zero_chunks,
+            "absent": g.chunks_absent,
+        },
+        "bytes_stored": g.bytes_stored,
+        "crc_compared": g.crc_compared,
+        "damage": damage,
+    })
+}
+
+fn info_json(i: &RepoInfo) -> Value {
+    json!({
+        "uuid": i.uuid,
+        "size_bytes": i.size_bytes,
+        "used_bytes": i.used_bytes,
+        "free_bytes": i.free_bytes,
+        "generation_count": i.generations,
+        "complete": i.complete,
+        "in_progress": i.in_progress,
+        "sequence": i.sequence,
+    })
+}
+
+/// An instant restore's status, its state in lower case like a job's.
+pub fn instant_json(s: &InstantStatus) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or_else(|_| json!({}));
+    if let Some(state) = v["state"].as_str() {
+        v["state"] = json!(state.to_ascii_lowercase());
+    }
+    v
+}
+
+/// Opens repository bdev `repo` (read-only unless `writable`) and runs `f`.
+fn with_repo<T>(
+    d: &Daemon,
+    repo: &str,
+    writable: bool,
+    f: impl FnOnce(&mut dyn hotcopy_cow::repo::BlockIo, &mut Repo) -> Result<T>,
+) -> Result<T> {
+    let desc = d
+        .reg
+        .open(repo, writable)
+        .map_err(|e| ServeError::from(e).context("repo"))?;
+    with_io(desc, |io| {
+        let mut r =
+            Repo::open(io).map_err(|e| ServeError::from(e).context(&format!("repo {repo}")))?;
+        f(io, &mut r)
+    })
+}
+
+/// Marks `repo` written by `what` for the duration of `f` (one writer per
+/// repository), after checking that nothing reads generations from it.
+fn writing<T>(d: &Daemon, repo: &str, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    {
+        let mut st = d.state();
+        if let Some(w) = st.repo_writer.get(repo) {
+            return Err(ServeError::Busy(format!(
+                "repository {repo} is being written by {w}; one writer per repository at a time"
+            )));
+        }
+        let readers: Vec<String> = st
+            .snapshots
+            .iter()
+            .filter(|(_, s)| s.repo == repo)
+            .map(|(n, _)| format!("snapshot {n}"))
+            .chain(
+                st.instants
+                    .iter()
+                    .filter(|(_, r)| r.repo == repo)
+                    .map(|(n, _)| format!("instant restore {n}")),
+            )
+            .collect();
+        if !readers.is_empty() {
+            return Err(ServeError::Busy(format!(
+                "repository {repo} is read by {}: delete them first",
+                readers.join(", ")
+            )));
+        }
+        st.repo_writer.insert(repo.to_string(), what.to_string());
+    }
+    let r = f();
+    d.state().repo_writer.remove(repo);
+    r
+}
+
+/// `hotcopy_repo_format`.
+pub fn format(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["repo", "force"])?;
+    let repo = p.str("repo")?;
+    let force = p.bool_or("force", false)?;
+    p.done()?;
+    d.check_running()?;
+    let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    if let Some(why) = d.state().in_use(&name) {
+        return Err(ServeError::Busy(why));
+    }
+    let info = writing(d, &name, "a format", || {
+        let desc = d
+            .reg
+            .open(&name, true)
+            .map_err(|e| ServeError::from(e).context("repo"))?;
+        with_io(desc, |io| match Repo::format(io, force) {
+            Ok(r) => Ok(r.info()),
+            Err(hotcopy_cow::repo::RepoError::WouldOverwrite(why)) => Err(ServeError::Busy(
+                format!("repo {name}: refusing to format: {why}; pass force: true to overwrite it"),
+            )),
+            Err(e) => Err(ServeError::from(e).context(&format!("repo {name}"))),
+        })
+    })?;
+    tracing::info!(repo = %name, uuid = %info.uuid, "repository formatted");
+    let mut v = info_json(&info);
+    v["repo"] = json!(name);
+    Ok(v)
+}
+
+/// `hotcopy_repo_list`: the repository and its generations, as
+/// `hotcopy repo list --json` prints them (plus `repo` and `info`).
+pub fn list(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["repo"])?;
+    let repo = p.str("repo")?;
+    p.done()?;
+    let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    with_repo(d, &name, false, |_, r| {
+        Ok(json!({
+            "repo": name,
+            "uuid": r.uuid(),
+            "info": info_json(&r.info()),
+            "generations": r
+                .generations()
+                .iter()
+                .map(|g| gen_json(g, r.damage(g.id)))
+                .collect::<Vec<_>>(),
+        }))
+    })
+}
+
+/// `hotcopy_repo_verify`: re-reads every chunk (of one generation, or all)
+/// and checks every checksum. The result's `ok` says whether all is well;
+/// damage is a result, not an error.
+pub fn verify(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["repo", "generation"])?;
+    let repo = p.str("repo")?;
+    let only = p.opt_u64("generation")?;
+    p.done()?;
+    let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    let started = std::time::Instant::now();
+    let report = with_repo(d, &name, false, |io, r| {
+        if let Some(g) = only {
+            if r.generation(g).is_none() {
+                return Err(ServeError::NotFound(format!(
+                    "generation: no generation {g} in repository {name}"
+                )));
+            }
+        }
+        r.verify(io, only).map_err(ServeError::from)
+    })?;
+    Ok(json!({
+        "repo": name,
+        "ok": report.is_ok(),
+        "generations": report.generations.iter().map(|g| json!({
+            "id": g.id,
+            "state": state_str(g.state),
+            "ok": g.is_ok(),
+            "chunks_checked": g.chunks_checked,
+            "bad_chunks": g.bad_chunks,
+            "problems": g.problems,
+        })).collect::<Vec<_>>(),
+        "bad_chunks": report.bad_chunks.iter().map(|b| json!({
+            "generation": b.generation,
+            "chunk": b.chunk,
+            "offset": b.offset,
+            "expected_crc": b.expected,
+            "found_crc": b.found,
+            "error": b.error,
+        })).collect::<Vec<_>>(),
+        "problems": report.problems,
+        "warnings": report.warnings,
+        "messages": report.messages(),
+        "extents_read": report.extents_read,
+        "bytes_read": report.bytes_read,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// `hotcopy_repo_prune`: exactly one of `keep` (complete generations per
+/// source), `older_than` (a duration: `30d`, `12h`) or `remove` (an id).
+pub fn prune(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["repo", "keep", "older_than", "remove"])?;
+    let repo = p.str("repo")?;
+    let keep = p.opt_u64("keep")?;
+    let older = p.opt_str("older_than")?;
+    let remove = p.opt_u64("remove")?;
+    p.done()?;
+    d.check_running()?;
+    enum Rule {
+        Keep(usize),
+        Older(Duration),
+        Remove(u64),
+    }
+    let rule = match (keep, older, remove) {
+        (Some(n), None, None) => Rule::Keep(usize::try_from(n).unwrap_or(usize::MAX)),
+        (None, Some(s), None) => Rule::Older(
+            crate::repo_cmd::parse_duration(&s).map_err(|e| ServeError::param("older_than", e))?,
+        ),
+        (None, None, Some(id)) => Rule::Remove(id),
+        _ => {
+            return Err(ServeError::InvalidParams(
+                "keep, older_than, remove: give exactly one".into(),
+            ))
+        }
+    };
+    let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    let (report, info) = writing(d, &name, "a prune", || {
+        with_repo(d, &name, true, |io, r| {
+            let report = match rule {
+                Rule::Keep(n) => r.prune_keep(io, n),
+                Rule::Older(age) => r.prune_older_than(io, age),
+                Rule::Remove(id) => {
+                    if r.generation(id).is_none() {
+                        return Err(ServeError::NotFound(format!(
+                            "remove: no generation {id} in repository {name}"
+                        )));
+                    }
+                    r.remove(io, id)
+                }
+            }
+            .map_err(ServeError::from)?;
+            Ok((report, r.info()))
+        })
+    })?;
+    tracing::info!(repo = %name, removed = ?report.removed, "repository pruned");
+    Ok(json!({
+        "repo": name,
+        "removed": report.removed,
+        "kept_in_use": report.kept_in_use,
+        "freed_bytes": report.freed_bytes,
+        "remaining": info.generations,
+        "free_bytes": info.free_bytes,
+    }))
+}
+
+/// The generation a `generation` parameter names: an id, or `"latest"`
+/// (the newest complete one, of `source` if given); it must be complete.
+fn pick_generation(d: &Daemon, repo: &str, sel: &Value, source: Option<&str>) -> Result<u64> {
+    let want = match sel {
+        Value::String(s) if s == "latest" => None,
+        v => Some(super::params::as_u64("generation", v).map_err(|_| {
+            ServeError::param("generation", "expected a generation id or \"latest\"")
+        })?),
+    };
+    with_repo(d, repo, false, |_, r| {
+        let g = match want {
+            Some(id) => r.generation(id).ok_or_else(|| {
+                ServeError::NotFound(format!(
+                    "generation: no generation {id} in repository {repo}"
+                ))
+            })?,
+            None => r.latest(source).ok_or_else(|| {
+                ServeError::NotFound(match source {
+                    Some(s) => {
+                        format!("generation: repository {repo} has no complete generation of {s:?}")
+                    }
+                    None => format!("generation: repository {repo} has no complete generation"),
+                })
+            })?,
+        };
+        if let Some(s) = source {
+            if g.source.name != s {
+                return Err(ServeError::param(
+                    "source",
+                    format!(
+                        "generation {} is a backup of {:?}, not of {s:?}",
+                        g.id, g.source.name
+                    ),
+                ));
+            }
+        }
+        if g.state != GenState::Complete {
+            return Err(ServeError::param(
+                "generation",
+                format!(
+                    "generation {} is incomplete (its backup did not commit)",
+                    g.id
+                ),
+            ));
+        }
+        if let Some(why) = r.damage(g.id) {
+            return Err(ServeError::Repository(format!(
+                "generation {} is damaged: {why}",
+                g.id
+            )));
+        }
+        Ok(g.id)
+    })
+}
+
+/// `hotcopy_repo_restore`: copies a generation onto `to` (a bdev name, or a
+/// spec for a file; a bdev made for a spec goes when the restore ends).
+/// Returns when the restore is done, flushed and every checksum checked.
+pub fn restore(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["repo", "generation", "to", "source"])?;
+    let repo = p.str("repo")?;
+    let sel = p.opt_value("generation").unwrap_or_else(|| json!("latest"));
+    let to = p.str("to")?;
+    let source = p.opt_str("source")?;
+    p.done()?;
+    d.check_running()?;
+    let ns = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    let gen = pick_generation(d, &ns, &sel, source.as_deref())?;
+    // The destination: a bdev of the daemon, or a temporary one for a spec.
+    let (dest, temporary) = if to.contains(':') {
+        let cfg = hotcopy_config::parse_spec(&to).map_err(|e| ServeError::param("to", e))?;
+        if let Some(existing) = d.find_by_file(&cfg) {
+            (existing, false)
+        } else {
+            let name = (0u64..)
+                .map(|i| format!("restore{i}"))
+                .find(|n| d.reg.get(n).is_none())
+                .unwrap_or_else(|| "restore".into());
+            d.create_bdev(&name, &cfg, None, Origin::Internal)
+                .map_err(|e| e.context("to"))?;
+            (name, true)
+        }
+    } else {
+        d.reg
+            .lookup(&to)
+            .map_err(|e| ServeError::NotFound(format!("to: {e}")))?;
+        (to.clone(), false)
+    };
+    let result = (|| -> Result<hotcopy_cow::repo_bdev::RestoreReport> {
+        if dest == ns {
+            return Err(ServeError::param(
+                "to",
+                "the destination is the repository itself",
+            ));
+        }
+        if let Some(why) = d.state().in_use(&dest) {
+            return Err(ServeError::Busy(format!("to: {why}")));
+        }
+        let report = restore_to(&d.reg, &ns, gen, &dest, d.home(), 0, |_, _| {})?;
+        Ok(report)
+    })();
+    if temporary {
+        d.remove_internal(&dest);
+    }
+    let report = result?;
+    tracing::info!(repo = %ns, generation = gen, to = %to, mibps = report.mibps, "restore done");
+    let mut v = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    v["repo"] = json!(ns);
+    v["to"] = json!(to);
+    v["seconds"] = json!(report.elapsed.as_secs_f64());
+    Ok(v)
+}
+
+/// `hotcopy_instant_restore_start`: registers bdev `name`, serving the
+/// generation at once, while it is copied onto `target` (a bdev name, or a
+/// spec: a bdev made for it goes with `name`).
+pub fn instant_start(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["name", "repo", "generation", "target", "source"])?;
+    let name = p.str("name")?;
+    let repo = p.str("repo")?;
+    let sel = p.opt_value("generation").unwrap_or_else(|| json!("latest"));
+    let target = p.str("target")?;
+    let source = p.opt_str("source")?;
+    p.done()?;
+    d.check_running()?;
+    if d.reg.get(&name).is_some() {
+        return Err(ServeError::Exists(format!(
+            "a bdev named {name:?} already exists"
+        )));
+    }
+    let ns = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    let gen = pick_generation(d, &ns, &sel, source.as_deref())?;
+    let (tgt, owned) = if target.contains(':') {
+        let cfg =
+            hotcopy_config::parse_spec(&target).map_err(|e| ServeError::param("target", e))?;
+        let n = format!("{name}.target");
+        d.create_bdev(&n, &cfg, None, Origin::Internal)
+            .map_err(|e| e.context("target"))?;
+        (n, true)
+    } else {
+        (target.clone(), false)
+    };
+    let started = (|| -> Result<(hotcopy_bdev::Bdev, InstantRestore)> {
+        if tgt == ns {
+            return Err(ServeError::param(
+                "target",
+                "the target is the repository itself",
+            ));
+        }
+        if let Some(why) = d.state().in_use(&tgt) {
+            return Err(ServeError::Busy(format!("target: {why}")));
+        }
+        Ok(start_instant_restore(
+            &d.reg,
+            &name,
+            &ns,
+            gen,
+            &tgt,
+            d.home(),
+            InstantTuning::default(),
+        )?)
+    })();
+    let (_bdev, handle) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            if owned {
+                d.remove_internal(&tgt);
+            }
+            return Err(e);
+        }
+    };
+    if owned {
+        // The target goes with the instant restore bdev, not on its own.
+        let mut st = d.state();
+        if let Some(i) = st.defs.iter().position(|x| x.name == tgt) {
+            st.defs.remove(i);
+        }
+    }
+    d.record(
+        &name,
+        Origin::Rpc,
+        if owned { vec![tgt.clone()] } else { Vec::new() },
+    );
+    let status = instant_json(&handle.status());
+    d.state().instants.insert(
+        name.clone(),
+        InstantRecord {
+            repo: ns.clone(),
+            target: tgt.clone(),
+            handle,
+        },
+    );
+    tracing::info!(bdev = %name, repo = %ns, generation = gen, target = %tgt, "instant restore started");
+    let mut v = status;
+    v["name"] = json!(name);
+    v["repo"] = json!(ns);
+    Ok(v)
+}
+
+/// `hotcopy_instant_restore_status`: one (`name`) or all.
+pub fn instant_status(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["name"])?;
+    let name = p.opt_str("name")?;
+    p.done()?;
+    let st = d.state();
+    let one = |n: &String, r: &InstantRecord| {
+        let mut v = instant_json(&r.handle.status());
+        v["name"] = json!(n);
+        v["repo"] = json!(r.repo);
+        v["target"] = json!(r.target);
+        v
+    };
+    match name {
+        Some(n) => st
+            .instants
+            .get(&n)
+            .map(|r| one(&n, r))
+            .ok_or_else(|| ServeError::NotFound(format!("name: no instant restore {n:?}"))),
+        None => Ok(json!({
+            "restores": st.instants.iter().map(|(n, r)| one(n, r)).collect::<Vec<_>>()
+        })),
+    }
+}
+
+/// `hotcopy_instant_restore_cancel`: stops the hydrator; the bdev keeps
+/// serving (chunks not yet copied from the backup).
+pub fn instant_cancel(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["name"])?;
+    let name = p.str("name")?;
+    p.done()?;
+    let h = d
+        .state()
+        .instants
+        .get(&name)
+        .map(|r| r.handle.clone())
+        .ok_or_else(|| ServeError::NotFound(format!("name: no instant restore {name:?}")))?;
+    h.cancel();
+    h.wait(Duration::from_secs(30));
+    let mut v = instant_json(&h.status());
+    v["name"] = json!(name);
+    Ok(v)
+}
+
+/// `hotcopy_snapshot_create`: bdev `name` showing a generation, read-only,
+/// or writable through an overlay (`overlay`: a bdev; `overlay_offset`
+/// bytes into it; `overlay_slots` chunks, default as many as fit).
+pub fn snapshot_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(
+        params,
+        &[
+            "name",
+            "repo",
+            "generation",
+            "source",
+            "overlay",
+            "overlay_offset",
+            "overlay_slots",
+        ],
+    )?;
+    let name = p.str("name")?;
+    let repo = p.str("repo")?;
+    let sel = p.opt_value("generation").unwrap_or_else(|| json!("latest"));
+    let source = p.opt_str("source")?;
+    let overlay = p.opt_str("overlay")?;
+    let offset = p.opt_size("overlay_offset")?.unwrap_or(0);
+    let slots = p.opt_u64("overlay_slots")?;
+    p.done()?;
+    d.check_running()?;
+    if overlay.is_none() && (slots.is_some() || offset != 0) {
+        return Err(ServeError::param(
+            "overlay",
+            "overlay_offset and overlay_slots need an overlay bdev",
+        ));
+    }
+    if d.reg.get(&name).is_some() {
+        return Err(ServeError::Exists(format!(
+            "a bdev named {name:?} already exists"
+        )));
+    }
+    let ns = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    let gen = pick_generation(d, &ns, &sel, source.as_deref())?;
+    let ov = match &overlay {
+        None => None,
+        Some(o) => {
+            if o == &ns {
+                return Err(ServeError::param(
+                    "overlay",
+                    "the overlay is the repository itself",
+                ));
+            }
+            if let Some(why) = d.state().in_use(o) {
+                return Err(ServeError::Busy(format!("overlay: {why}")));
+            }
+            let desc = d
+                .reg
+                .open(o, true)
+                .map_err(|e| ServeError::from(e).context("overlay"))?;
+            let bs = desc.bdev().block_size() as u64;
+            if !offset.is_multiple_of(bs) {
+                return Err(ServeError::param(
+                    "overlay_offset",
+                    format!("{offset} is not a multiple of the overlay's block size {bs}"),
+                ));
+            }
+            let cs = with_repo(d, &ns, false, |_, r| {
+                Ok(r.generation(gen).map_or(0, |g| g.chunk_size as u64))
+            })?
+            .max(1);
+            let fit = desc.bdev().size_bytes().saturating_sub(offset) / cs;
+            let slots = match slots {
+                Some(s) => s,
+                None => fit,
+            };
+            Some(OverlayConfig {
+                desc,
+                offset_blocks: offset / bs,
+                slots: u32::try_from(slots)
+                    .map_err(|_| ServeError::param("overlay_slots", "too large"))?,
+            })
+        }
+    };
+    let (bdev, handle) = create_snapshot(&d.reg, &name, &ns, gen, ov)?;
+    d.record(&name, Origin::Rpc, Vec::new());
+    d.state().snapshots.insert(
+        name.clone(),
+        SnapRecord {
+            repo: ns.clone(),
+            overlay: overlay.clone(),
+            handle: handle.clone(),
+        },
+    );
+    tracing::info!(bdev = %name, repo = %ns, generation = gen, writable = handle.is_writable(), "snapshot created");
+    Ok(json!({
+        "name": name,
+        "repo": ns,
+        "generation": gen,
+        "writable": handle.is_writable(),
+        "size_bytes": bdev.size_bytes(),
+        "block_size": bdev.block_size(),
+        "chunk_size": handle.chunk_size(),
+    }))
+}

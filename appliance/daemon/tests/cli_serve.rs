@@ -1,0 +1,805 @@
+//! `hotcopy serve` as a real process, driven with `hotcopy rpc`, the
+//! friendly `hotcopy backup start|status|cancel`, and raw JSON-RPC on its
+//! socket: bdevs made by RPC, full and incremental online backups into a
+//! repository, a restore compared byte for byte, bad input of every kind
+//! answered with the right code while the daemon keeps serving, and the
+//! clean stop on SIGTERM that keeps the change tracking for the next start.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hotcopy");
+
+/// A scratch directory under `HOTCOPY_SCRATCH` or `/var/tmp` (not tmpfs,
+/// which refuses `O_DIRECT`).
+fn scratch(tag: &str) -> tempfile::TempDir {
+    let base = std::env::var_os("HOTCOPY_SCRATCH").unwrap_or_else(|| "/var/tmp".into());
+    tempfile::Builder::new()
+        .prefix(&format!("hotcopy-serve-{tag}-"))
+        .tempdir_in(base)
+        .unwrap()
+}
+
+/// Runs `hotcopy ARGS`; (exit code, stdout, stderr).
+fn hotcopy(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("HOTCOPY_LOG", "warn")
+        .env_remove("HOTCOPY_RPC_SOCKET")
+        .output()
+        .expect("run hotcopy");
+    let r = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        !r.2.contains("panicked"),
+        "hotcopy {args:?} panicked:\n{}",
+        r.2
+    );
+    r
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = hotcopy(args);
+    assert_eq!(code, 0, "hotcopy {args:?}\nstdout: {out}\nstderr: {err}");
+    out
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = ok(args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("hotcopy {args:?}: {e}: {out}"))
+}
+
+/// A file of `mib` MiB of pseudo-random data, with a zero MiB every 8.
+fn make_source(path: &Path, mib: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut data = vec![0u8; mib << 20];
+    for (i, w) in data.chunks_exact_mut(8).enumerate() {
+        if ((i * 8) >> 20) % 8 == 3 {
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// A running `hotcopy serve`; killed if a test fails before stopping it.
+struct Serve {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(args: &[&str], socket: &Path, log: &Path) -> Serve {
+        let err = std::fs::File::create(log).unwrap();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .env("HOTCOPY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start hotcopy serve");
+        let mut s = Serve {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(socket).is_err() {
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "hotcopy serve exited ({st}) before serving:\n{}",
+                    s.log_text()
+                );
+            }
+            assert!(Instant::now() < deadline, "no socket:\n{}", s.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn sock(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// SIGTERM; returns the exit code and the log.
+    fn stop(mut self) -> (i32, String) {
+        self.signal("-TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("hotcopy serve did not stop:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status.code().unwrap_or(-1), self.log_text())
+    }
+
+    /// SIGKILL: as a crash.
+    fn crash(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw JSON-RPC connection: lines out, lines in.
+struct Raw {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Raw {
+    fn new(sock: &Path) -> Raw {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Raw {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.w.write_all(line.as_bytes()).unwrap();
+        self.w.write_all(b"\n").unwrap();
+    }
+
+    fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    fn ask(&mut self, line: &str) -> Value {
+        self.send(line);
+        self.recv()
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.ask(
+            &json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string(),
+        )
+    }
+}
+
+#[track_caller]
+fn assert_error(v: &Value, code: i64, starts: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(msg.starts_with(starts), "{starts:?} in {v}");
+}
+
+fn config(dir: &Path) -> PathBuf {
+    let d = dir.display();
+    let text = format!(
+        "\
+reactors:
+  cores: 2
+  idle: sleep
+bdevs:
+  - name: disk
+    type: uring
+    path: {d}/vol.img
+  - name: vol
+    type: cow
+    base: disk
+    tracking:
+      bdev: uring:{d}/vol.cbt@1M
+rpc_socket: {d}/rpc.sock
+"
+    );
+    let path = dir.join("hotcopy.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn serve_backs_up_restores_and_keeps_change_tracking_across_a_clean_restart() {
+    let dir = scratch("main");
+    let d = dir.path();
+    let src = d.join("vol.img");
+    make_source(&src, 16, 11);
+    let repo_spec = format!("uring:{}@128M", d.join("repo.img").display());
+    ok(&["repo", "format", "--repo", &repo_spec]);
+    let cfg = config(d);
+    let sock = d.join("rpc.sock");
+    let serve = Serve::start(
+        &["--config", cfg.to_str().unwrap()],
+        &sock,
+        &d.join("serve1.log"),
+    );
+    let s = serve.sock().to_string();
+    let mode = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Bdevs by RPC: a malloc bdev, a uring file, a cow bdev on it.
+    assert_eq!(
+        ok(&[
+            "rpc",
+            "bdev_malloc_create",
+            "--param",
+            "name=ram0",
+            "--param",
+            "size=8M",
+            "--socket",
+            &s
+        ])
+        .trim(),
+        "ram0",
+        "a string result prints as plain text"
+    );
+    let f2 = d.join("vol2.img");
+    ok(&[
+        "rpc",
+        "bdev_uring_create",
+        "-p",
+        "name=disk2",
+        "-p",
+        &format!("filename={}", f2.display()),
+        "-p",
+        "size=4M",
+        "--socket",
+        &s,
+    ]);
+    ok(&[
+        "rpc",
+        "hotcopy_cow_create",
+        "-p",
+        "name=vol2",
+        "-p",
+        "base_bdev_name=disk2",
+        "--socket",
+        &s,
+    ]);
+    let bdevs = ok_json(&["rpc", "bdev_get_bdevs", "--socket", &s]);
+    let names: Vec<&str> = bdevs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    for n in ["disk", "vol", "vol.tracking", "ram0", "disk2", "vol2"] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    let vol = ok_json(&["rpc", "bdev_get_bdevs", "-p", "name=vol", "--socket", &s]);
+    assert_eq!(vol[0]["product_name"], "cow");
+    assert_eq!(vol[0]["tracking"]["opened"], "fresh");
+    assert_eq!(vol[0]["size_bytes"], 16 << 20);
+
+    // A full online backup, waited for; then its status.
+    let full = ok_json(&[
+        "backup",
+        "start",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol",
+        "--repo",
+        &repo_spec,
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!(full["state"], "complete", "{full}");
+    assert_eq!(full["kind"], "full");
+    let g1 = full["generation"].as_u64().unwrap();
+    let st = ok_json(&[
+        "backup",
+        "status",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol",
+        "--json",
+    ]);
+    assert_eq!(st["state"], "complete");
+    assert_eq!(st["generation"], g1);
+    let human = ok(&["backup", "status", "--rpc-socket", &s]);
+    assert!(human.contains("complete"), "{human}");
+
+    // The generation, listed; restored to a file; equal to the source.
+    let list = ok_json(&[
+        "rpc",
+        "hotcopy_repo_list",
+        "-p",
+        &format!("repo={repo_spec}"),
+        "--socket",
+        &s,
+    ]);
+    let gens = list["generations"].as_array().unwrap();
+    assert_eq!(gens.len(), 1);
+    assert_eq!(gens[0]["state"], "complete");
+    assert_eq!(gens[0]["source"]["name"], "vol");
+    assert_eq!(
+        gens[0]["chunks"]["zero"], 32,
+        "two zero MiB in 64 KiB chunks"
+    );
+    let out = d.join("out.img");
+    let r = ok_json(&[
+        "rpc",
+        "hotcopy_repo_restore",
+        "-p",
+        &format!("repo={repo_spec}"),
+        "-p",
+        "generation=latest",
+        "-p",
+        &format!("to=uring:{}@16M", out.display()),
+        "--socket",
+        &s,
+    ]);
+    assert_eq!(r["generation"], g1);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap(),
+        "restored bytes differ"
+    );
+    let v = ok_json(&[
+        "rpc",
+        "hotcopy_repo_verify",
+        "-p",
+        &format!("repo={repo_spec}"),
+        "--socket",
+        &s,
+    ]);
+    assert_eq!(v["ok"], true, "{v}");
+
+    // An incremental right away: tracking says nothing changed.
+    let inc = ok_json(&[
+        "backup",
+        "start",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol",
+        "--repo",
+        &repo_spec,
+        "--incremental",
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!(inc["state"], "complete", "{inc}");
+    assert_eq!(
+        (inc["kind"].as_str(), inc["method"].as_str()),
+        (Some("incremental"), Some("tracking"))
+    );
+    assert_eq!(inc["parent"], g1);
+    assert_eq!(inc["chunks_copied"], 0, "{inc}");
+
+    // A backup of the cow bdev made by RPC, into the same repository, and a
+    // cancel with nothing running.
+    let b2 = ok_json(&[
+        "backup",
+        "start",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol2",
+        "--repo",
+        "repo0",
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!(b2["state"], "complete", "{b2}");
+    let (code, _, err) = hotcopy(&["backup", "cancel", "--rpc-socket", &s, "--volume", "vol"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no backup of volume \"vol\" is running") && err.contains("-32001"),
+        "{err}"
+    );
+
+    // Stats: per-bdev figures and the jobs.
+    let stats = ok_json(&["rpc", "hotcopy_get_stats", "--socket", &s]);
+    assert_eq!(stats["jobs"].as_array().unwrap().len(), 3);
+    let cow = stats["bdevs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "vol")
+        .unwrap();
+    assert_eq!(cow["cow"]["tracking"]["base_generation"], inc["generation"]);
+
+    // The running state as a config; the next start uses it.
+    let saved = ok(&["rpc", "save_config", "-p", "format=yaml", "--socket", &s]);
+    assert!(
+        saved.contains("name: ram0") && saved.contains("name: repo0"),
+        "{saved}"
+    );
+    assert!(saved.contains("tracking:"), "{saved}");
+    let saved_path = d.join("saved.yaml");
+    std::fs::write(&saved_path, &saved).unwrap();
+
+    let (code, log) = serve.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("change tracking closed clean"), "{log}");
+    assert!(!sock.exists(), "the socket is removed at the stop");
+
+    // A second start on the same files, from the saved config: the tracking
+    // is intact, so the incremental reads only what changed (nothing).
+    let serve = Serve::start(
+        &["--config", saved_path.to_str().unwrap()],
+        &sock,
+        &d.join("serve2.log"),
+    );
+    let s = serve.sock().to_string();
+    let vol = ok_json(&["rpc", "bdev_get_bdevs", "-p", "name=vol", "--socket", &s]);
+    assert_eq!(vol[0]["tracking"]["opened"], "intact");
+    assert!(
+        serve.log_text().contains("change tracking intact"),
+        "{}",
+        serve.log_text()
+    );
+    let inc2 = ok_json(&[
+        "backup",
+        "start",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol",
+        "--repo",
+        "repo0",
+        "--incremental",
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!(inc2["state"], "complete", "{inc2}");
+    assert_eq!(inc2["method"], "tracking", "{inc2}");
+    assert_eq!(inc2["parent"], inc["generation"]);
+    let list = ok_json(&[
+        "rpc",
+        "hotcopy_repo_list",
+        "-p",
+        "repo=repo0",
+        "--socket",
+        &s,
+    ]);
+    let last = list["generations"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["kind"], "incremental");
+    assert_eq!(last["chunks"]["stored"], 0);
+
+    // A crash: the tracking is not trusted on the next start; an
+    // incremental falls back to comparing checksums, and says so.
+    serve.crash();
+    let serve = Serve::start(
+        &["--config", saved_path.to_str().unwrap()],
+        &sock,
+        &d.join("serve3.log"),
+    );
+    let s = serve.sock().to_string();
+    let inc3 = ok_json(&[
+        "backup",
+        "start",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol",
+        "--repo",
+        "repo0",
+        "--incremental",
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!(inc3["state"], "complete", "{inc3}");
+    assert_eq!(inc3["method"], "checksum", "{inc3}");
+    assert!(inc3["note"].as_str().unwrap().contains("lost"), "{inc3}");
+    let (code, log) = serve.stop();
+    assert_eq!(code, 0, "{log}");
+}
+
+#[test]
+fn bad_requests_get_json_rpc_errors_and_the_daemon_keeps_serving() {
+    let dir = scratch("bad");
+    let d = dir.path();
+    let sock = d.join("s.sock");
+    let serve = Serve::start(
+        &[
+            "--bdev",
+            "ram=malloc:4M",
+            "--bdev",
+            &format!("cvol=cow:uring:{}@4M", d.join("c.img").display()),
+            "--rpc-socket",
+            sock.to_str().unwrap(),
+        ],
+        &sock,
+        &d.join("serve.log"),
+    );
+    let mut c = Raw::new(&sock);
+    // Not JSON; the same connection goes on.
+    assert_error(&c.ask("{not json"), -32700, "parse error");
+    assert_eq!(c.ask("{not json")["id"], Value::Null);
+    let m = c.call("rpc_get_methods", Value::Null);
+    assert!(m["result"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("hotcopy_backup_start")));
+    // Not requests.
+    assert_error(&c.ask("[]"), -32600, "invalid request: an empty batch");
+    assert_error(&c.ask("42"), -32600, "invalid request");
+    assert_error(
+        &c.ask(r#"{"jsonrpc":"2.0","id":1}"#),
+        -32600,
+        "invalid request: method is missing",
+    );
+    assert_error(
+        &c.ask(r#"{"jsonrpc":"1.0","id":1,"method":"rpc_get_methods"}"#),
+        -32600,
+        "invalid request: jsonrpc must be \"2.0\"",
+    );
+    assert_error(
+        &c.ask(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#),
+        -32600,
+        "invalid request: id",
+    );
+    // Unknown method; the id comes back.
+    let v = c.ask(r#"{"jsonrpc":"2.0","id":"abc","method":"bdev_frobnicate"}"#);
+    assert_error(&v, -32601, "method not found: \"bdev_frobnicate\"");
+    assert_eq!(v["id"], "abc");
+    // Bad params name the parameter.
+    assert_error(
+        &c.call("bdev_malloc_create", json!({"name": "m", "size": "12X"})),
+        -32602,
+        "size: invalid size",
+    );
+    assert_error(
+        &c.call("bdev_malloc_create", json!({"size": "1M"})),
+        -32602,
+        "name: missing required parameter",
+    );
+    assert_error(
+        &c.call(
+            "bdev_malloc_create",
+            json!({"name": "m", "size": "1M", "colour": 1}),
+        ),
+        -32602,
+        "colour: unknown parameter",
+    );
+    assert_error(
+        &c.call("bdev_malloc_create", json!([1, 2])),
+        -32602,
+        "params must be an object",
+    );
+    assert_error(
+        &c.call("bdev_malloc_create", json!({"name": "m", "size": 1000})),
+        -32602,
+        "size: size 1000 is not a multiple",
+    );
+    assert_error(
+        &c.call(
+            "hotcopy_backup_start",
+            json!({"volume": "ram", "repo": "ram"}),
+        ),
+        -32602,
+        "volume: \"ram\" is a malloc bdev, not a cow bdev",
+    );
+    assert_error(
+        &c.call(
+            "hotcopy_backup_start",
+            json!({"volume": "cvol", "repo": "uring:/nonexistent-dir/r.img@64M"}),
+        ),
+        -32000,
+        "repo: creating repo0",
+    );
+    assert_error(
+        &c.call(
+            "hotcopy_backup_start",
+            json!({"volume": "cvol", "repo": "ram"}),
+        ),
+        -32004,
+        "repo ram: not a hotcopy repository",
+    );
+    // Domain errors.
+    assert_error(
+        &c.call("bdev_malloc_create", json!({"name": "ram", "size": "1M"})),
+        -32003,
+        "a bdev named \"ram\" already exists",
+    );
+    assert_error(
+        &c.call("hotcopy_backup_status", json!({"volume": "nope"})),
+        -32001,
+        "no backup job of volume \"nope\"",
+    );
+    assert_error(
+        &c.call("bdev_malloc_delete", json!({"name": "cvol"})),
+        -32602,
+        "name: \"cvol\" is a cow bdev, not malloc",
+    );
+    assert_error(
+        &c.call("hotcopy_bdev_delete", json!({"name": "cvol.base"})),
+        -32002,
+        "bdev \"cvol.base\" was created with \"cvol\"",
+    );
+    // A batch answers each request; a notification gets no answer.
+    let v = c.ask(r#"[{"jsonrpc":"2.0","id":1,"method":"rpc_get_methods"},{"jsonrpc":"2.0","id":2,"method":"nope"},{"jsonrpc":"2.0","method":"rpc_get_methods"}]"#);
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 2, "{v}");
+    assert!(arr[0]["result"].is_array());
+    assert_eq!(arr[1]["error"]["code"], -32601);
+    c.send(r#"{"jsonrpc":"2.0","method":"bdev_get_bdevs"}"#);
+    let v = c.call("bdev_get_bdevs", json!({"name": "ram"}));
+    assert_eq!(
+        v["result"][0]["name"], "ram",
+        "the notification got no line"
+    );
+    // A line over the limit is refused and skipped.
+    let huge = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"{}\"}}",
+        "x".repeat(2 << 20)
+    );
+    assert_error(&c.ask(&huge), -32600, "request line longer than");
+    assert!(c.call("rpc_get_methods", Value::Null)["result"].is_array());
+    // A client that goes away mid-request does not disturb the others.
+    {
+        let mut gone = UnixStream::connect(&sock).unwrap();
+        gone.write_all(br#"{"jsonrpc":"2.0","id":1,"meth"#).unwrap();
+    }
+    // The CLI shows the code and fails.
+    let (code, _, err) = hotcopy(&["rpc", "nope", "--socket", sock.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("method not found") && err.contains("-32601"),
+        "{err}"
+    );
+    let (code, _, err) = hotcopy(&[
+        "rpc",
+        "rpc_get_methods",
+        "--socket",
+        d.join("none.sock").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot reach the daemon"), "{err}");
+    // Still serving, on a new connection too.
+    let mut c2 = Raw::new(&sock);
+    assert_eq!(
+        c2.call("bdev_malloc_create", json!({"name": "m2", "size": "1M"}))["result"],
+        "m2"
+    );
+    assert_eq!(
+        c.call("bdev_malloc_delete", json!({"name": "m2"}))["result"],
+        true
+    );
+    // A second daemon on the same socket refuses to start.
+    let (code, _, err) = hotcopy(&["serve", "--rpc-socket", sock.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("another daemon is serving"), "{err}");
+    let (code, log) = serve.stop();
+    assert_eq!(code, 0, "{log}");
+}
+
+#[test]
+fn a_bad_config_or_flag_fails_at_start_with_a_clear_message() {
+    let dir = scratch("cfg");
+    let d = dir.path();
+    let bad = d.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "bdevs:\n  - name: v\n    type: malloc\n    size: 12X\n",
+    )
+    .unwrap();
+    let (code, _, err) = hotcopy(&["serve", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "{}:4:11: bdevs[0].size: invalid size \"12X\"",
+            bad.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(
+        &bad,
+        "bdevs:\n  - {name: v, type: malloc, size: 1M}\nexports:\n  - bdev: w\n",
+    )
+    .unwrap();
+    let (code, _, err) = hotcopy(&["serve", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(":4:11: exports[0].bdev: unknown bdev \"w\""),
+        "{err}"
+    );
+    let (code, _, err) = hotcopy(&["serve", "--nbd", "v@10809"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("expected HOST:PORT"), "{err}");
+    let (code, _, err) = hotcopy(&[
+        "serve",
+        "--bdev",
+        "v=malloc:1M",
+        "--nbd",
+        "w@127.0.0.1:10809",
+        "--rpc-socket",
+        d.join("x.sock").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("exports[0].bdev: unknown bdev \"w\""), "{err}");
+}
+
+#[test]
+fn the_appliance_example_runs_on_a_scratch_directory() {
+    let dir = scratch("example");
+    let d = dir.path();
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/examples/appliance.yaml");
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replace(
+            "/var/tmp/hotcopy-appliance",
+            &d.join("work").display().to_string(),
+        )
+        // Not the well-known port, which tests running at once would share.
+        .replace(
+            "listen: 127.0.0.1:10809",
+            &format!("listen: unix:{}/nbd.sock", d.display()),
+        );
+    let cfg = d.join("appliance.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let sock = d.join("work/rpc.sock");
+    let serve = Serve::start(
+        &["--config", cfg.to_str().unwrap()],
+        &sock,
+        &d.join("serve.log"),
+    );
+    let s = serve.sock().to_string();
+    let f = ok_json(&[
+        "rpc",
+        "hotcopy_repo_format",
+        "-p",
+        "repo=repo0",
+        "--socket",
+        &s,
+    ]);
+    assert_eq!(f["repo"], "repo0");
+    let b = ok_json(&[
+        "backup",
+        "start",
+        "--rpc-socket",
+        &s,
+        "--volume",
+        "vol0",
+        "--repo",
+        "repo0",
+        "--wait",
+        "--json",
+    ]);
+    assert_eq!(b["state"], "complete", "{b}");
+    let (code, log) = serve.stop();
+    assert_eq!(code, 0, "{log}");
+}
