@@ -339,4 +339,5 @@ mod tests {
 }
 
 pub mod dma;
+pub mod sock;
 pub mod uring;
