@@ -437,8 +437,9 @@ fn state_str(s: GenState) -> &'static str {
     }
 }
 
-/// One generation as `repo list --json` prints it.
-fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
+/// One generation as `repo list --json` prints it; the daemon's
+/// `hotcopy_repo_list` answers with the same fields and names.
+pub(crate) fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
     let cp = (g.state == GenState::Complete).then_some(g.consistency_point_us);
     json!({
         "id": g.id,
@@ -463,7 +464,38 @@ fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
     })
 }
 
-fn info_json(i: &RepoInfo) -> Value {
+/// A verify report as `repo verify --json` prints it; the daemon's
+/// `hotcopy_repo_verify` answers with the same and the repository's name.
+pub(crate) fn verify_json(report: &VerifyReport, seconds: f64) -> Value {
+    json!({
+        "ok": report.is_ok(),
+        "generations": report.generations.iter().map(|g| json!({
+            "id": g.id,
+            "state": state_str(g.state),
+            "ok": g.is_ok(),
+            "chunks_checked": g.chunks_checked,
+            "bad_chunks": g.bad_chunks,
+            "problems": g.problems,
+        })).collect::<Vec<_>>(),
+        "bad_chunks": report.bad_chunks.iter().map(|b| json!({
+            "generation": b.generation,
+            "chunk": b.chunk,
+            "offset": b.offset,
+            "expected_crc": b.expected,
+            "found_crc": b.found,
+            "error": b.error,
+        })).collect::<Vec<_>>(),
+        "problems": report.problems,
+        "warnings": report.warnings,
+        "messages": report.messages(),
+        "extents_read": report.extents_read,
+        "bytes_read": report.bytes_read,
+        "seconds": seconds,
+    })
+}
+
+/// The repository as `repo info --json` prints it, and the daemon too.
+pub(crate) fn info_json(i: &RepoInfo) -> Value {
     json!({
         "uuid": i.uuid,
         "size_bytes": i.size_bytes,
@@ -932,33 +964,8 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         VerifyOutcome::Report(r, g) => (r, g),
     };
     let ok = report.is_ok();
-    let messages = report.messages();
     if a.json {
-        let v = json!({
-            "ok": ok,
-            "generations": report.generations.iter().map(|g| json!({
-                "id": g.id,
-                "state": state_str(g.state),
-                "ok": g.is_ok(),
-                "chunks_checked": g.chunks_checked,
-                "bad_chunks": g.bad_chunks,
-                "problems": g.problems,
-            })).collect::<Vec<_>>(),
-            "bad_chunks": report.bad_chunks.iter().map(|b| json!({
-                "generation": b.generation,
-                "chunk": b.chunk,
-                "offset": b.offset,
-                "expected_crc": b.expected,
-                "found_crc": b.found,
-                "error": b.error,
-            })).collect::<Vec<_>>(),
-            "problems": report.problems,
-            "warnings": report.warnings,
-            "messages": messages,
-            "extents_read": report.extents_read,
-            "bytes_read": report.bytes_read,
-            "seconds": secs,
-        });
+        let v = verify_json(&report, secs);
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(if ok {
             ExitCode::SUCCESS
@@ -966,6 +973,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             ExitCode::from(1)
         });
     }
+    let messages = report.messages();
     if !report.generations.is_empty() {
         let source = |id: u64| {
             gens.iter()

@@ -2,63 +2,40 @@
 //! one: the committed generation stays intact and restorable, the
 //! interrupted one is listed incomplete, removable, and the next backup works.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{fails, hotcopy, ok, ok_json, restore_args, scratch, BIN};
 use serde_json::Value;
-
-fn hotcopy(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hotcopy"))
-        .args(args)
-        .env("HOTCOPY_LOG", "warn")
-        .output()
-        .expect("run hotcopy");
-    let r = (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        !r.2.contains("panicked"),
-        "hotcopy {args:?} panicked:\n{}",
-        r.2
-    );
-    r
-}
-
-fn ok(args: &[&str]) -> String {
-    let (code, out, err) = hotcopy(args);
-    assert_eq!(code, 0, "hotcopy {args:?}\nstdout: {out}\nstderr: {err}");
-    out
-}
-
-fn json(args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ok(&a);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("hotcopy {a:?}: {e}: {out}"))
-}
 
 /// A file of `mib` MiB of pseudo-random data (different per `seed`), with a
 /// zero MiB every 16.
-fn make_source(path: &Path, mib: usize, seed: u64) {
-    let mut x = seed | 1;
-    let mut data = vec![0u8; mib << 20];
-    for (i, w) in data.chunks_exact_mut(8).enumerate() {
-        if ((i * 8) >> 20) % 16 == 5 {
-            continue;
-        }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(path, data).unwrap();
+fn make_source(path: &std::path::Path, mib: usize, seed: u64) {
+    common::make_source(path, mib, seed, 16, 5);
+}
+
+/// `hotcopy backup run --source SOURCE --repo REPO EXTRA --json`, which must
+/// succeed; returns its report.
+fn backup(source: &str, repo: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["backup", "run", "--source", source, "--repo", repo];
+    args.extend_from_slice(extra);
+    ok_json(&args)
+}
+
+/// `hotcopy repo restore` of `generation` to `to`, which must succeed.
+fn restore(repo: &str, generation: &str, to: &str) -> String {
+    ok(&restore_args(repo, generation, to))
+}
+
+/// `hotcopy repo prune --remove ID`, which must succeed.
+fn remove(repo: &str, id: u64) -> String {
+    ok(&["repo", "prune", "--repo", repo, "--remove", &id.to_string()])
 }
 
 fn states(repo: &str) -> Vec<(u64, String)> {
-    let v = json(&["repo", "list", "--repo", repo]);
+    let v = ok_json(&["repo", "list", "--repo", repo]);
     v["generations"]
         .as_array()
         .expect("a generations list")
@@ -74,16 +51,13 @@ fn states(repo: &str) -> Vec<(u64, String)> {
 
 #[test]
 fn full_and_incremental_backups_restore_exactly_and_say_what_they_stored() {
-    let dir = tempfile::Builder::new()
-        .prefix("hotcopy-cli-backup-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = scratch("cli-backup");
     let src = dir.path().join("src.img");
     make_source(&src, 32, 7);
     let repo = format!("uring:{}@256M", dir.path().join("repo.img").display());
     let source = format!("uring:{}", src.display());
     ok(&["repo", "format", "--repo", &repo]);
-    let full = json(&["backup", "run", "--source", &source, "--repo", &repo]);
+    let full = backup(&source, &repo, &[]);
     assert_eq!(full["kind"], "full");
     assert_eq!(full["zero_chunks"], 32, "two zero MiB of 64 KiB chunks");
     // Change three chunks; the incremental compares checksums and stores them.
@@ -92,15 +66,7 @@ fn full_and_incremental_backups_restore_exactly_and_say_what_they_stored() {
         data[c << 16] ^= 0xFF;
     }
     std::fs::write(&src, &data).unwrap();
-    let inc = json(&[
-        "backup",
-        "run",
-        "--source",
-        &source,
-        "--repo",
-        &repo,
-        "--incremental",
-    ]);
+    let inc = backup(&source, &repo, &["--incremental"]);
     assert_eq!(inc["kind"], "incremental");
     assert_eq!(inc["parent"], full["generation"]);
     assert_eq!(inc["chunks_stored"], 3);
@@ -109,75 +75,43 @@ fn full_and_incremental_backups_restore_exactly_and_say_what_they_stored() {
         .unwrap()
         .contains("compared by checksum"));
     let out = dir.path().join("out.img");
-    ok(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "latest",
-        "--to",
-        &format!("uring:{}@32M", out.display()),
-    ]);
+    restore(&repo, "latest", &format!("uring:{}@32M", out.display()));
     assert!(std::fs::read(&out).unwrap() == data, "restore differs");
     // Scope: an exclude range is left out (absent), and bad ranges are refused.
-    let part = json(&[
-        "backup",
-        "run",
-        "--source",
-        &source,
-        "--repo",
-        &repo,
-        "--exclude",
-        "0+1M",
-    ]);
+    let part = backup(&source, &repo, &["--exclude", "0+1M"]);
     assert_eq!(part["chunks_absent"], 16);
-    let (code, _, err) = hotcopy(&[
-        "backup",
-        "run",
-        "--source",
-        &source,
-        "--repo",
-        &repo,
-        "--include",
-        "0+100",
-    ]);
-    assert_eq!(code, 2);
-    assert!(err.contains("block size"), "{err}");
-    let (code, _, err) = hotcopy(&[
-        "backup",
-        "run",
-        "--source",
-        &source,
-        "--repo",
-        &repo,
-        "--include",
-        "1G+1M",
-    ]);
-    assert_eq!(code, 2);
-    assert!(err.contains("past the end"), "{err}");
+    for (range, why) in [("0+100", "block size"), ("1G+1M", "past the end")] {
+        let err = fails(&[
+            "backup",
+            "run",
+            "--source",
+            &source,
+            "--repo",
+            &repo,
+            "--include",
+            range,
+        ]);
+        assert!(err.contains(why), "--include {range}: {err}");
+    }
 }
 
 #[test]
 fn kill_9_mid_backup_leaves_the_committed_generation_intact_and_the_next_backup_works() {
-    let dir = tempfile::Builder::new()
-        .prefix("hotcopy-cli-kill-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    let dir = scratch("cli-kill");
     let src = dir.path().join("src.img");
     make_source(&src, 64, 1);
     let first = std::fs::read(&src).unwrap();
     let repo = format!("uring:{}@1G", dir.path().join("repo.img").display());
     let source = format!("uring:{}", src.display());
     ok(&["repo", "format", "--repo", &repo]);
-    ok(&["backup", "run", "--source", &source, "--repo", &repo]);
+    backup(&source, &repo, &[]);
     make_source(&src, 64, 2);
     let second = std::fs::read(&src).unwrap();
 
     // Start a second backup and kill it as soon as its generation is recorded.
     let mut killed_mid_job = false;
     for attempt in 0..5 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hotcopy"))
+        let mut child = Command::new(BIN)
             .args(["backup", "run", "--source", &source, "--repo", &repo])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -204,14 +138,7 @@ fn kill_9_mid_backup_leaves_the_committed_generation_intact_and_the_next_backup_
         }
         // The backup won the race and committed; take that one away and retry.
         for (id, _) in s.iter().skip(1) {
-            ok(&[
-                "repo",
-                "prune",
-                "--repo",
-                &repo,
-                "--remove",
-                &id.to_string(),
-            ]);
+            remove(&repo, *id);
         }
         eprintln!("attempt {attempt}: the backup finished before the kill");
     }
@@ -229,54 +156,20 @@ fn kill_9_mid_backup_leaves_the_committed_generation_intact_and_the_next_backup_
     ok(&["repo", "verify", "--repo", &repo]);
     let out = dir.path().join("out.img");
     let dst = format!("uring:{}@64M", out.display());
-    ok(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "1",
-        "--to",
-        &dst,
-    ]);
+    restore(&repo, "1", &dst);
     assert!(
         std::fs::read(&out).unwrap() == first,
         "generation 1 changed"
     );
     // The interrupted one cannot be restored, can be removed, and the next
     // backup works.
-    let (code, _, err) = hotcopy(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        &stuck[0].to_string(),
-        "--to",
-        &dst,
-    ]);
+    let (code, _, err) = hotcopy(&restore_args(&repo, &stuck[0].to_string(), &dst));
     assert_ne!(code, 0);
     assert!(err.contains("incomplete"), "{err}");
-    ok(&[
-        "repo",
-        "prune",
-        "--repo",
-        &repo,
-        "--remove",
-        &stuck[0].to_string(),
-    ]);
-    let r = json(&["backup", "run", "--source", &source, "--repo", &repo]);
+    remove(&repo, stuck[0]);
+    let r = backup(&source, &repo, &[]);
     ok(&["repo", "verify", "--repo", &repo]);
-    ok(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        &r["generation"].to_string(),
-        "--to",
-        &dst,
-    ]);
+    restore(&repo, &r["generation"].to_string(), &dst);
     assert!(
         std::fs::read(&out).unwrap() == second,
         "the new generation differs"

@@ -1,26 +1,8 @@
 //! `hotcopy bench` as a user runs it: the real binary, its output and exit codes.
 
-use std::process::Command;
+mod common;
 
-fn hotcopy(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hotcopy"))
-        .args(args)
-        .env("HOTCOPY_LOG", "warn")
-        .output()
-        .expect("run hotcopy");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("hotcopy-cli-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
-}
+use common::{fails, hotcopy, scratch};
 
 #[test]
 fn bench_json_has_the_documented_keys() {
@@ -64,7 +46,7 @@ fn bench_json_has_the_documented_keys() {
 
 #[test]
 fn bench_verify_passes_on_every_storing_module() {
-    let dir = scratch();
+    let dir = scratch("cli");
     let img = dir.path().join("disk.img");
     let uring = format!("uring:{}@64M", img.display());
     let fault = "fault:malloc:32M".to_string();
@@ -96,7 +78,7 @@ fn bench_verify_passes_on_every_storing_module() {
 
 #[test]
 fn bench_verify_fails_loudly_when_the_device_fails_writes() {
-    let dir = scratch();
+    let dir = scratch("cli");
     let cfg = dir.path().join("flaky.yaml");
     std::fs::write(
         &cfg,
@@ -122,7 +104,7 @@ fn bench_verify_fails_loudly_when_the_device_fails_writes() {
 
 #[test]
 fn bench_reads_a_config_file_and_picks_the_named_bdev() {
-    let dir = scratch();
+    let dir = scratch("cli");
     let cfg = dir.path().join("c.yaml");
     std::fs::write(
         &cfg,
@@ -149,29 +131,26 @@ fn bench_reads_a_config_file_and_picks_the_named_bdev() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let dir = scratch();
+    let dir = scratch("cli");
     let cfg = dir.path().join("bad.yaml");
     std::fs::write(
         &cfg,
         "bdevs:\n  - name: m\n    type: malloc\n    size: 12X\n",
     )
     .unwrap();
-    let (code, _, err) = hotcopy(&["bench", "-c", cfg.to_str().unwrap()]);
-    assert_eq!(code, 2);
+    let err = fails(&["bench", "-c", cfg.to_str().unwrap()]);
     assert!(
         err.contains("bad.yaml:4") && err.contains("size"),
         "names file, line and field: {err}"
     );
 
-    let (code, _, err) = hotcopy(&["bench", "--bdev-spec", "floppy:1G"]);
-    assert_eq!(code, 2);
+    let err = fails(&["bench", "--bdev-spec", "floppy:1G"]);
     assert!(err.contains("floppy"), "{err}");
 
-    let (code, _, err) = hotcopy(&["bench", "--bdev-spec", "null:1G", "--verify", "-t", "0.1"]);
-    assert_eq!(code, 2);
+    let err = fails(&["bench", "--bdev-spec", "null:1G", "--verify", "-t", "0.1"]);
     assert!(err.contains("null bdev stores nothing"), "{err}");
 
-    let (code, _, err) = hotcopy(&[
+    let err = fails(&[
         "bench",
         "--bdev-spec",
         "malloc:1M",
@@ -180,17 +159,15 @@ fn bad_input_gets_a_clear_error() {
         "-t",
         "0.1",
     ]);
-    assert_eq!(code, 2);
     assert!(err.contains("multiple of the block size"), "{err}");
 
-    let (code, _, err) = hotcopy(&["bench", "-w", "sideways"]);
-    assert_eq!(code, 2);
+    let err = fails(&["bench", "-w", "sideways"]);
     assert!(err.contains("sideways"), "{err}");
 }
 
 #[test]
 fn bench_cow_reports_both_phases_and_verifies_the_backup() {
-    let dir = scratch();
+    let dir = scratch("cli");
     let (code, out, err) = hotcopy(&[
         "bench",
         "cow",
@@ -230,7 +207,7 @@ fn bench_cow_reports_both_phases_and_verifies_the_backup() {
 
 #[test]
 fn demo_backs_up_a_busy_volume_and_checks_it() {
-    let dir = scratch();
+    let dir = scratch("cli");
     let (code, out, err) = hotcopy(&[
         "demo",
         "--size",

@@ -4,56 +4,16 @@
 //! (`hotcopy_cow::repo`) and the CLI is exercised on it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use hotcopy_cow::repo::{ChunkLoc, GenSpec, MemIo, Repo, SourceIdent};
 use serde_json::Value;
 
-fn hotcopy(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hotcopy"))
-        .args(args)
-        .env("HOTCOPY_LOG", "warn")
-        .output()
-        .expect("run hotcopy");
-    let (code, out, err) = (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        !err.contains("panicked"),
-        "hotcopy {args:?} panicked:\n{err}"
-    );
-    (code, out, err)
-}
+mod common;
 
-/// `hotcopy ARGS` that must succeed; returns stdout.
-fn ok(args: &[&str]) -> String {
-    let (code, out, err) = hotcopy(args);
-    assert_eq!(code, 0, "hotcopy {args:?}\nstdout: {out}\nstderr: {err}");
-    out
-}
-
-/// `hotcopy ARGS --json` that must succeed; returns the parsed object.
-fn ok_json(args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ok(&a);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("hotcopy {a:?}: {e}: {out}"))
-}
-
-/// `hotcopy ARGS` that must fail with exit code 2; returns stderr.
-fn fails(args: &[&str]) -> String {
-    let (code, out, err) = hotcopy(args);
-    assert_eq!(code, 2, "hotcopy {args:?}\nstdout: {out}\nstderr: {err}");
-    err
-}
+use common::{fails, hotcopy, ok, ok_json, restore_args};
 
 fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("hotcopy-cli-repo-")
-        .tempdir_in(std::env::var_os("HOTCOPY_SCRATCH").unwrap_or_else(|| "/var/tmp".into()))
-        .unwrap()
+    common::scratch("cli-repo")
 }
 
 fn uring(path: &Path) -> String {
@@ -188,16 +148,7 @@ fn ids(repo: &str) -> Vec<u64> {
 
 /// Restores `generation` to a new file and returns the source's bytes.
 fn restore_to_file(repo: &str, generation: &str, dst: &Path) -> (Vec<u8>, String) {
-    let out = ok(&[
-        "repo",
-        "restore",
-        "--repo",
-        repo,
-        "--generation",
-        generation,
-        "--to",
-        &uring_sized(dst, "1M"),
-    ]);
+    let out = ok(&restore_args(repo, generation, &uring_sized(dst, "1M")));
     let mut bytes = std::fs::read(dst).unwrap();
     assert_eq!(bytes.len(), 1 << 20);
     bytes.truncate(SRC_SIZE);
@@ -293,16 +244,7 @@ fn foreign_data_is_refused_with_a_clear_message_and_left_alone() {
             && err.contains("--force"),
         "{err}"
     );
-    let err = fails(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "latest",
-        "--to",
-        "malloc:8M",
-    ]);
+    let err = fails(&restore_args(&repo, "latest", "malloc:8M"));
     assert!(err.contains("not a hotcopy repository"), "{err}");
     assert!(
         std::fs::read(&img).unwrap() == junk,
@@ -396,34 +338,14 @@ fn restore_of_a_missing_generation_is_a_clear_error() {
     ok(&["repo", "format", "--repo", &uring_sized(&img, "4M")]);
     let repo = uring(&img);
     let dst = uring_sized(&dir.path().join("dst.img"), "1M");
-    let restore = |generation: &str| {
-        fails(&[
-            "repo",
-            "restore",
-            "--repo",
-            &repo,
-            "--generation",
-            generation,
-            "--to",
-            &dst,
-        ])
-    };
+    let restore = |generation: &str| fails(&restore_args(&repo, generation, &dst));
     let err = restore("5");
     assert!(err.contains("no generation 5"), "{err}");
     let err = restore("latest");
     assert!(err.contains("no complete generation"), "{err}");
     let err = restore("newest");
     assert!(err.contains("newest") && err.contains("latest"), "{err}");
-    let err = fails(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "1",
-        "--to",
-        &repo,
-    ]);
+    let err = fails(&restore_args(&repo, "1", &repo));
     assert!(err.contains("own namespace"), "{err}");
 }
 
@@ -528,46 +450,19 @@ fn restore_writes_generations_back_byte_for_byte() {
     assert!(out.contains("restored generation 2"), "{out}");
 
     let dst = uring_sized(&dir.path().join("j.img"), "1M");
-    let v = ok_json(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "2",
-        "--to",
-        &dst,
-    ]);
+    let v = ok_json(&restore_args(&repo, "2", &dst));
     assert_eq!(v["generation"], 2);
     assert_eq!(v["bytes_written"], SRC_SIZE as u64);
     assert_eq!(v["zero_chunks"], ZERO_CHUNKS.len());
     assert!(v["mibps"].as_f64().unwrap() > 0.0);
 
-    let err = fails(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "3",
-        "--to",
-        &dst,
-    ]);
+    let err = fails(&restore_args(&repo, "3", &dst));
     assert!(
         err.contains("incomplete") && err.contains("--remove 3"),
         "{err}"
     );
     let small = dir.path().join("small.img");
-    let err = fails(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "1",
-        "--to",
-        &uring_sized(&small, "256K"),
-    ]);
+    let err = fails(&restore_args(&repo, "1", &uring_sized(&small, "256K")));
     assert!(
         err.contains("destination holds") && err.contains("needs"),
         "{err}"
@@ -576,18 +471,9 @@ fn restore_writes_generations_back_byte_for_byte() {
         std::fs::read(&small).unwrap().iter().all(|&x| x == 0),
         "nothing written to a destination that is too small"
     );
-    let err = fails(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "latest",
-        "--source",
-        "vol9",
-        "--to",
-        &dst,
-    ]);
+    let mut args = restore_args(&repo, "latest", &dst);
+    args.extend(["--source", "vol9"]);
+    let err = fails(&args);
     assert!(err.contains("vol9"), "{err}");
 }
 
@@ -624,16 +510,8 @@ fn verify_finds_a_corrupted_chunk_and_exits_one() {
     let out = ok(&["repo", "verify", "--repo", &repo, "--generation", "1"]);
     assert!(out.contains("verify: OK"), "{out}");
     // Restore refuses to write the damaged chunk back.
-    let err = fails(&[
-        "repo",
-        "restore",
-        "--repo",
-        &repo,
-        "--generation",
-        "2",
-        "--to",
-        &uring_sized(&dir.path().join("d.img"), "1M"),
-    ]);
+    let dst = uring_sized(&dir.path().join("d.img"), "1M");
+    let err = fails(&restore_args(&repo, "2", &dst));
     assert!(err.contains("chunk 17") && err.contains("crc32c"), "{err}");
 }
 

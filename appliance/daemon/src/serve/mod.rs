@@ -201,7 +201,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         ..Config::default()
     };
     let d = Arc::new(Daemon::new(rt.reactors().to_vec(), base));
-    let started = start(&d, &cfg, listener, &socket);
+    let started = start(&d, &rt, &cfg, listener, &socket);
     let (server, exports, reaper, reaper_stop) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -255,6 +255,7 @@ impl Drop for RemoveOnDrop {
 /// Steps 5 to 7 of the start (see the module docs).
 fn start(
     d: &Arc<Daemon>,
+    rt: &Runtime,
     cfg: &Config,
     listener: std::os::unix::net::UnixListener,
     socket: &Path,
@@ -263,7 +264,7 @@ fn start(
         d.create_bdev(&b.name, &b.bdev, cfg.tracking.get(&b.name), Origin::Config)
             .map_err(|e| anyhow!("bdev {}: {e}", b.name))?;
     }
-    let exports = exports::start_exports(d, &cfg.exports).map_err(|e| anyhow!("{e}"))?;
+    let exports = exports::start_exports(d, rt, &cfg.exports).map_err(|e| anyhow!("{e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let reaper = jobs::spawn_reaper(d.clone(), stop.clone()).context("starting the reaper")?;
     let server = match rpc::RpcServer::start(listener, socket, d.clone()) {

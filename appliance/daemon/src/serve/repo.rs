@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use hotcopy_cow::repo::{GenState, Generation, Repo, RepoInfo};
+use hotcopy_cow::repo::{GenState, Repo};
 use hotcopy_cow::repo_bdev::{
     create_snapshot, restore_to, start_instant_restore, InstantRestore, InstantStatus,
     InstantTuning, OverlayConfig, SnapshotHandle,
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::daemon::{with_io, Daemon, Origin};
 use super::error::{Result, ServeError};
 use super::params::Params;
-use crate::repo_cmd::rfc3339_us;
+use crate::repo_cmd::{gen_json, info_json, verify_json};
 
 /// A snapshot bdev of a generation.
 pub struct SnapRecord {
@@ -34,52 +34,6 @@ pub struct InstantRecord {
     pub repo: String,
     pub target: String,
     pub handle: InstantRestore,
-}
-
-fn state_str(s: GenState) -> &'static str {
-    match s {
-        GenState::Complete => "complete",
-        GenState::InProgress => "in_progress",
-    }
-}
-
-/// One generation, with the fields and names of `hotcopy repo list --json`.
-pub fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
-    let cp = (g.state == GenState::Complete).then_some(g.consistency_point_us);
-    json!({
-        "id": g.id,
-        "state": state_str(g.state),
-        "kind": g.kind.as_str(),
-        "parent": g.parent,
-        "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
-        "chunk_size": g.chunk_size,
-        "consistency_point": cp.map(rfc3339_us),
-        "consistency_point_us": cp,
-        "created": rfc3339_us(g.created_us),
-        "created_us": g.created_us,
-        "chunks": {
-            "total": g.chunks_total,
-            "stored": g.chunks_stored,
-            "zero": g.zero_chunks,
-            "absent": g.chunks_absent,
-        },
-        "bytes_stored": g.bytes_stored,
-        "crc_compared": g.crc_compared,
-        "damage": damage,
-    })
-}
-
-fn info_json(i: &RepoInfo) -> Value {
-    json!({
-        "uuid": i.uuid,
-        "size_bytes": i.size_bytes,
-        "used_bytes": i.used_bytes,
-        "free_bytes": i.free_bytes,
-        "generation_count": i.generations,
-        "complete": i.complete,
-        "in_progress": i.in_progress,
-        "sequence": i.sequence,
-    })
 }
 
 /// An instant restore's status, its state in lower case like a job's.
@@ -215,32 +169,9 @@ pub fn verify(d: &Daemon, params: Option<Value>) -> Result<Value> {
         }
         r.verify(io, only).map_err(ServeError::from)
     })?;
-    Ok(json!({
-        "repo": name,
-        "ok": report.is_ok(),
-        "generations": report.generations.iter().map(|g| json!({
-            "id": g.id,
-            "state": state_str(g.state),
-            "ok": g.is_ok(),
-            "chunks_checked": g.chunks_checked,
-            "bad_chunks": g.bad_chunks,
-            "problems": g.problems,
-        })).collect::<Vec<_>>(),
-        "bad_chunks": report.bad_chunks.iter().map(|b| json!({
-            "generation": b.generation,
-            "chunk": b.chunk,
-            "offset": b.offset,
-            "expected_crc": b.expected,
-            "found_crc": b.found,
-            "error": b.error,
-        })).collect::<Vec<_>>(),
-        "problems": report.problems,
-        "warnings": report.warnings,
-        "messages": report.messages(),
-        "extents_read": report.extents_read,
-        "bytes_read": report.bytes_read,
-        "seconds": started.elapsed().as_secs_f64(),
-    }))
+    let mut v = verify_json(&report, started.elapsed().as_secs_f64());
+    v["repo"] = json!(name);
+    Ok(v)
 }
 
 /// `hotcopy_repo_prune`: exactly one of `keep` (complete generations per
