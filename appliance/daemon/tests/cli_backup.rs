@@ -176,3 +176,124 @@ fn kill_9_mid_backup_leaves_the_committed_generation_intact_and_the_next_backup_
     );
     assert!(states(&repo).iter().all(|(_, st)| st == "complete"));
 }
+
+/// `repo mount` serves a generation over NBD: qemu-img reads exactly the
+/// backup; a writable mount takes writes that the repository never sees.
+#[test]
+fn repo_mount_serves_a_generation_over_nbd_read_only_and_writable() {
+    let dir = scratch("mount");
+    let d = dir.path();
+    let src = d.join("src.img");
+    make_source(&src, 16, 3);
+    let repo = format!("uring:{}@128M", d.join("repo.img").display());
+    let source = format!("uring:{}", src.display());
+    ok(&["repo", "format", "--repo", &repo]);
+    backup(&source, &repo, &[]);
+    let original = std::fs::read(&src).unwrap();
+    for writable in [false, true] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let nbd = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "repo",
+            "mount",
+            "--repo",
+            &repo,
+            "--generation",
+            "latest",
+            "--nbd",
+            &nbd,
+        ];
+        if writable {
+            args.push("--writable");
+        }
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "repo mount exited early"
+            );
+            assert!(Instant::now() < deadline, "repo mount never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = format!("nbd://127.0.0.1:{port}/backup");
+        let run = |cmd: &str, a: &[&str]| {
+            let o = Command::new(cmd).args(a).output().unwrap();
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr),
+            )
+        };
+        if writable {
+            let (okw, out) = run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    &uri,
+                    "-c",
+                    "write -P 0x77 0 1M",
+                    "-c",
+                    "read -P 0x77 0 1M",
+                ],
+            );
+            assert!(okw && !out.contains("failed"), "{out}");
+        } else {
+            let (okw, out) = run("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x77 0 4k"]);
+            assert!(
+                !okw || out.to_lowercase().contains("permission") || out.contains("failed"),
+                "a read-only mount took a write: {out}"
+            );
+        }
+        let via = d.join(format!("via-{writable}.img"));
+        let (okc, out) = run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &uri,
+                via.to_str().unwrap(),
+            ],
+        );
+        assert!(okc, "{out}");
+        let got = std::fs::read(&via).unwrap();
+        if writable {
+            assert!(
+                got[..1 << 20].iter().all(|&b| b == 0x77),
+                "the overlay lost a write"
+            );
+            assert!(
+                got[1 << 20..] == original[1 << 20..],
+                "the rest of the mount differs"
+            );
+        } else {
+            assert!(got == original, "the mount differs from the backup");
+        }
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(
+            child.wait().unwrap().success(),
+            "repo mount did not stop cleanly"
+        );
+    }
+    // Neither mount changed the repository.
+    ok(&["repo", "verify", "--repo", &repo]);
+    let out = d.join("out.img");
+    restore(&repo, "latest", &format!("uring:{}@16M", out.display()));
+    assert!(std::fs::read(&out).unwrap() == original);
+}

@@ -70,8 +70,12 @@ const MAX_HANDSHAKE_BACKLOG: usize = 64 * 1024;
 /// Token bit of I/O that belongs to a request as a whole (flush, trim,
 /// write-zeroes, the flush after a FUA write); the low bits are the request.
 const CTRL_TOKEN: u64 = 1 << 32;
-/// Token of the flush a connection issues before it closes.
-const FINAL_TOKEN: u64 = u64::MAX;
+/// Token of the flush a connection issues before it closes. Bit 63 stays
+/// clear in every token: the bdev layer leaves it to virtual bdevs (cow,
+/// snapshot, instant restore) for their own I/O, and a token with it set
+/// would be taken for theirs (the flush-on-close of a writable export hung
+/// when this was `u64::MAX`).
+const FINAL_TOKEN: u64 = 1 << 33;
 
 /// An accepted socket.
 #[derive(Debug)]
