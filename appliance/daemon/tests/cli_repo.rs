@@ -595,7 +595,9 @@ fn help_texts_have_examples() {
     ] {
         assert!(out.contains(sub), "{sub}: {out}");
     }
-    for sub in ["format", "list", "info", "verify", "prune", "restore", "mount"] {
+    for sub in [
+        "format", "list", "info", "verify", "prune", "restore", "mount",
+    ] {
         let out = ok(&["repo", sub, "--help"]);
         assert!(
             out.contains("Examples:") && out.contains("--repo"),
