@@ -71,7 +71,6 @@
 //! way ([`RestoreState::Cancelled`]). The bdev keeps its claim on the target
 //! until it is unregistered and the hydrator has stopped.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,12 +80,12 @@ use hotcopy_bdev::{
     BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevError, BdevInfo, BdevIo,
     BdevRegistry, Claim, IoError, IoStatus, IoType,
 };
-use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode, PollStatus, Poller, ReactorHandle};
+use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode, ReactorHandle};
 use serde::Serialize;
 
 use super::common::{
-    bounce_count, chunk_span, piece_of, token, translate, untoken, Fwd, Req, Slab, INITIAL_PIECES,
-    INITIAL_REQS, INTERNAL, KIND_FLUSH, KIND_FWD, KIND_PIECE, KIND_RUN,
+    bounce_pool, bump, failed, piece_chan, poll_until_finished, token, translate, untoken, Part,
+    PieceChan, Pieces, Slab, Span, Src, INTERNAL, KIND_FLUSH, KIND_PIECE, KIND_RUN,
 };
 use super::{common_block_size, load_index, RepoBdevError, EIO};
 use crate::repo::{ChunkLoc, GenIndex};
@@ -225,11 +224,6 @@ struct Counters {
     write_waits: AtomicU64,
     bounce_waits: AtomicU64,
     checksum_errors: AtomicU64,
-}
-
-#[inline]
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 struct IrShared {
@@ -462,11 +456,7 @@ impl BdevBackend for InstantBdev {
 
     fn create_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError> {
         let sh = &self.sh;
-        let bufs = BufferPool::new(sh.cs as usize, bounce_count(sh.cs), HugepageMode::Auto)
-            .map_err(|e| BdevError::Channel {
-                name: sh.name.clone(),
-                source: std::io::Error::other(format!("bounce buffers: {e}")),
-            })?;
+        let bufs = bounce_pool(&sh.name, sh.cs)?;
         let ns = sh.ns.channel()?;
         let tgt = sh.tgt.channel()?;
         let counters = Arc::new(Counters::default());
@@ -477,27 +467,13 @@ impl BdevBackend for InstantBdev {
         Ok(Box::new(IrChannel {
             sh: sh.clone(),
             st: ChanState {
-                ns_bs: ns.block_size() as u64,
+                core: Pieces::new(ns, bufs, counters),
                 tgt_bs: tgt.block_size() as u64,
-                ns,
                 tgt,
-                bufs,
-                reqs: Slab::new(INITIAL_REQS),
-                fwds: Slab::new(INITIAL_REQS),
-                pieces: Slab::new(INITIAL_PIECES),
-                waiting: VecDeque::with_capacity(INITIAL_PIECES),
-                starved: VecDeque::with_capacity(INITIAL_PIECES),
-                ready: VecDeque::with_capacity(INITIAL_REQS),
-                comp: Vec::with_capacity(INITIAL_REQS),
-                ctr: counters,
             },
         }))
     }
 }
-
-/// Device numbers.
-const DEV_NS: u8 = 0;
-const DEV_TGT: u8 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -511,65 +487,25 @@ enum Phase {
     Write { hyd: bool },
 }
 
-struct Piece {
-    req: u32,
-    chunk: u64,
-    off: u64,
-    len: u64,
-    dst: u64,
-    write: bool,
-    phase: Phase,
-    buf: Option<DmaBuf>,
-    waited: bool,
-}
-
-enum Src {
-    Dev(u8, u64),
-    Zeros,
-}
-
 struct IrChannel {
     sh: Arc<IrShared>,
     st: ChanState,
 }
 
 struct ChanState {
-    ns: BdevChannel,
+    /// The backup's channel and the pieces; its `waiting` pieces wait for
+    /// another owner's hydration of their chunk.
+    core: Pieces<Phase, Counters>,
     tgt: BdevChannel,
-    ns_bs: u64,
     tgt_bs: u64,
-    bufs: BufferPool,
-    reqs: Slab<Req>,
-    fwds: Slab<Fwd>,
-    pieces: Slab<Piece>,
-    /// Write pieces waiting for another owner's hydration of their chunk.
-    waiting: VecDeque<u32>,
-    /// Pieces waiting for a bounce buffer.
-    starved: VecDeque<u32>,
-    ready: VecDeque<BdevIo>,
-    comp: Vec<BdevIo>,
-    ctr: Arc<Counters>,
 }
 
 impl ChanState {
-    fn finish(&mut self, io: BdevIo, status: IoStatus) {
-        let c = &self.ctr;
-        bump(if io.io_type == IoType::Read {
-            &c.reads
-        } else {
-            &c.writes
-        });
-        if !status.is_success() {
-            bump(&c.failed);
-        }
-        self.ready.push_back(io.complete(status));
-    }
-
     /// Host I/O handed to the target untouched (its completion comes back
     /// with the host's token).
     #[inline]
     fn pass(&mut self, io: BdevIo) {
-        let c = &self.ctr;
+        let c = &self.core.ctr;
         match io.io_type {
             IoType::Read => {
                 bump(&c.reads);
@@ -583,12 +519,9 @@ impl ChanState {
 
     fn read(&mut self, sh: &IrShared, mut io: BdevIo) {
         let (bs, cs) = (sh.bs, sh.cs);
-        let start = io.offset_blocks * bs;
-        let len = io.num_blocks * bs;
-        if len == 0 {
-            return self.finish(io, IoStatus::Success);
-        }
-        let (c0, c1) = chunk_span(start, len, cs);
+        let Some(Span { start, len, c0, c1 }) = Span::of(&io, bs, cs) else {
+            return self.core.finish(io, IoStatus::Success);
+        };
         let (mut done, mut first, mut contiguous) = (true, None, true);
         for c in c0..=c1 {
             if sh.state_of(c) == HydState::Done {
@@ -611,200 +544,84 @@ impl ChanState {
         }
         match first {
             Some(f) if contiguous => {
-                bump(&self.ctr.from_backup);
+                bump(&self.core.ctr.from_backup);
                 let byte = f + (start - c0 * cs);
-                translate(&mut io, &mut self.fwds, bs, self.ns_bs, byte);
-                self.ns.submit(io);
+                translate(&mut io, &mut self.core.fwds, bs, self.core.ns_bs, byte);
+                self.core.ns.submit(io);
             }
-            _ => self.split(sh, io, start, len, (c0, c1), false),
+            _ => self.split(sh, cs, io, start, len, c0, c1, false),
         }
     }
 
     fn write(&mut self, sh: &IrShared, io: BdevIo) {
         let (bs, cs) = (sh.bs, sh.cs);
-        let start = io.offset_blocks * bs;
-        let len = io.num_blocks * bs;
-        if len == 0 {
-            return self.finish(io, IoStatus::Success);
-        }
-        let (c0, c1) = chunk_span(start, len, cs);
+        let Some(Span { start, len, c0, c1 }) = Span::of(&io, bs, cs) else {
+            return self.core.finish(io, IoStatus::Success);
+        };
         if (c0..=c1).all(|c| sh.state_of(c) == HydState::Done) {
             return self.pass(io);
         }
-        self.split(sh, io, start, len, (c0, c1), true);
+        self.split(sh, cs, io, start, len, c0, c1, true);
     }
 
-    fn split(
-        &mut self,
-        sh: &IrShared,
-        io: BdevIo,
-        start: u64,
-        len: u64,
-        (c0, c1): (u64, u64),
-        write: bool,
-    ) {
-        let r = self.reqs.insert(Req {
-            io,
-            left: (c1 - c0 + 1) as u32,
-            status: IoStatus::Success,
-        });
-        for c in c0..=c1 {
-            let (off, plen, dst) = piece_of(c, start, len, sh.cs);
-            let p = self.pieces.insert(Piece {
-                req: r,
-                chunk: c,
-                off,
-                len: plen,
-                dst,
-                write,
-                phase: Phase::Idle,
-                buf: None,
-                waited: false,
-            });
-            self.dispatch(sh, p);
-        }
-    }
-
-    fn buffer(&mut self, sh: &IrShared, p: u32) -> Option<DmaBuf> {
-        if let Some(b) = self.pieces.get_mut(p)?.buf.take() {
-            return Some(b);
-        }
-        match self.bufs.get(sh.cs as usize) {
-            Some(b) => Some(b),
-            None => {
-                bump(&self.ctr.bounce_waits);
-                self.starved.push_back(p);
-                None
-            }
-        }
-    }
-
-    fn fill_from_host(&self, p: u32, buf: &mut [u8], at: u64) {
-        let Some(piece) = self.pieces.get(p) else {
-            return;
-        };
-        if let Some(src) = self.reqs.get(piece.req).and_then(|r| r.io.buf.as_ref()) {
-            let (d, n, a) = (piece.dst as usize, piece.len as usize, at as usize);
-            buf[a..a + n].copy_from_slice(&src[d..d + n]);
-        }
-    }
-
-    fn dispatch(&mut self, sh: &IrShared, p: u32) {
-        match self.pieces.get(p) {
-            Some(piece) if piece.write => self.dispatch_write(sh, p),
-            Some(_) => self.dispatch_read(sh, p),
-            None => {}
-        }
-    }
-
-    fn dispatch_read(&mut self, sh: &IrShared, p: u32) {
-        let Some(&Piece {
-            chunk,
-            off,
-            len,
-            dst,
-            req,
-            ..
-        }) = self.pieces.get(p)
-        else {
-            return;
-        };
+    fn dispatch_read(&mut self, sh: &IrShared, p: u32, part: Part) {
+        let Part { chunk, off, .. } = part;
         let src = if sh.state_of(chunk) == HydState::Done {
-            Src::Dev(DEV_TGT, chunk * sh.cs + off)
+            Src::Dev(chunk * sh.cs + off)
         } else {
             sh.mark_hot(chunk);
             match sh.index.resolve(chunk).map(|e| e.loc) {
-                Some(ChunkLoc::Data(loc)) => Src::Dev(DEV_NS, loc + off),
+                Some(ChunkLoc::Data(loc)) => Src::Backup(loc + off),
                 Some(ChunkLoc::Zero) => Src::Zeros,
                 // Absent chunks start done; the target holds them.
-                _ => Src::Dev(DEV_TGT, chunk * sh.cs + off),
+                _ => Src::Dev(chunk * sh.cs + off),
             }
         };
-        let (dev, byte) = match src {
-            Src::Dev(dev, byte) => (dev, byte),
-            Src::Zeros => {
-                bump(&self.ctr.zero_filled);
-                let (d, n) = (dst as usize, len as usize);
-                if let Some(b) = self.reqs.get_mut(req).and_then(|r| r.io.buf.as_mut()) {
-                    b[d..d + n].fill(0);
-                }
-                return self.finish_piece(p, IoStatus::Success);
-            }
-        };
-        let Some(mut buf) = self.buffer(sh, p) else {
-            return;
-        };
-        buf.set_len(len as usize);
-        if let Some(piece) = self.pieces.get_mut(p) {
-            piece.phase = Phase::Read;
-        }
-        let t = token(KIND_PIECE, p);
-        if dev == DEV_NS {
-            bump(&self.ctr.from_backup);
-            let b = self.ns_bs;
-            self.ns.submit(BdevIo::read(byte / b, len / b, buf, t));
-        } else {
-            bump(&self.ctr.from_target);
-            let b = self.tgt_bs;
-            self.tgt.submit(BdevIo::read(byte / b, len / b, buf, t));
+        if let Some((byte, buf)) = self.core.start_read_from(sh.cs, p, part, src) {
+            bump(&self.core.ctr.from_target);
+            let (b, n) = (self.tgt_bs, buf.len() as u64);
+            self.tgt
+                .submit(BdevIo::read(byte / b, n / b, buf, token(KIND_PIECE, p)));
         }
     }
 
-    fn dispatch_write(&mut self, sh: &IrShared, p: u32) {
-        let Some(&Piece {
+    fn dispatch_write(&mut self, sh: &IrShared, p: u32, part: Part) {
+        let Part {
             chunk, off, len, ..
-        }) = self.pieces.get(p)
-        else {
-            return;
-        };
+        } = part;
         let cs = sh.cs;
         loop {
             let s = sh.state_of(chunk);
             if s == HydState::Hydrating {
-                let piece = self.pieces.get_mut(p).expect("live piece");
-                piece.buf = None;
-                piece.phase = Phase::Idle;
-                if !piece.waited {
-                    piece.waited = true;
-                    bump(&self.ctr.write_waits);
-                }
-                self.waiting.push_back(p);
-                return;
+                return self.core.park_write(p);
             }
-            let Some(mut buf) = self.buffer(sh, p) else {
+            let Some(mut buf) = self.core.buffer(cs, p) else {
                 return;
             };
             if s == HydState::Done {
                 buf.set_len(len as usize);
-                self.fill_from_host(p, &mut buf, 0);
+                self.core.fill_from_host(p, &mut buf, 0);
                 return self.submit_target_write(p, buf, chunk * cs + off, false);
             }
             // Pending or Hot: take the chunk (holding a buffer first, so
             // that an owner never waits for one).
             if !sh.take(chunk, s) {
-                self.pieces.get_mut(p).expect("live piece").buf = Some(buf);
+                self.core.pieces.get_mut(p).expect("live piece").buf = Some(buf);
                 continue;
             }
-            bump(&self.ctr.host_hydrations);
+            bump(&self.core.ctr.host_hydrations);
             let chunk_len = sh.index.chunk_len(chunk);
             if off == 0 && len == chunk_len {
                 buf.set_len(len as usize);
-                self.fill_from_host(p, &mut buf, 0);
+                self.core.fill_from_host(p, &mut buf, 0);
                 return self.submit_target_write(p, buf, chunk * cs, true);
             }
             match sh.index.resolve(chunk).map(|e| e.loc) {
-                Some(ChunkLoc::Data(loc)) => {
-                    bump(&self.ctr.from_backup);
-                    buf.set_len(cs as usize);
-                    let b = self.ns_bs;
-                    self.pieces.get_mut(p).expect("live piece").phase = Phase::HydRead;
-                    self.ns
-                        .submit(BdevIo::read(loc / b, cs / b, buf, token(KIND_PIECE, p)));
-                }
+                Some(ChunkLoc::Data(loc)) => self.core.read_chunk(p, loc, cs, buf, Phase::HydRead),
                 _ => {
                     buf.set_len(chunk_len as usize);
                     buf.fill(0);
-                    self.fill_from_host(p, &mut buf, off);
+                    self.core.fill_from_host(p, &mut buf, off);
                     self.submit_target_write(p, buf, chunk * cs, true);
                 }
             }
@@ -815,7 +632,7 @@ impl ChanState {
     fn submit_target_write(&mut self, p: u32, buf: DmaBuf, byte: u64, hyd: bool) {
         let b = self.tgt_bs;
         let n = buf.len() as u64 / b;
-        if let Some(piece) = self.pieces.get_mut(p) {
+        if let Some(piece) = self.core.pieces.get_mut(p) {
             piece.phase = Phase::Write { hyd };
         }
         self.tgt
@@ -823,46 +640,30 @@ impl ChanState {
     }
 
     fn piece_io_done(&mut self, sh: &IrShared, p: u32, mut io: BdevIo) {
-        let Some(piece) = self.pieces.get_mut(p) else {
+        let Some(piece) = self.core.pieces.get_mut(p) else {
             return;
         };
         let buf = io.take_buf();
         let phase = std::mem::replace(&mut piece.phase, Phase::Idle);
-        let (chunk, off, req, dst, len) = (piece.chunk, piece.off, piece.req, piece.dst, piece.len);
-        let failed = |s: IoStatus| match s {
-            IoStatus::Success => IoStatus::Failed(IoError::BadBuffer),
-            s => s,
-        };
+        let (chunk, off) = (piece.chunk, piece.off);
         match phase {
             Phase::Idle => {}
-            Phase::Read => {
-                if !io.status.is_success() {
-                    return self.finish_piece(p, io.status);
-                }
-                let (d, n) = (dst as usize, len as usize);
-                let dstbuf = self.reqs.get_mut(req).and_then(|r| r.io.buf.as_mut());
-                let status = match (buf, dstbuf) {
-                    (Some(src), Some(dstbuf)) => {
-                        dstbuf[d..d + n].copy_from_slice(&src[..n]);
-                        IoStatus::Success
-                    }
-                    _ => IoStatus::Failed(IoError::BadBuffer),
-                };
-                self.finish_piece(p, status);
-            }
+            Phase::Read => self.core.read_done(p, io.status, buf),
             Phase::HydRead => {
                 let Some(mut buf) = buf.filter(|_| io.status.is_success()) else {
                     sh.requeue(chunk);
-                    return self.finish_piece(p, failed(io.status));
+                    return self.core.finish_piece(p, failed(io.status));
                 };
                 let expected = sh.index.resolve(chunk).map(|e| e.crc).unwrap_or(0);
                 if crc32c::crc32c(&buf) != expected {
-                    bump(&self.ctr.checksum_errors);
+                    bump(&self.core.ctr.checksum_errors);
                     sh.requeue(chunk);
-                    return self.finish_piece(p, IoStatus::Failed(IoError::Device(EIO)));
+                    return self
+                        .core
+                        .finish_piece(p, IoStatus::Failed(IoError::Device(EIO)));
                 }
                 buf.set_len(sh.index.chunk_len(chunk) as usize);
-                self.fill_from_host(p, &mut buf, off);
+                self.core.fill_from_host(p, &mut buf, off);
                 self.submit_target_write(p, buf, chunk * sh.cs, true);
             }
             Phase::Write { hyd } => {
@@ -873,42 +674,13 @@ impl ChanState {
                         sh.requeue(chunk);
                     }
                 }
-                self.finish_piece(p, io.status);
+                self.core.finish_piece(p, io.status);
             }
-        }
-    }
-
-    fn finish_piece(&mut self, p: u32, status: IoStatus) {
-        let Some(piece) = self.pieces.remove(p) else {
-            return;
-        };
-        drop(piece.buf);
-        let r = piece.req;
-        let last = self
-            .reqs
-            .get_mut(r)
-            .is_some_and(|req| req.piece_done(status));
-        if last {
-            let req = self.reqs.remove(r).expect("live request");
-            self.finish(req.io, req.status);
-        }
-    }
-
-    fn internal_done(&mut self, sh: &IrShared, mut io: BdevIo) {
-        let (kind, idx) = untoken(io.token);
-        match kind {
-            KIND_FWD => {
-                if let Some(f) = self.fwds.remove(idx) {
-                    f.restore(&mut io);
-                    let status = io.status;
-                    self.finish(io, status);
-                }
-            }
-            KIND_PIECE => self.piece_io_done(sh, idx, io),
-            _ => {}
         }
     }
 }
+
+piece_chan!(ChanState, IrShared, Phase, Counters);
 
 impl BackendChannel for IrChannel {
     fn submit(&mut self, io: BdevIo) {
@@ -922,23 +694,18 @@ impl BackendChannel for IrChannel {
             IoType::Read => st.read(sh, io),
             IoType::Write => st.write(sh, io),
             IoType::Flush => st.tgt.submit(io),
-            _ => st
-                .ready
-                .push_back(io.complete(IoStatus::Failed(IoError::Unsupported))),
+            _ => st.core.unsupported(io),
         }
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let (sh, st) = (&*self.sh, &mut self.st);
-        if st.pieces.is_empty() && st.fwds.is_empty() && st.ready.is_empty() {
+        if st.core.pieces.is_empty() && st.core.fwds.is_empty() && st.core.ready.is_empty() {
             // No internal I/O exists: every completion is the host's.
             return st.tgt.poll(done);
         }
         let mut n = 0;
-        let mut comp = std::mem::take(&mut st.comp);
-        if st.ns.inflight() > 0 {
-            st.ns.poll(&mut |io| comp.push(io));
-        }
+        let mut comp = st.core.take_completions();
         if st.tgt.inflight() > 0 {
             st.tgt.poll(&mut |io| {
                 if io.token & INTERNAL != 0 {
@@ -949,30 +716,7 @@ impl BackendChannel for IrChannel {
                 }
             });
         }
-        for io in comp.drain(..) {
-            st.internal_done(sh, io);
-        }
-        st.comp = comp;
-        for _ in 0..st.waiting.len() {
-            let Some(p) = st.waiting.pop_front() else {
-                break;
-            };
-            st.dispatch(sh, p);
-        }
-        for _ in 0..st.starved.len() {
-            if st.bufs.available() == 0 {
-                break;
-            }
-            let Some(p) = st.starved.pop_front() else {
-                break;
-            };
-            st.dispatch(sh, p);
-        }
-        while let Some(io) = st.ready.pop_front() {
-            n += 1;
-            done(io);
-        }
-        n
+        n + st.end_poll(sh, comp, done)
     }
 }
 
@@ -1430,16 +1174,7 @@ pub fn start_instant_restore(
     let started = home
         .exec(move || -> Result<(), String> {
             let mut h = Hydrator::new(hsh, hclaim, &tuning)?;
-            let me: std::rc::Rc<std::cell::RefCell<Option<Poller>>> = Default::default();
-            let me2 = me.clone();
-            let p = Poller::builder().name("repo_hydrate").register(move || {
-                let (work, finished) = h.poll();
-                if finished {
-                    me2.borrow_mut().take();
-                }
-                PollStatus::from_count(work)
-            });
-            *me.borrow_mut() = Some(p);
+            poll_until_finished("repo_hydrate", move || h.poll());
             Ok(())
         })
         .map_err(|e| e.to_string())

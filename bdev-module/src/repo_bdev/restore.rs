@@ -32,10 +32,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hotcopy_bdev::{BdevChannel, BdevIo, BdevRegistry, IoStatus, IoType};
-use hotcopy_runtime::{BufferPool, HugepageMode, PollStatus, Poller, ReactorHandle};
+use hotcopy_runtime::{BufferPool, HugepageMode, ReactorHandle};
 use serde::Serialize;
 
-use super::common::{token, untoken, Slab, KIND_FLUSH, KIND_RUN};
+use super::common::{poll_until_finished, token, untoken, Slab, KIND_FLUSH, KIND_RUN};
 use super::{common_block_size, load_index, RepoBdevError};
 use crate::repo::{ChunkLoc, GenIndex};
 
@@ -524,16 +524,7 @@ pub fn restore_to(
                 namespace,
                 dest,
             };
-            let me: std::rc::Rc<std::cell::RefCell<Option<Poller>>> = Default::default();
-            let me2 = me.clone();
-            let p = Poller::builder().name("repo_restore").register(move || {
-                let (work, finished) = r.poll();
-                if finished {
-                    me2.borrow_mut().take();
-                }
-                PollStatus::from_count(work)
-            });
-            *me.borrow_mut() = Some(p);
+            poll_until_finished("repo_restore", move || r.poll());
             Ok(())
         })
         .map_err(|e| e.to_string())

@@ -50,7 +50,6 @@
 //! A copy that fails (a namespace read error) sets the chunk back to *not
 //! copied* and fails the write; the slot it took stays used.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -58,12 +57,12 @@ use hotcopy_bdev::{
     BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevError, BdevInfo, BdevIo,
     BdevRegistry, IoError, IoStatus, IoType,
 };
-use hotcopy_runtime::{BufferPool, DmaBuf, HugepageMode};
+use hotcopy_runtime::DmaBuf;
 use serde::Serialize;
 
 use super::common::{
-    bounce_count, chunk_span, piece_of, token, translate, untoken, Fwd, Req, Slab, INITIAL_PIECES,
-    INITIAL_REQS, INTERNAL, KIND_FWD, KIND_PIECE,
+    bounce_pool, bump, failed, piece_chan, token, translate, Part, PieceChan, Pieces, Span, Src,
+    INTERNAL, KIND_PIECE,
 };
 use super::{common_block_size, load_index, RepoBdevError, ENOSPC};
 use crate::repo::{ChunkLoc, GenIndex};
@@ -81,10 +80,6 @@ pub struct OverlayConfig {
 const NOT_COPIED: u32 = u32::MAX;
 /// Overlay map value: a write is copying the chunk into its slot.
 const COPYING: u32 = u32::MAX - 1;
-
-/// Device numbers in [`Fwd::dev`] and pieces.
-const DEV_NS: u8 = 0;
-const DEV_OVERLAY: u8 = 1;
 
 struct Overlay {
     desc: BdevDesc,
@@ -142,11 +137,6 @@ struct Counters {
     from_backup: AtomicU64,
     from_overlay: AtomicU64,
     zero_filled: AtomicU64,
-}
-
-#[inline]
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// What a snapshot has done, summed over its channels.
@@ -272,11 +262,7 @@ impl BdevBackend for RepoSnapshot {
 
     fn create_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError> {
         let sh = &self.shared;
-        let bufs = BufferPool::new(sh.cs as usize, bounce_count(sh.cs), HugepageMode::Auto)
-            .map_err(|e| BdevError::Channel {
-                name: sh.name.clone(),
-                source: std::io::Error::other(format!("bounce buffers: {e}")),
-            })?;
+        let bufs = bounce_pool(&sh.name, sh.cs)?;
         let ns = sh.ns.channel()?;
         let ov = match &sh.overlay {
             Some(o) => Some(o.desc.channel()?),
@@ -290,19 +276,9 @@ impl BdevBackend for RepoSnapshot {
         Ok(Box::new(SnapChannel {
             sh: sh.clone(),
             st: ChanState {
-                ns_bs: ns.block_size() as u64,
+                core: Pieces::new(ns, bufs, counters),
                 ov_bs: ov.as_ref().map_or(1, |c| c.block_size() as u64),
-                ns,
                 ov,
-                bufs,
-                reqs: Slab::new(INITIAL_REQS),
-                fwds: Slab::new(INITIAL_REQS),
-                pieces: Slab::new(INITIAL_PIECES),
-                waiting: VecDeque::with_capacity(INITIAL_PIECES),
-                starved: VecDeque::with_capacity(INITIAL_PIECES),
-                ready: VecDeque::with_capacity(INITIAL_REQS),
-                comp: Vec::with_capacity(INITIAL_REQS),
-                ctr: counters,
             },
         }))
     }
@@ -319,23 +295,6 @@ enum Phase {
     CopyRead,
     /// Writing to the overlay; with `publish`, the whole chunk into `slot`.
     Write { publish: bool },
-}
-
-/// One chunk's part of a split host request.
-struct Piece {
-    req: u32,
-    chunk: u64,
-    /// Byte offset within the chunk.
-    off: u64,
-    len: u64,
-    /// Byte offset in the host's buffer.
-    dst: u64,
-    write: bool,
-    phase: Phase,
-    slot: u32,
-    buf: Option<DmaBuf>,
-    /// Counted once as a write that waited.
-    waited: bool,
 }
 
 /// How a host read can be served.
@@ -358,46 +317,14 @@ struct SnapChannel {
 /// A channel's own state; its methods take the shared part as an argument,
 /// so that nothing touches the `Arc`'s count per I/O.
 struct ChanState {
-    ns: BdevChannel,
+    /// The namespace's channel and the pieces; its `waiting` pieces wait
+    /// for another write's copy of their chunk.
+    core: Pieces<Phase, Counters>,
     ov: Option<BdevChannel>,
-    ns_bs: u64,
     ov_bs: u64,
-    bufs: BufferPool,
-    reqs: Slab<Req>,
-    fwds: Slab<Fwd>,
-    pieces: Slab<Piece>,
-    /// Write pieces waiting for another write's copy of their chunk.
-    waiting: VecDeque<u32>,
-    /// Pieces waiting for a bounce buffer.
-    starved: VecDeque<u32>,
-    /// Host I/O finished, handed back at the next poll.
-    ready: VecDeque<BdevIo>,
-    /// Device completions of one poll (kept for its allocation).
-    comp: Vec<BdevIo>,
-    ctr: Arc<Counters>,
-}
-
-/// Where a read piece's bytes are.
-enum Src {
-    Dev(u8, u64),
-    Zeros,
 }
 
 impl ChanState {
-    /// Finishes a host request.
-    fn finish(&mut self, io: BdevIo, status: IoStatus) {
-        let c = &self.ctr;
-        bump(if io.io_type == IoType::Read {
-            &c.reads
-        } else {
-            &c.writes
-        });
-        if !status.is_success() {
-            bump(&c.failed);
-        }
-        self.ready.push_back(io.complete(status));
-    }
-
     fn route_read(sh: &SnapShared, start: u64, c0: u64, c1: u64) -> Route {
         let cs = sh.cs;
         let ov = sh.overlay.as_ref();
@@ -436,215 +363,97 @@ impl ChanState {
 
     fn read(&mut self, sh: &SnapShared, mut io: BdevIo) {
         let (bs, cs) = (sh.bs, sh.cs);
-        let start = io.offset_blocks * bs;
-        let len = io.num_blocks * bs;
-        if len == 0 {
-            return self.finish(io, IoStatus::Success);
-        }
-        let (c0, c1) = chunk_span(start, len, cs);
+        let Some(Span { start, len, c0, c1 }) = Span::of(&io, bs, cs) else {
+            return self.core.finish(io, IoStatus::Success);
+        };
         match Self::route_read(sh, start, c0, c1) {
             Route::Ns(byte) => {
-                bump(&self.ctr.from_backup);
-                translate(&mut io, &mut self.fwds, bs, self.ns_bs, byte);
-                self.ns.submit(io);
+                bump(&self.core.ctr.from_backup);
+                translate(&mut io, &mut self.core.fwds, bs, self.core.ns_bs, byte);
+                self.core.ns.submit(io);
             }
             Route::Overlay(byte) => {
-                bump(&self.ctr.from_overlay);
-                translate(&mut io, &mut self.fwds, bs, self.ov_bs, byte);
+                bump(&self.core.ctr.from_overlay);
+                translate(&mut io, &mut self.core.fwds, bs, self.ov_bs, byte);
                 match self.ov.as_mut() {
                     Some(ov) => ov.submit(io),
                     None => unreachable!("an overlay route needs an overlay"),
                 }
             }
             Route::Zeros => {
-                bump(&self.ctr.zero_filled);
+                bump(&self.core.ctr.zero_filled);
                 if let Some(b) = io.buf.as_mut() {
                     b[..len as usize].fill(0);
                 }
-                self.finish(io, IoStatus::Success);
+                self.core.finish(io, IoStatus::Success);
             }
-            Route::Split => self.split(sh, io, start, len, c0, c1, false),
+            Route::Split => self.split(sh, cs, io, start, len, c0, c1, false),
         }
     }
 
     fn write(&mut self, sh: &SnapShared, mut io: BdevIo) {
         let (bs, cs) = (sh.bs, sh.cs);
         let Some(o) = sh.overlay.as_ref() else {
-            bump(&self.ctr.rejected_writes);
-            return self.finish(io, IoStatus::Failed(IoError::ReadOnly));
+            bump(&self.core.ctr.rejected_writes);
+            return self.core.finish(io, IoStatus::Failed(IoError::ReadOnly));
         };
-        let start = io.offset_blocks * bs;
-        let len = io.num_blocks * bs;
-        if len == 0 {
-            return self.finish(io, IoStatus::Success);
-        }
-        let (c0, c1) = chunk_span(start, len, cs);
+        let Some(Span { start, len, c0, c1 }) = Span::of(&io, bs, cs) else {
+            return self.core.finish(io, IoStatus::Success);
+        };
         if c0 == c1 {
             let s = o.state(c0);
             if s < COPYING {
                 let byte = o.base + s as u64 * cs + (start - c0 * cs);
-                translate(&mut io, &mut self.fwds, bs, self.ov_bs, byte);
+                translate(&mut io, &mut self.core.fwds, bs, self.ov_bs, byte);
                 if let Some(ov) = self.ov.as_mut() {
                     ov.submit(io);
                 }
                 return;
             }
         }
-        self.split(sh, io, start, len, c0, c1, true);
+        self.split(sh, cs, io, start, len, c0, c1, true);
     }
 
-    /// Keeps `io` aside and runs one piece per chunk.
-    #[allow(clippy::too_many_arguments, reason = "one request's geometry")]
-    fn split(
-        &mut self,
-        sh: &SnapShared,
-        io: BdevIo,
-        start: u64,
-        len: u64,
-        c0: u64,
-        c1: u64,
-        write: bool,
-    ) {
-        let r = self.reqs.insert(Req {
-            io,
-            left: (c1 - c0 + 1) as u32,
-            status: IoStatus::Success,
-        });
-        for c in c0..=c1 {
-            let (off, plen, dst) = piece_of(c, start, len, sh.cs);
-            let p = self.pieces.insert(Piece {
-                req: r,
-                chunk: c,
-                off,
-                len: plen,
-                dst,
-                write,
-                phase: Phase::Idle,
-                slot: 0,
-                buf: None,
-                waited: false,
-            });
-            self.dispatch(sh, p);
-        }
-    }
-
-    /// A bounce buffer for piece `p` (its own, or a new one), or `None`
-    /// after queueing the piece to wait for one.
-    fn buffer(&mut self, sh: &SnapShared, p: u32) -> Option<DmaBuf> {
-        if let Some(b) = self.pieces.get_mut(p)?.buf.take() {
-            return Some(b);
-        }
-        match self.bufs.get(sh.cs as usize) {
-            Some(b) => Some(b),
-            None => {
-                bump(&self.ctr.bounce_waits);
-                self.starved.push_back(p);
-                None
-            }
-        }
-    }
-
-    /// Copies the host's bytes of piece `p` into `buf` at `at`.
-    fn fill_from_host(&self, p: u32, buf: &mut [u8], at: u64) {
-        let Some(piece) = self.pieces.get(p) else {
-            return;
-        };
-        if let Some(src) = self.reqs.get(piece.req).and_then(|r| r.io.buf.as_ref()) {
-            let (d, n, a) = (piece.dst as usize, piece.len as usize, at as usize);
-            buf[a..a + n].copy_from_slice(&src[d..d + n]);
-        }
-    }
-
-    /// Starts (or restarts) piece `p`.
-    fn dispatch(&mut self, sh: &SnapShared, p: u32) {
-        match self.pieces.get(p) {
-            Some(piece) if piece.write => self.dispatch_write(sh, p),
-            Some(_) => self.dispatch_read(sh, p),
-            None => {}
-        }
-    }
-
-    fn dispatch_read(&mut self, sh: &SnapShared, p: u32) {
-        let Some(&Piece {
-            chunk,
-            off,
-            len,
-            dst,
-            req,
-            ..
-        }) = self.pieces.get(p)
-        else {
-            return;
-        };
+    fn dispatch_read(&mut self, sh: &SnapShared, p: u32, part: Part) {
+        let Part { chunk, off, .. } = part;
         let src = match sh.overlay.as_ref().map(|o| (o.state(chunk), o)) {
-            Some((s, o)) if s < COPYING => Src::Dev(DEV_OVERLAY, o.base + s as u64 * sh.cs + off),
+            Some((s, o)) if s < COPYING => Src::Dev(o.base + s as u64 * sh.cs + off),
             _ => match sh.index.resolve(chunk).map(|e| e.loc) {
-                Some(ChunkLoc::Data(loc)) => Src::Dev(DEV_NS, loc + off),
+                Some(ChunkLoc::Data(loc)) => Src::Backup(loc + off),
                 _ => Src::Zeros,
             },
         };
-        let (dev, byte) = match src {
-            Src::Dev(dev, byte) => (dev, byte),
-            Src::Zeros => {
-                bump(&self.ctr.zero_filled);
-                let (d, n) = (dst as usize, len as usize);
-                if let Some(b) = self.reqs.get_mut(req).and_then(|r| r.io.buf.as_mut()) {
-                    b[d..d + n].fill(0);
-                }
-                return self.finish_piece(p, IoStatus::Success);
+        if let Some((byte, buf)) = self.core.start_read_from(sh.cs, p, part, src) {
+            if let Some(ov) = self.ov.as_mut() {
+                bump(&self.core.ctr.from_overlay);
+                let (b, n) = (self.ov_bs, buf.len() as u64);
+                ov.submit(BdevIo::read(byte / b, n / b, buf, token(KIND_PIECE, p)));
             }
-        };
-        let Some(mut buf) = self.buffer(sh, p) else {
-            return;
-        };
-        buf.set_len(len as usize);
-        if let Some(piece) = self.pieces.get_mut(p) {
-            piece.phase = Phase::Read;
-        }
-        let t = token(KIND_PIECE, p);
-        if dev == DEV_NS {
-            bump(&self.ctr.from_backup);
-            let b = self.ns_bs;
-            self.ns.submit(BdevIo::read(byte / b, len / b, buf, t));
-        } else if let Some(ov) = self.ov.as_mut() {
-            bump(&self.ctr.from_overlay);
-            let b = self.ov_bs;
-            ov.submit(BdevIo::read(byte / b, len / b, buf, t));
         }
     }
 
-    fn dispatch_write(&mut self, sh: &SnapShared, p: u32) {
+    fn dispatch_write(&mut self, sh: &SnapShared, p: u32, part: Part) {
         let Some(o) = sh.overlay.as_ref() else {
-            return self.finish_piece(p, IoStatus::Failed(IoError::ReadOnly));
+            return self
+                .core
+                .finish_piece(p, IoStatus::Failed(IoError::ReadOnly));
         };
-        let Some(&Piece {
+        let Part {
             chunk, off, len, ..
-        }) = self.pieces.get(p)
-        else {
-            return;
-        };
+        } = part;
         let cs = sh.cs;
         loop {
             let s = o.state(chunk);
             if s == COPYING {
-                let piece = self.pieces.get_mut(p).expect("live piece");
-                // Do not sit on a bounce buffer while waiting.
-                piece.buf = None;
-                piece.phase = Phase::Idle;
-                if !piece.waited {
-                    piece.waited = true;
-                    bump(&self.ctr.write_waits);
-                }
-                self.waiting.push_back(p);
-                return;
+                return self.core.park_write(p);
             }
-            let Some(mut buf) = self.buffer(sh, p) else {
+            let Some(mut buf) = self.core.buffer(cs, p) else {
                 return;
             };
             if s < COPYING {
                 // In the overlay: write the piece there.
                 buf.set_len(len as usize);
-                self.fill_from_host(p, &mut buf, 0);
+                self.core.fill_from_host(p, &mut buf, 0);
                 return self.submit_overlay_write(p, buf, o.base + s as u64 * cs + off, false);
             }
             // Not copied: try to become the chunk's copier (holding a buffer
@@ -653,35 +462,31 @@ impl ChanState {
                 .compare_exchange(NOT_COPIED, COPYING, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
-                self.pieces.get_mut(p).expect("live piece").buf = Some(buf);
+                self.core.pieces.get_mut(p).expect("live piece").buf = Some(buf);
                 continue;
             }
             let Some(slot) = o.take_slot() else {
                 o.map[chunk as usize].store(NOT_COPIED, Ordering::Release);
-                bump(&self.ctr.overlay_full);
+                bump(&self.core.ctr.overlay_full);
                 drop(buf);
-                return self.finish_piece(p, IoStatus::Failed(IoError::Device(ENOSPC)));
+                return self
+                    .core
+                    .finish_piece(p, IoStatus::Failed(IoError::Device(ENOSPC)));
             };
-            self.pieces.get_mut(p).expect("live piece").slot = slot;
+            self.core.pieces.get_mut(p).expect("live piece").slot = slot;
             let slot_byte = o.base + slot as u64 * cs;
             if off == 0 && len == sh.index.chunk_len(chunk) {
                 // The write covers the chunk: nothing to copy.
                 buf.set_len(len as usize);
-                self.fill_from_host(p, &mut buf, 0);
+                self.core.fill_from_host(p, &mut buf, 0);
                 return self.submit_overlay_write(p, buf, slot_byte, true);
             }
             buf.set_len(cs as usize);
             match sh.index.resolve(chunk).map(|e| e.loc) {
-                Some(ChunkLoc::Data(loc)) => {
-                    bump(&self.ctr.from_backup);
-                    let b = self.ns_bs;
-                    self.pieces.get_mut(p).expect("live piece").phase = Phase::CopyRead;
-                    self.ns
-                        .submit(BdevIo::read(loc / b, cs / b, buf, token(KIND_PIECE, p)));
-                }
+                Some(ChunkLoc::Data(loc)) => self.core.read_chunk(p, loc, cs, buf, Phase::CopyRead),
                 _ => {
                     buf.fill(0);
-                    self.fill_from_host(p, &mut buf, off);
+                    self.core.fill_from_host(p, &mut buf, off);
                     self.submit_overlay_write(p, buf, slot_byte, true);
                 }
             }
@@ -692,7 +497,7 @@ impl ChanState {
     fn submit_overlay_write(&mut self, p: u32, buf: DmaBuf, byte: u64, publish: bool) {
         let b = self.ov_bs;
         let n = buf.len() as u64 / b;
-        if let Some(piece) = self.pieces.get_mut(p) {
+        if let Some(piece) = self.core.pieces.get_mut(p) {
             piece.phase = Phase::Write { publish };
         }
         match self.ov.as_mut() {
@@ -703,99 +508,45 @@ impl ChanState {
 
     /// A device I/O of piece `p` came back.
     fn piece_io_done(&mut self, sh: &SnapShared, p: u32, mut io: BdevIo) {
-        let Some(piece) = self.pieces.get_mut(p) else {
+        let Some(piece) = self.core.pieces.get_mut(p) else {
             return;
         };
         let buf = io.take_buf();
         let phase = std::mem::replace(&mut piece.phase, Phase::Idle);
-        let (chunk, slot, off, req, dst, len) = (
-            piece.chunk,
-            piece.slot,
-            piece.off,
-            piece.req,
-            piece.dst,
-            piece.len,
-        );
+        let (chunk, slot, off) = (piece.chunk, piece.slot, piece.off);
         match phase {
             Phase::Idle => {}
-            Phase::Read => {
-                if !io.status.is_success() {
-                    return self.finish_piece(p, io.status);
-                }
-                let (d, n) = (dst as usize, len as usize);
-                let dstbuf = self.reqs.get_mut(req).and_then(|r| r.io.buf.as_mut());
-                let status = match (buf, dstbuf) {
-                    (Some(src), Some(dstbuf)) => {
-                        dstbuf[d..d + n].copy_from_slice(&src[..n]);
-                        IoStatus::Success
-                    }
-                    _ => IoStatus::Failed(IoError::BadBuffer),
-                };
-                self.finish_piece(p, status);
-            }
+            Phase::Read => self.core.read_done(p, io.status, buf),
             Phase::CopyRead => {
                 let Some(o) = sh.overlay.as_ref() else {
-                    return self.finish_piece(p, IoStatus::Failed(IoError::ReadOnly));
+                    return self
+                        .core
+                        .finish_piece(p, IoStatus::Failed(IoError::ReadOnly));
                 };
                 let Some(mut buf) = buf.filter(|_| io.status.is_success()) else {
                     o.map[chunk as usize].store(NOT_COPIED, Ordering::Release);
-                    let status = match io.status {
-                        IoStatus::Success => IoStatus::Failed(IoError::BadBuffer),
-                        s => s,
-                    };
-                    return self.finish_piece(p, status);
+                    return self.core.finish_piece(p, failed(io.status));
                 };
-                self.fill_from_host(p, &mut buf, off);
+                self.core.fill_from_host(p, &mut buf, off);
                 self.submit_overlay_write(p, buf, o.base + slot as u64 * sh.cs, true);
             }
             Phase::Write { publish } => {
                 if let Some(o) = sh.overlay.as_ref().filter(|_| publish) {
                     let v = if io.status.is_success() {
-                        bump(&self.ctr.chunk_copies);
+                        bump(&self.core.ctr.chunk_copies);
                         slot
                     } else {
                         NOT_COPIED
                     };
                     o.map[chunk as usize].store(v, Ordering::Release);
                 }
-                self.finish_piece(p, io.status);
+                self.core.finish_piece(p, io.status);
             }
-        }
-    }
-
-    /// Ends a piece; finishes its request when it was the last one.
-    fn finish_piece(&mut self, p: u32, status: IoStatus) {
-        let Some(piece) = self.pieces.remove(p) else {
-            return;
-        };
-        drop(piece.buf);
-        let r = piece.req;
-        let last = self
-            .reqs
-            .get_mut(r)
-            .is_some_and(|req| req.piece_done(status));
-        if last {
-            let req = self.reqs.remove(r).expect("live request");
-            self.finish(req.io, req.status);
-        }
-    }
-
-    /// A device completion carrying an internal token.
-    fn internal_done(&mut self, sh: &SnapShared, mut io: BdevIo) {
-        let (kind, idx) = untoken(io.token);
-        match kind {
-            KIND_FWD => {
-                if let Some(f) = self.fwds.remove(idx) {
-                    f.restore(&mut io);
-                    let status = io.status;
-                    self.finish(io, status);
-                }
-            }
-            KIND_PIECE => self.piece_io_done(sh, idx, io),
-            _ => {}
         }
     }
 }
+
+piece_chan!(ChanState, SnapShared, Phase, Counters);
 
 impl BackendChannel for SnapChannel {
     fn submit(&mut self, io: BdevIo) {
@@ -805,25 +556,20 @@ impl BackendChannel for SnapChannel {
             IoType::Write => st.write(sh, io),
             IoType::Flush => match st.ov.as_mut() {
                 Some(ov) if sh.overlay.as_ref().is_some_and(|o| o.flush) => ov.submit(io),
-                _ => st.ready.push_back(io.complete(IoStatus::Success)),
+                _ => st.core.ready.push_back(io.complete(IoStatus::Success)),
             },
             _ if sh.overlay.is_none() => {
-                bump(&st.ctr.rejected_writes);
-                st.finish(io, IoStatus::Failed(IoError::ReadOnly));
+                bump(&st.core.ctr.rejected_writes);
+                st.core.finish(io, IoStatus::Failed(IoError::ReadOnly));
             }
-            _ => st
-                .ready
-                .push_back(io.complete(IoStatus::Failed(IoError::Unsupported))),
+            _ => st.core.unsupported(io),
         }
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let (sh, st) = (&*self.sh, &mut self.st);
         let mut n = 0;
-        let mut comp = std::mem::take(&mut st.comp);
-        if st.ns.inflight() > 0 {
-            st.ns.poll(&mut |io| comp.push(io));
-        }
+        let mut comp = st.core.take_completions();
         if let Some(ov) = st.ov.as_mut() {
             if ov.inflight() > 0 {
                 ov.poll(&mut |io| {
@@ -837,30 +583,7 @@ impl BackendChannel for SnapChannel {
                 });
             }
         }
-        for io in comp.drain(..) {
-            st.internal_done(sh, io);
-        }
-        st.comp = comp;
-        for _ in 0..st.waiting.len() {
-            let Some(p) = st.waiting.pop_front() else {
-                break;
-            };
-            st.dispatch(sh, p);
-        }
-        for _ in 0..st.starved.len() {
-            if st.bufs.available() == 0 {
-                break;
-            }
-            let Some(p) = st.starved.pop_front() else {
-                break;
-            };
-            st.dispatch(sh, p);
-        }
-        while let Some(io) = st.ready.pop_front() {
-            n += 1;
-            done(io);
-        }
-        n
+        n + st.end_poll(sh, comp, done)
     }
 }
 
