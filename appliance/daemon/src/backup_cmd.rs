@@ -173,7 +173,7 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
         let d = repo_desc.clone();
         let n = name.clone();
         let latest = rt
-            .exec(0, move || -> Result<Option<(u64, u32)>, String> {
+            .exec(0, move || -> Result<Option<(u64, u32, u64)>, String> {
                 let mut io = ChannelIo::new(d.channel().map_err(|e| e.to_string())?);
                 let repo = Repo::open(&mut io).map_err(|e| e.to_string())?;
                 Ok(repo
@@ -181,18 +181,18 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
                     .iter()
                     .rev()
                     .find(|g| g.source.name == n && g.state == GenState::Complete)
-                    .map(|g| (g.id, g.chunk_size)))
+                    .map(|g| (g.id, g.chunk_size, g.source.size_bytes)))
             })?
             .map_err(anyhow::Error::msg)
             .context("reading the repository")?;
         match latest {
-            Some((id, cs)) if cs as u64 == chunk && is_same_size(&rt, &repo_desc, id, source.size_bytes())? => (
+            Some((id, cs, size)) if cs as u64 == chunk && size == source.size_bytes() => (
                 Some(id),
                 Some(format!(
                     "incremental from generation {id}: no change tracking on an offline source, so every chunk is read and compared by checksum with the parent; only chunks that differ are stored"
                 )),
             ),
-            Some((id, cs)) => (
+            Some((id, cs, _)) => (
                 None,
                 Some(format!(
                     "generation {id} of {name} does not match (chunk size {cs}, or another source size): running a full backup"
@@ -322,23 +322,4 @@ fn run_once(a: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn is_same_size(
-    rt: &Runtime,
-    repo: &hotcopy_bdev::BdevDesc,
-    id: u64,
-    size: u64,
-) -> anyhow::Result<bool> {
-    let d = repo.clone();
-    let r = rt
-        .exec(0, move || -> Result<bool, String> {
-            let mut io = ChannelIo::new(d.channel().map_err(|e| e.to_string())?);
-            let repo = Repo::open(&mut io).map_err(|e| e.to_string())?;
-            Ok(repo
-                .generation(id)
-                .is_some_and(|g| g.source.size_bytes == size))
-        })?
-        .map_err(anyhow::Error::msg)?;
-    Ok(r)
 }
