@@ -120,24 +120,32 @@ impl RepoTarget {
         &self,
         f: impl FnOnce(&mut State, &mut ChannelIo) -> Result<T, RepoError>,
     ) -> Result<T, TargetError> {
-        let ch = self.desc.channel().map_err(|e| self.io_err(e))?;
-        let mut io = ChannelIo::new(ch);
-        let mut st = lock(&self.state);
-        f(&mut st, &mut io).map_err(|e| self.io_err(e))
+        repo_io(&self.state, &self.desc, f).map_err(|e| self.io_err(e))
     }
 }
 
-/// Removes the generation (once), with I/O on the current reactor.
-fn abort_on_reactor(state: &Mutex<State>, desc: &BdevDesc, w: &GenWriter) -> Result<(), RepoError> {
+/// Runs `f` with the repository and a channel of the namespace on the
+/// current reactor.
+fn repo_io<T>(
+    state: &Mutex<State>,
+    desc: &BdevDesc,
+    f: impl FnOnce(&mut State, &mut ChannelIo) -> Result<T, RepoError>,
+) -> Result<T, RepoError> {
     let ch = desc
         .channel()
         .map_err(|e| RepoError::Namespace(e.to_string()))?;
     let mut io = ChannelIo::new(ch);
-    let mut st = lock(state);
-    if std::mem::replace(&mut st.ended, true) {
-        return Ok(());
-    }
-    st.repo.abort_ref(&mut io, w)
+    f(&mut lock(state), &mut io)
+}
+
+/// Removes the generation (once), with I/O on the current reactor.
+fn abort_on_reactor(state: &Mutex<State>, desc: &BdevDesc, w: &GenWriter) -> Result<(), RepoError> {
+    repo_io(state, desc, |st, io| {
+        if std::mem::replace(&mut st.ended, true) {
+            return Ok(());
+        }
+        st.repo.abort_ref(io, w)
+    })
 }
 
 impl BackupTarget for RepoTarget {
