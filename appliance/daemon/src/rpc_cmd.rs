@@ -91,6 +91,12 @@ pub struct StartArgs {
     /// The source's name in the repository (default: the volume's).
     #[arg(long)]
     pub name: Option<String>,
+    /// Also create a point-in-time view of the job: a read-only bdev NAME
+    /// showing the volume as it was at the consistency point, which
+    /// `nbd_start_disk` can export while the job runs (it goes when the job
+    /// ends).
+    #[arg(long, value_name = "NAME")]
+    pub view: Option<String>,
     /// Show progress and return when the job ends.
     #[arg(long)]
     pub wait: bool,
@@ -315,6 +321,9 @@ fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = &a.name {
         params["name"] = json!(n);
+    }
+    if let Some(v) = &a.view {
+        params["view"] = json!(v);
     }
     let mut c = Client::connect(&a.socket.rpc_socket)?;
     let started = match c.call("hotcopy_backup_start", params)? {

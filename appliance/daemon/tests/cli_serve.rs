@@ -787,3 +787,290 @@ fn an_nbd_export_of_a_cow_volume_serves_real_clients_and_backs_up_exactly() {
         "the backup differs from the source"
     );
 }
+
+/// What fio's `verify=crc32c` puts at the head of every 4 KiB block it
+/// writes: its offset and its sequence number among the job's writes, which
+/// is also its line among the `write` lines of `--write_iolog`. The layout
+/// is fio's `struct verify_header` (magic 0xacca, type, len, seed, offset,
+/// time, thread, numberio, header crc) followed by the crc32c of the block
+/// past byte 44.
+struct FioBlock {
+    offset: u64,
+    numberio: u16,
+}
+
+fn fio_block(b: &[u8]) -> Option<FioBlock> {
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    if u16_at(0) != 0xacca || u32_at(4) as usize != b.len() {
+        return None;
+    }
+    // fio's crc32c is the Castagnoli CRC without the final inversion.
+    let fio_crc = |d: &[u8]| !crc32c::crc32c(d);
+    assert_eq!(fio_crc(&b[..36]), u32_at(36), "fio's header checksum");
+    // A block fio wrote whole: its data checksum holds (a torn block fails).
+    assert_eq!(
+        fio_crc(&b[44..]),
+        u32_at(40),
+        "a block with fio's header but a wrong data checksum: torn or mixed"
+    );
+    Some(FioBlock {
+        offset: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+        numberio: u16_at(34),
+    })
+}
+
+/// Checks that `backup` is the volume at one instant of fio's write stream:
+/// there is a cut `c` such that every block holds a write issued before `c`
+/// (or its content in `before`, if none was) that no later write before `c`
+/// surely overwrote, and no write issued after `c`. Two writes to one block
+/// fewer than `qd` apart may have been in flight together, and then either
+/// may land last; a write `qd` or more after another was issued after the
+/// other completed. `log` is fio's `--write_iolog`. Returns the cut's bounds
+/// (a range of write numbers) and how many blocks hold one of fio's writes.
+fn assert_a_cut_of_the_write_stream(
+    before: &[u8],
+    backup: &[u8],
+    log: &str,
+    qd: usize,
+) -> (usize, usize, usize) {
+    const BS: usize = 4096;
+    let writes: Vec<u64> = log
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 5 && f[2] == "write").then(|| f[3].parse().unwrap())
+        })
+        .collect();
+    assert!(
+        writes.len() < 65536,
+        "fio's numberio is 16 bits: keep the writes fewer"
+    );
+    let blocks = backup.len() / BS;
+    // Each block's writes, in issue order.
+    let mut per_block: Vec<Vec<usize>> = vec![Vec::new(); blocks];
+    for (i, &off) in writes.iter().enumerate() {
+        assert_eq!(off % BS as u64, 0);
+        per_block[(off / BS as u64) as usize].push(i);
+    }
+    let (mut lower, mut upper, mut written) = (0usize, usize::MAX, 0usize);
+    for (b, ws) in per_block.iter().enumerate() {
+        let got = &backup[b * BS..(b + 1) * BS];
+        // The version the backup holds: a write's number, or none.
+        let version = match fio_block(got) {
+            Some(h) if h.offset == (b * BS) as u64 => {
+                let i = h.numberio as usize;
+                assert!(
+                    ws.contains(&i),
+                    "block {b} holds fio write {i}, which the log does not put there"
+                );
+                written += 1;
+                Some(i)
+            }
+            _ => {
+                assert!(
+                    got == &before[b * BS..(b + 1) * BS],
+                    "block {b} is neither fio's nor the volume's content before the load"
+                );
+                None
+            }
+        };
+        if let Some(i) = version {
+            lower = lower.max(i + 1);
+        }
+        // The first write to the block that surely landed after its version.
+        let next = ws
+            .iter()
+            .copied()
+            .find(|&w| version.is_none_or(|v| w >= v + qd));
+        if let Some(n) = next {
+            upper = upper.min(n);
+        }
+    }
+    assert!(
+        lower <= upper,
+        "no single instant: a block holds write {}, yet another misses write {upper}",
+        lower - 1
+    );
+    (lower, upper, written)
+}
+
+/// fio (`ioengine=nbd`) writes to the exported cow volume while a backup is
+/// started over RPC with a point-in-time view; `nbd_start_disk` exports the
+/// view, qemu-img copies it while fio still writes, and the backup runs to
+/// completion. Then the generation, restored, equals the view's copy
+/// (`qemu-img compare`), and both are one instant of fio's write stream:
+/// each block holds the last write issued before one cut (fio's verify
+/// headers and its I/O log say which write each block holds).
+#[test]
+fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_point() {
+    let dir = common::scratch("nbd-cut");
+    let d = dir.path();
+    let src = d.join("src.img");
+    make_source(&src, 64, 31);
+    let before = std::fs::read(&src).unwrap();
+    let repo = format!("uring:{}@256M", d.join("repo.img").display());
+    ok(&["repo", "format", "--repo", &repo]);
+    let port = free_port();
+    let sock = d.join("rpc.sock");
+    let vol = format!("vol=cow:uring:{}", src.display());
+    let nbd = format!("vol@127.0.0.1:{port}");
+    let serve = Serve::start(
+        &[
+            "--bdev",
+            &vol,
+            "--nbd",
+            &nbd,
+            "--rpc-socket",
+            sock.to_str().unwrap(),
+        ],
+        &sock,
+        &d.join("serve.log"),
+    );
+    let s = serve.sock().to_string();
+    let uri = format!("nbd://127.0.0.1:{port}/vol");
+    let iolog = d.join("fio.iolog");
+    // About 8 s of 4 KiB random writes at QD 32, rewriting blocks (no random
+    // map), paced so that fio's 16-bit write numbers do not wrap.
+    let fio = Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=64M",
+            "--norandommap",
+            "--randseed=11",
+            "--rate_iops=3000",
+            "--runtime=8",
+            "--time_based",
+            "--verify=crc32c",
+            "--do_verify=0",
+            "--verify_state_save=0",
+            &format!("--write_iolog={}", iolog.display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fio (install fio)");
+    // Until fio has written 2000 blocks (it starts slowly on a busy machine).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = ok_parsed(&rpc_args(&s, "hotcopy_get_stats", &[]));
+        if st["exports"]["servers"][0]["bytes_written"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2000 * 4096
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fio did not write: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The backup, paced so that it is still running while the view is read.
+    let started = ok_parsed(&rpc_args(
+        &s,
+        "hotcopy_backup_start",
+        &[
+            "volume=vol",
+            &format!("repo={repo}"),
+            "rate=16M",
+            "view=vol.t0",
+        ],
+    ));
+    assert_eq!(started["views"], json!(["vol.t0"]), "{started}");
+    let disk = ok_parsed(&rpc_args(
+        &s,
+        "nbd_start_disk",
+        &["bdev_name=vol.t0", "read_only=true"],
+    ));
+    assert_eq!(
+        disk["uri"],
+        format!("nbd://127.0.0.1:{port}/vol.t0"),
+        "{disk}"
+    );
+    // A writable export of a view is refused with a reason.
+    let (code, _, refused) = hotcopy(&rpc_args(
+        &s,
+        "nbd_start_disk",
+        &["bdev_name=vol.t0", "name=rw"],
+    ));
+    assert_eq!(code, 1, "{refused}");
+    assert!(refused.contains("export it read-only"), "{refused}");
+    let t0 = d.join("t0.img");
+    client(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            disk["uri"].as_str().unwrap(),
+            t0.to_str().unwrap(),
+        ],
+    );
+    let status = ok_parsed(&rpc_args(&s, "hotcopy_backup_status", &["volume=vol"]));
+    assert_eq!(
+        status["state"], "running",
+        "the view must be read while the backup runs (slow the backup): {status}"
+    );
+    // Completed over RPC, while fio still writes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let v = ok_parsed(&rpc_args(&s, "hotcopy_backup_status", &["volume=vol"]));
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the backup did not end: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(job["state"], "complete", "{job}");
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The view went with its job, and its export with it.
+    std::thread::sleep(Duration::from_millis(300));
+    let disks = ok_parsed(&rpc_args(&s, "nbd_get_disks", &[]));
+    assert_eq!(disks.as_array().unwrap().len(), 1, "{disks}");
+    assert_eq!(disks[0]["name"], "vol", "{disks}");
+    let (code, _, gone) = hotcopy(&rpc_args(&s, "bdev_get_bdevs", &["name=vol.t0"]));
+    assert_eq!(code, 1, "{gone}");
+    assert!(gone.contains("vol.t0"), "{gone}");
+    serve.stop_ok();
+    let restored = d.join("restored.img");
+    ok(&common::restore_args(
+        &repo,
+        &job["generation"].to_string(),
+        &format!("uring:{}@64M", restored.display()),
+    ));
+    client(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            t0.to_str().unwrap(),
+            restored.to_str().unwrap(),
+        ],
+    );
+    let backup = std::fs::read(&restored).unwrap();
+    let log = std::fs::read_to_string(&iolog).unwrap();
+    let (lower, upper, written) = assert_a_cut_of_the_write_stream(&before, &backup, &log, 32);
+    let total = log.lines().filter(|l| l.contains(" write ")).count();
+    // The cut fell inside the load: fio had written before it and went on after.
+    assert!(written > 1000, "{written} blocks by fio in the backup");
+    assert!(
+        lower > 1000 && upper < total,
+        "cut {lower}..={upper} of {total} writes"
+    );
+    // And the volume now differs from the backup (fio went on writing).
+    assert!(std::fs::read(&src).unwrap() != backup);
+}

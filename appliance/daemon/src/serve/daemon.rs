@@ -154,6 +154,8 @@ pub struct Daemon {
     create: Mutex<()>,
     stopping: AtomicBool,
     stats: Mutex<Vec<(String, StatsSource)>>,
+    /// The NBD servers and their exports.
+    pub nbd: super::exports::Exports,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -171,7 +173,13 @@ impl Daemon {
             create: Mutex::new(()),
             stopping: AtomicBool::new(false),
             stats: Mutex::new(Vec::new()),
+            nbd: super::exports::Exports::default(),
         }
+    }
+
+    /// Every reactor, in core order.
+    pub fn reactors(&self) -> &[ReactorHandle] {
+        &self.reactors
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -200,11 +208,6 @@ impl Daemon {
         } else {
             Ok(())
         }
-    }
-
-    /// Adds a source of figures to `hotcopy_get_stats` under `key`.
-    pub fn add_stats_source(&self, key: &str, f: StatsSource) {
-        lock(&self.stats).push((key.to_string(), f));
     }
 
     /// Runs `f` on reactor 0 and waits (control path). A panic in `f`
@@ -596,13 +599,6 @@ impl Daemon {
             c.close(&mut io, &CbtStore { offset })
                 .map_err(|e| ServeError::Failed(format!("closing the change tracking: {e}")))
         })
-    }
-
-    // ---- Exports ------------------------------------------------------------
-
-    /// Records the exports the NBD server serves (see `super::exports`).
-    pub fn set_exports(&self, exports: Vec<ExportConfig>) {
-        self.state().exports = exports;
     }
 
     // ---- save_config --------------------------------------------------------

@@ -67,6 +67,9 @@ pub struct JobRecord {
     pub note: Option<String>,
     /// The job's container bdev (removed when the job ends).
     pub container: String,
+    /// Its point-in-time views (removed, with their exports, when the job
+    /// ends).
+    pub views: Vec<String>,
     pub started_us: u64,
     /// While running (and until the reaper sees it end).
     job: Option<BackupJob>,
@@ -113,6 +116,7 @@ impl JobRecord {
         v["parent"] = json!(self.parent);
         v["method"] = json!(self.method);
         v["note"] = json!(self.note);
+        v["views"] = json!(self.views);
         v["started"] = json!(crate::repo_cmd::rfc3339_us(self.started_us));
         let done = v["chunks_done"].as_u64().unwrap_or(0);
         let total = v["chunks_in_scope"].as_u64().unwrap_or(0);
@@ -243,6 +247,7 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
             "name",
             "chunk_size",
             "container_slots",
+            "view",
         ],
     )?;
     let volume = p.str("volume")?;
@@ -254,10 +259,14 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let name = p.opt_str("name")?.unwrap_or_else(|| volume.clone());
     let chunk_param = p.opt_size("chunk_size")?;
     let slots = p.opt_u64("container_slots")?;
+    let view = p.opt_str("view")?;
     p.done()?;
     d.check_running()?;
     if name.is_empty() {
         return Err(ServeError::param("name", "the source name is empty"));
+    }
+    if let Some(v) = &view {
+        check_view_name(d, v)?;
     }
     let slots = match slots {
         None => DEFAULT_CONTAINER_SLOTS,
@@ -464,6 +473,17 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
         changed_since: if method == "tracking" { parent } else { None },
     };
     let job = start_backup(&cow, &home, cfg)?;
+    let mut views = Vec::new();
+    if let Some(v) = view {
+        if let Err(e) = make_view(d, &v, &job) {
+            // Nothing half-made: the job goes (its generation with it), and
+            // the reservation releases the repository and the container.
+            job.cancel();
+            let _ = job.wait(Duration::from_secs(10));
+            return Err(e);
+        }
+        views.push(v);
+    }
     let rec = JobRecord {
         id: job.status().id,
         volume: volume.clone(),
@@ -478,6 +498,7 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
         method,
         note,
         container,
+        views,
         started_us: hotcopy_cow::repo::now_us(),
         job: Some(job),
         last: None,
@@ -620,8 +641,86 @@ pub fn set_rate(d: &Daemon, params: Option<Value>) -> Result<Value> {
     Ok(json!({ "job": id, "volume": vol, "rate": rate }))
 }
 
-/// Records the end of every job that ended: final status, container
-/// removed, repository released.
+/// A free name for a view bdev.
+fn check_view_name(d: &Daemon, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(ServeError::param("view", "the view's name is empty"));
+    }
+    if d.reg.get(name).is_some() || d.state().def(name).is_some() {
+        return Err(ServeError::Exists(format!("a bdev named {name:?} exists")));
+    }
+    Ok(())
+}
+
+/// Creates the point-in-time view `name` of `job` (a read-only bdev that
+/// shows the volume as it was at the job's consistency point; see
+/// `hotcopy_cow::view`). The daemon owns it: it goes when the job ends.
+fn make_view(d: &Daemon, name: &str, job: &BackupJob) -> Result<()> {
+    hotcopy_cow::create_view(&d.reg, name, job).map_err(|e| ServeError::from(e).context("view"))?;
+    d.record(name, Origin::Internal, Vec::new());
+    tracing::info!(
+        view = name,
+        job = job.status().id,
+        "point-in-time view created"
+    );
+    Ok(())
+}
+
+/// Removes a view of a job that ended: first the NBD exports of it (their
+/// connections finish what is in flight and close), then the bdev.
+fn remove_view(d: &Daemon, name: &str) {
+    let exports: Vec<String> = d
+        .state()
+        .exports
+        .iter()
+        .filter(|e| e.bdev == name)
+        .map(|e| e.name.clone())
+        .collect();
+    for e in exports {
+        if let Err(err) = d.nbd.remove(d, &e) {
+            tracing::warn!(export = %e, view = name, "stopping the export of a view: {err}");
+        }
+    }
+    d.remove_internal(name);
+    tracing::info!(view = name, "point-in-time view removed: its job ended");
+}
+
+/// `hotcopy_backup_view_create`: a point-in-time view of a running job
+/// (`volume`, or the only running job), named `name`. Read-only; it shows
+/// the volume exactly as it was at the job's consistency point for every
+/// chunk in the job's scope, and goes (with its NBD exports) when the job
+/// ends.
+pub fn view_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["volume", "name"])?;
+    let volume = p.opt_str("volume")?;
+    let name = p.str("name")?;
+    p.done()?;
+    d.check_running()?;
+    check_view_name(d, &name)?;
+    let (id, vol, job) = running(d, volume.as_deref())?;
+    make_view(d, &name, &job)?;
+    let ended = {
+        let mut st = d.state();
+        match st.jobs.iter_mut().find(|j| j.id == id && j.job.is_some()) {
+            Some(rec) => {
+                rec.views.push(name.clone());
+                false
+            }
+            None => true,
+        }
+    };
+    if ended {
+        // The reaper took the job meanwhile: the view would outlive it.
+        remove_view(d, &name);
+        return Err(ServeError::NotFound(format!(
+            "the backup of {vol:?} ended while its view was made"
+        )));
+    }
+    Ok(json!({ "name": name, "job": id, "volume": vol }))
+}
+
+/// Records the end of every job that ended: final status, views and
+/// container removed, repository released.
 pub fn reap(d: &Daemon) {
     let ended: Vec<(u64, BackupJob)> = {
         let st = d.state();
@@ -640,7 +739,7 @@ pub fn reap(d: &Daemon) {
         let state = job.wait(Duration::from_secs(10));
         let status = job.status();
         drop(job);
-        let (container, repo, volume) = {
+        let (container, repo, volume, views) = {
             let mut st = d.state();
             let Some(rec) = st.jobs.iter_mut().find(|j| j.id == id && j.job.is_some()) else {
                 // Reaped by another caller meanwhile.
@@ -648,10 +747,18 @@ pub fn reap(d: &Daemon) {
             };
             rec.job = None;
             rec.last = Some(status.clone());
-            let out = (rec.container.clone(), rec.repo.clone(), rec.volume.clone());
+            let out = (
+                rec.container.clone(),
+                rec.repo.clone(),
+                rec.volume.clone(),
+                std::mem::take(&mut rec.views),
+            );
             st.repo_writer.remove(&out.1);
             out
         };
+        for v in views {
+            remove_view(d, &v);
+        }
         d.remove_internal(&container);
         match state {
             JobState::Complete => tracing::info!(

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::daemon::{bdev_json, tracking_json, Daemon, Origin};
 use super::error::{Result, ServeError};
 use super::params::Params;
-use super::{jobs, repo};
+use super::{exports, jobs, repo};
 
 /// A method: the daemon and the request's `params`.
 pub type Handler = fn(&Daemon, Option<Value>) -> Result<Value>;
@@ -39,6 +39,7 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("hotcopy_backup_cancel", jobs::cancel),
     ("hotcopy_backup_prioritize", jobs::prioritize),
     ("hotcopy_backup_set_rate", jobs::set_rate),
+    ("hotcopy_backup_view_create", jobs::view_create),
     ("hotcopy_repo_format", repo::format),
     ("hotcopy_repo_list", repo::list),
     ("hotcopy_repo_verify", repo::verify),
@@ -49,6 +50,9 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("hotcopy_instant_restore_cancel", repo::instant_cancel),
     ("hotcopy_snapshot_create", repo::snapshot_create),
     ("hotcopy_snapshot_delete", hotcopy_snapshot_delete),
+    ("nbd_start_disk", exports::nbd_start_disk),
+    ("nbd_stop_disk", exports::nbd_stop_disk),
+    ("nbd_get_disks", exports::nbd_get_disks),
     ("hotcopy_get_stats", hotcopy_get_stats),
     ("save_config", save_config),
 ];
@@ -337,6 +341,7 @@ fn hotcopy_bdev_delete(d: &Daemon, params: Option<Value>) -> Result<Value> {
 fn hotcopy_get_stats(d: &Daemon, params: Option<Value>) -> Result<Value> {
     Params::new(params, &[])?.done()?;
     let mut v = d.bdev_stats();
+    v["exports"] = d.nbd.stats_json(d);
     v["jobs"] = json!(d
         .state()
         .jobs

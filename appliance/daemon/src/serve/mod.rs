@@ -20,7 +20,8 @@
 //!    parent directory of a `uring` file with a `size` (and of the socket)
 //!    is created first if missing, so an example config runs on a fresh
 //!    scratch directory.
-//! 6. Hand the exports to the NBD hook ([`exports::start_exports`]).
+//! 6. Serve the exports over NBD ([`exports::start_exports`]): one server
+//!    per listen address; more can be added and removed over RPC.
 //! 7. Accept JSON-RPC connections ([`rpc`]); clients that connected during
 //!    the start are served from now on.
 //!
@@ -47,7 +48,8 @@
 //! | `hotcopy_bdev_create` | `name`, `spec` |
 //! | `hotcopy_cow_create` | `name`, `base_bdev_name`, `tracking_bdev`?, `tracking_offset`? |
 //! | `bdev_{malloc,null,uring,passthru}_delete`, `hotcopy_cow_delete`, `hotcopy_snapshot_delete`, `hotcopy_bdev_delete` | `name` |
-//! | `hotcopy_backup_start` | `volume`, `repo`, `incremental`?, `rate`?, `include`?, `exclude`?, `name`?, `chunk_size`?, `container_slots`? |
+//! | `hotcopy_backup_start` | `volume`, `repo`, `incremental`?, `rate`?, `include`?, `exclude`?, `name`?, `chunk_size`?, `container_slots`?, `view`? |
+//! | `hotcopy_backup_view_create` | `volume`?, `name` |
 //! | `hotcopy_backup_status` | `volume`?, `job`? |
 //! | `hotcopy_backup_cancel` | `volume`?, `wait_s`? |
 //! | `hotcopy_backup_prioritize` | `volume`?, `offset`, `length` |
@@ -61,6 +63,9 @@
 //! | `hotcopy_instant_restore_status` | `name`? |
 //! | `hotcopy_instant_restore_cancel` | `name` |
 //! | `hotcopy_snapshot_create` | `name`, `repo`, `generation`?, `source`?, `overlay`?, `overlay_offset`?, `overlay_slots`? |
+//! | `nbd_start_disk` | `bdev_name`, `name`?, `listen`?, `read_only`? |
+//! | `nbd_stop_disk` | `name` |
+//! | `nbd_get_disks` | `name`? |
 //! | `hotcopy_get_stats` | |
 //! | `save_config` | `format`? (`json` or `yaml`) |
 
@@ -201,8 +206,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         ..Config::default()
     };
     let d = Arc::new(Daemon::new(rt.reactors().to_vec(), base));
-    let started = start(&d, &rt, &cfg, listener, &socket);
-    let (server, exports, reaper, reaper_stop) = match started {
+    let started = start(&d, &cfg, listener, &socket);
+    let (server, reaper, reaper_stop) = match started {
         Ok(x) => x,
         Err(e) => {
             d.shutdown();
@@ -226,7 +231,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         "stopping"
     );
     server.stop(RPC_GRACE);
-    exports.stop();
+    d.nbd.stop();
     d.shutdown();
     reaper_stop.store(true, Ordering::Release);
     let _ = reaper.join();
@@ -236,12 +241,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-type Started = (
-    rpc::RpcServer,
-    exports::ExportsHandle,
-    std::thread::JoinHandle<()>,
-    Arc<AtomicBool>,
-);
+type Started = (rpc::RpcServer, std::thread::JoinHandle<()>, Arc<AtomicBool>);
 
 /// Removes a file when dropped.
 struct RemoveOnDrop(PathBuf);
@@ -255,7 +255,6 @@ impl Drop for RemoveOnDrop {
 /// Steps 5 to 7 of the start (see the module docs).
 fn start(
     d: &Arc<Daemon>,
-    rt: &Runtime,
     cfg: &Config,
     listener: std::os::unix::net::UnixListener,
     socket: &Path,
@@ -264,7 +263,7 @@ fn start(
         d.create_bdev(&b.name, &b.bdev, cfg.tracking.get(&b.name), Origin::Config)
             .map_err(|e| anyhow!("bdev {}: {e}", b.name))?;
     }
-    let exports = exports::start_exports(d, rt, &cfg.exports).map_err(|e| anyhow!("{e}"))?;
+    exports::start_exports(d, &cfg.exports).map_err(|e| anyhow!("{e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let reaper = jobs::spawn_reaper(d.clone(), stop.clone()).context("starting the reaper")?;
     let server = match rpc::RpcServer::start(listener, socket, d.clone()) {
@@ -272,9 +271,9 @@ fn start(
         Err(e) => {
             stop.store(true, Ordering::Release);
             let _ = reaper.join();
-            exports.stop();
+            d.nbd.stop();
             return Err(e);
         }
     };
-    Ok((server, exports, reaper, stop))
+    Ok((server, reaper, stop))
 }

@@ -275,11 +275,29 @@ impl NbdServer {
         cfg: NbdConfig,
         opts: NbdOptions,
     ) -> Result<NbdServer, NbdError> {
+        Self::start_on(rt.reactors(), reg, cfg, opts)
+    }
+
+    /// [`start_with`](Self::start_with) on the reactors `reactors` (for a
+    /// caller that keeps the reactors' handles, not the runtime: a daemon
+    /// adding a listener at run time).
+    pub fn start_on(
+        reactors: &[ReactorHandle],
+        reg: &BdevRegistry,
+        cfg: NbdConfig,
+        opts: NbdOptions,
+    ) -> Result<NbdServer, NbdError> {
         check_options(&opts)?;
+        if reactors.is_empty() {
+            return Err(NbdError::Reactor {
+                core: 0,
+                source: SendError::Stopped,
+            });
+        }
         if cfg.listen.is_empty() {
             return Err(NbdError::NoListener);
         }
-        let shards = (0..rt.num_reactors().max(1))
+        let shards = (0..reactors.len())
             .map(|_| CachePadded::new(StatShard::default()))
             .collect();
         let shared = Arc::new(ServerShared {
@@ -289,7 +307,7 @@ impl NbdServer {
             shards,
             live_conns: AtomicUsize::new(0),
             live_listeners: AtomicUsize::new(0),
-            reactors: rt.reactors().to_vec(),
+            reactors: reactors.to_vec(),
             next_reactor: AtomicUsize::new(0),
         });
         let mut server = NbdServer {
@@ -311,10 +329,10 @@ impl NbdServer {
             bound.push(b);
         }
         for (i, b) in bound.into_iter().enumerate() {
-            let core = i % rt.num_reactors();
+            let core = i % reactors.len();
             let shared = server.shared.clone();
             server.shared.live_listeners.fetch_add(1, Ordering::AcqRel);
-            let started = rt.exec(core, move || start_listener(b, shared));
+            let started = reactors[core].exec(move || start_listener(b, shared));
             if let Err(source) = started {
                 server.shared.live_listeners.fetch_sub(1, Ordering::AcqRel);
                 return Err(NbdError::Reactor { core, source });
@@ -383,6 +401,12 @@ impl NbdServer {
                 e.bdev,
                 bdev.block_size(),
                 opts.segment_size
+            )));
+        }
+        if !e.read_only && !bdev.supports(IoType::Write) {
+            return Err(invalid(&format!(
+                "bdev {:?} takes no writes: export it read-only",
+                e.bdev
             )));
         }
         let can_flush = bdev.supports(IoType::Flush);
