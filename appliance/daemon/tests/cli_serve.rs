@@ -1074,3 +1074,128 @@ fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_poi
     // And the volume now differs from the backup (fio went on writing).
     assert!(std::fs::read(&src).unwrap() != backup);
 }
+
+/// NBD exports come and go at run time: `nbd_start_disk` on a Unix socket
+/// and on TCP, served to qemu-io and listed by nbdinfo and `nbd_get_disks`;
+/// a bdev exported cannot be deleted; `nbd_stop_disk` closes the export
+/// (the socket goes with the last export on it); bad requests name what is
+/// wrong and change nothing.
+#[test]
+fn nbd_exports_are_started_and_stopped_over_rpc() {
+    let dir = scratch("nbd-rt");
+    let d = dir.path();
+    let sock = d.join("s.sock");
+    let serve = Serve::start(
+        &[
+            "--bdev",
+            "ram=malloc:8M",
+            "--bdev",
+            "two=malloc:4M",
+            "--rpc-socket",
+            sock.to_str().unwrap(),
+        ],
+        &sock,
+        &d.join("serve.log"),
+    );
+    let mut c = Raw::new(&sock);
+    let nbd_sock = d.join("nbd.sock");
+    let listen = format!("unix:{}", nbd_sock.display());
+    let r = c.call(
+        "nbd_start_disk",
+        json!({"bdev_name": "ram", "listen": listen}),
+    );
+    let disk = &r["result"];
+    assert_eq!(disk["name"], "ram", "{r}");
+    let uri = disk["uri"].as_str().unwrap().to_string();
+    assert_eq!(
+        uri,
+        format!("nbd+unix:///ram?socket={}", nbd_sock.display())
+    );
+    client(
+        "qemu-io",
+        &["-f", "raw", &uri, "-c", "write -P 0x3c 1M 64k"],
+    );
+    let out = client("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x3c 1M 64k"]);
+    assert!(!out.contains("verification failed"), "{out}");
+    let info = client("nbdinfo", &["--json", &uri]);
+    assert!(info.contains("8388608"), "{info}");
+    // A second export on TCP, read-only, under another name.
+    let port = free_port();
+    let r = c.call(
+        "nbd_start_disk",
+        json!({"bdev_name": "two", "name": "second", "listen": format!("127.0.0.1:{port}"), "read_only": true}),
+    );
+    assert_eq!(
+        r["result"]["uri"],
+        format!("nbd://127.0.0.1:{port}/second"),
+        "{r}"
+    );
+    let (code, _, err) = hotcopy(&[
+        "rpc",
+        "bdev_malloc_delete",
+        "-p",
+        "name=ram",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("exported"), "{err}");
+    // Bad requests name what is wrong and change nothing.
+    assert_error(
+        &c.call("nbd_start_disk", json!({"bdev_name": "nope"})),
+        -32001,
+        "export \"nope\"",
+    );
+    assert_error(
+        &c.call(
+            "nbd_start_disk",
+            json!({"bdev_name": "two", "name": "ram", "listen": listen}),
+        ),
+        -32003,
+        "an export named \"ram\" exists",
+    );
+    assert_error(
+        &c.call(
+            "nbd_start_disk",
+            json!({"bdev_name": "two", "listen": "10809"}),
+        ),
+        -32602,
+        "listen: invalid listen address",
+    );
+    assert_error(
+        &c.call("nbd_start_disk", json!({"bdev_name": "two", "bogus": 1})),
+        -32602,
+        "bogus: unknown parameter",
+    );
+    assert_error(
+        &c.call("nbd_stop_disk", json!({"name": "nope"})),
+        -32001,
+        "no NBD export named \"nope\"",
+    );
+    let disks = c.call("nbd_get_disks", Value::Null);
+    assert_eq!(disks["result"].as_array().unwrap().len(), 2, "{disks}");
+    // Stopped: the Unix socket goes with its last export; the TCP one stays.
+    assert_eq!(
+        c.call("nbd_stop_disk", json!({"name": "ram"}))["result"],
+        true
+    );
+    assert!(
+        !nbd_sock.exists(),
+        "the NBD socket outlived its last export"
+    );
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "read 0 4k"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a stopped export still served");
+    let disks = c.call("nbd_get_disks", Value::Null);
+    assert_eq!(disks["result"][0]["name"], "second", "{disks}");
+    // Now deletable; and save_config keeps the export that remains.
+    assert_eq!(
+        c.call("bdev_malloc_delete", json!({"name": "ram"}))["result"],
+        true
+    );
+    let cfg = c.call("save_config", Value::Null);
+    assert_eq!(cfg["result"]["exports"][0]["name"], "second", "{cfg}");
+    serve.stop_ok();
+}
