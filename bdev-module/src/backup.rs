@@ -342,6 +342,12 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
         HugepageMode::Auto,
     )
     .map_err(|e| CowError::Start(e.to_string()))?;
+    // Room for every granule the cow channels can have in flight (capped:
+    // past it the fence covers everything until they land).
+    let fence_table = Arc::new(crate::fence::FenceTable::new(
+        (cb.channels().len().max(1) * crate::fence::CHANNEL_ENTRIES).min(1 << 16),
+    ));
+    fence_table.set_shift(crate::fence::granule_shift(bs));
     let job = Arc::new(JobShared {
         id: NEXT_JOB.fetch_add(1, Ordering::Relaxed),
         source: source.name().to_string(),
@@ -376,6 +382,7 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
         in_scope: AtomicU64::new(scope.chunks_in_scope),
         changed: Mutex::new(None),
         t0_writes: Mutex::new(Vec::new()),
+        fence: fence_table.clone(),
     });
     // The streams' channels and poller live on the home reactor.
     let streams = {
@@ -411,7 +418,7 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
     let cow_shared = cb.shared.clone();
     let install_cbt = cbt.clone();
     let frozen = cb
-        .freeze_on(home, move || {
+        .freeze_on(home, fence_table, move || {
             // Tracking restarts at the consistency point; the job keeps what
             // changed before it.
             if let Some(t) = &install_cbt {

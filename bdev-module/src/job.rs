@@ -256,6 +256,9 @@ pub struct JobShared {
     /// Per channel (by name): writes forwarded to the source before the
     /// consistency point. Recorded while the source is frozen.
     pub t0_writes: Mutex<Vec<(String, u64)>>,
+    /// The granules whose writes of the consistency point were still in
+    /// flight when it was taken (see [`crate::fence`]).
+    pub fence: Arc<crate::fence::FenceTable>,
 }
 
 impl JobShared {
@@ -366,6 +369,8 @@ pub(crate) struct Streams {
     completed: Vec<BdevIo>,
     cursor: u64,
     prio: VecDeque<(u64, u64)>,
+    /// Chunks passed over while fenced, to come back to.
+    deferred: VecDeque<u64>,
     phase: Phase,
     /// The source flush of the consistency point is still to be submitted.
     flush_source: bool,
@@ -432,6 +437,7 @@ impl Streams {
             bufs,
             cursor: 0,
             prio: VecDeque::new(),
+            deferred: VecDeque::new(),
             phase: Phase::Running,
             flush_source: true,
             fg_prev: job.fg.read(),
@@ -539,8 +545,9 @@ impl Streams {
                     }
                     return work;
                 }
-                if self.flush_source {
-                    // Covers every write completed before the consistency point.
+                if self.flush_source && !self.job.fence.active() {
+                    // Covers every write of the consistency point: those in
+                    // flight at the freeze have landed (the fence is empty).
                     self.flush_source = false;
                     let i = self.start_op(OpKind::FlushSource, 0, 0, 0, 0, now);
                     self.src.submit(BdevIo::flush(i as u64));
@@ -550,7 +557,7 @@ impl Streams {
                 let c = &self.job.counters;
                 let settled = c.chunks_done.load(Ordering::Acquire)
                     >= self.job.in_scope.load(Ordering::Acquire);
-                if settled && self.inflight() == 0 {
+                if settled && self.inflight() == 0 && !self.flush_source {
                     // Everything is on the target: make it durable.
                     let i = self.start_op(OpKind::FlushTarget, 0, 0, 0, 0, now);
                     self.tgt.submit(BdevIo::flush(i as u64));
@@ -788,6 +795,7 @@ impl Streams {
             let mut count = 1;
             while count < max_run
                 && chunk + count < job.map.len()
+                && !self.fenced(chunk + count)
                 && job
                     .map
                     .transition(chunk + count, ChunkState::Pending, ChunkState::Copying)
@@ -811,23 +819,48 @@ impl Streams {
         issued
     }
 
+    /// Whether chunk `c` is fenced: a write of the consistency point is
+    /// still landing in it, so its T0 content is not on the source yet.
+    #[inline]
+    fn fenced(&self, c: u64) -> bool {
+        let job = &self.job;
+        job.fence.fenced(c << job.chunk_shift, job.chunk_blocks)
+    }
+
     /// The next chunk to copy, claimed (`Pending` → `Copying`): prioritised
-    /// ranges first, then in order.
+    /// ranges first, then in order, then those passed over while fenced.
     fn next_pending(&mut self) -> Option<u64> {
-        let map = &self.job.map;
-        while let Some((s, e)) = self.prio.front_mut() {
-            while *s < *e {
-                let c = *s;
-                *s += 1;
-                if map.transition(c, ChunkState::Pending, ChunkState::Copying) {
+        let job = self.job.clone();
+        let map = &job.map;
+        while let Some(&(s, e)) = self.prio.front() {
+            let mut c = s;
+            while c < e {
+                if map.get(c) == ChunkState::Pending && self.fenced(c) {
+                    self.deferred.push_back(c);
+                } else if map.transition(c, ChunkState::Pending, ChunkState::Copying) {
+                    self.prio[0].0 = c + 1;
                     return Some(c);
                 }
+                c += 1;
             }
             self.prio.pop_front();
         }
         while self.cursor < map.len() {
             let c = self.cursor;
             self.cursor += 1;
+            if map.get(c) == ChunkState::Pending && self.fenced(c) {
+                self.deferred.push_back(c);
+            } else if map.transition(c, ChunkState::Pending, ChunkState::Copying) {
+                return Some(c);
+            }
+        }
+        // Fenced chunks, once their writes have landed (a writer may have
+        // captured them meanwhile: then they are no longer `Pending`).
+        while let Some(&c) = self.deferred.front() {
+            if map.get(c) == ChunkState::Pending && self.fenced(c) {
+                return None;
+            }
+            self.deferred.pop_front();
             if map.transition(c, ChunkState::Pending, ChunkState::Copying) {
                 return Some(c);
             }

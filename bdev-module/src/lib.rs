@@ -42,6 +42,7 @@
 pub mod backup;
 pub mod cbt;
 pub mod chunk_map;
+pub mod fence;
 pub mod job;
 pub mod repo;
 pub mod repo_bdev;

@@ -3,27 +3,37 @@
 //! # Idle
 //! A cow channel forwards I/O to the source like passthru does. Per I/O it
 //! adds one relaxed load of the freeze flag, one of the job generation, and a
-//! store to its own in-flight counter (a cache line no other core writes).
+//! store to its own in-flight counter (a cache line no other core writes);
+//! per write, the update of its own table of writes in flight per 64 KiB
+//! granule ([`crate::fence::InflightTable`]), on submit and on completion.
 //!
 //! # Consistency point (quiesce)
-//! 1. The controller, a poller on the job's home reactor, sets `freeze`, then
+//! 1. The controller, a poller on the job's home reactor, hands the job's
+//!    fence table to the channels, sets `freeze`, then
 //!    sends a message to every other reactor that has a cow channel and waits
 //!    for each to run it. A reactor runs messages
 //!    between poller calls, so after the round trip every `submit` on that
 //!    reactor sees `freeze` and holds new I/O at channel entry.
-//! 2. It waits until every channel's in-flight count is zero (completions keep
-//!    flowing: channels are still polled).
+//! 2. It waits until every channel has either nothing in flight or has
+//!    registered its writes in flight in the fence table (each does on its
+//!    next poll; see [`crate::fence`]). It does **not** wait for those writes
+//!    to complete: they belong to the consistency point, and the granules
+//!    they touch stay fenced (nothing reads their T0 content from the source)
+//!    until they have.
 //! 3. It installs the job (bumping the generation) and clears `freeze`.
 //!    Channels pick up the job on their next I/O and release what they held.
-//!    The time from 1 to 3 is the freeze time.
-//! 4. The job's first I/O is a flush of the source. A flush covers every write
-//!    completed before it was submitted, which after step 2 is exactly the set
-//!    of writes in the consistency point, so it need not hold I/O: keeping it
-//!    out of the freeze takes the device's cache flush (milliseconds on a
-//!    virtual disk) off the writers' critical path. If it fails, the job fails.
+//!    The time from 1 to 3 is the freeze time: a round trip through the
+//!    reactors, not the slowest write in flight.
+//! 4. The job's first I/O is a flush of the source, issued once the fence is
+//!    empty. A flush covers every write completed before it was submitted,
+//!    which then includes every write of the consistency point, so it need not
+//!    hold I/O: keeping it out of the freeze takes the device's cache flush
+//!    (milliseconds on a virtual disk) off the writers' critical path. If it
+//!    fails, the job fails.
 //!
 //! # Interception (while a job runs)
-//! A write, write-zeroes or unmap touching a chunk that is `Pending` claims it
+//! A write, write-zeroes or unmap touching a chunk that is `Pending` (and not
+//! fenced: then it waits until the fence clears) claims it
 //! (`Pending` → `Saving`), takes a container slot and a bounce buffer, reads
 //! the chunk's old content from the source and writes it to the slot; then the
 //! chunk is `Saved`, goes on the drain queue, and the write proceeds. Writes to
@@ -67,6 +77,7 @@ use hotcopy_runtime::{clock, PollStatus, Poller, Reactor, ReactorHandle};
 
 use crate::cbt::Cbt;
 use crate::chunk_map::ChunkState;
+use crate::fence::{self, FenceTable, InflightTable};
 use crate::job::{JobShared, JobState};
 
 /// Tokens of the cow module's own I/O.
@@ -85,6 +96,9 @@ pub struct ChannelCounters {
     /// first one is held. The job records each channel's count at its
     /// consistency point: exactly those writes are in the backup.
     pub forwarded_writes: AtomicU64,
+    /// The last consistency point (freeze epoch) at which this channel
+    /// registered its writes in flight (see [`crate::fence`]).
+    pub fence_ack: AtomicU64,
 }
 
 /// What the channels of one cow bdev publish about their hosts' I/O.
@@ -118,6 +132,11 @@ pub(crate) struct CowShared {
     pub cbt: Option<Arc<Cbt>>,
     pub source: BdevDesc,
     pub freeze: AtomicBool,
+    /// Counts consistency points; a channel acknowledges one by storing it in
+    /// its `fence_ack`.
+    pub freeze_epoch: AtomicU64,
+    /// The fence table of the consistency point in progress.
+    pub fence: Mutex<Option<Arc<FenceTable>>>,
     pub gen: AtomicU64,
     pub job: Mutex<Option<Arc<JobShared>>>,
     pub channels: Mutex<Vec<Weak<ChannelCounters>>>,
@@ -177,6 +196,7 @@ impl CowBdev {
     pub(crate) fn freeze_on(
         &self,
         home: &ReactorHandle,
+        fence: Arc<FenceTable>,
         install: impl FnOnce() + Send + 'static,
     ) -> Result<Duration, String> {
         let mut others: Vec<ReactorHandle> = Vec::new();
@@ -191,6 +211,8 @@ impl CowBdev {
         home.exec(move || {
             let mut fz = Freeze {
                 shared,
+                fence: Some(fence),
+                epoch: 0,
                 chans: Vec::new(),
                 others,
                 sent: 0,
@@ -228,6 +250,9 @@ impl CowShared {
 /// job's home reactor.
 struct Freeze {
     shared: Arc<CowShared>,
+    /// Handed to the channels at step 1.
+    fence: Option<Arc<FenceTable>>,
+    epoch: u64,
     chans: Vec<Arc<ChannelCounters>>,
     /// Reactors other than this one with channels, and how many of them have
     /// been sent the round-trip message / have run it.
@@ -243,11 +268,15 @@ impl Freeze {
     /// One step; returns true when the protocol has ended (either way).
     fn step(&mut self) -> bool {
         let s = &self.shared;
-        let start = *self.start.get_or_insert_with(|| {
-            // 1. From now on every submit on this reactor holds.
+        if self.start.is_none() {
+            // 1. The fence table first, so a channel that sees `freeze`
+            // finds it; from now on every submit on this reactor holds.
+            *s.fence.lock().unwrap_or_else(|e| e.into_inner()) = self.fence.take();
+            self.epoch = s.freeze_epoch.fetch_add(1, Ordering::SeqCst) + 1;
             s.freeze.store(true, Ordering::SeqCst);
-            Instant::now()
-        });
+            self.start = Some(Instant::now());
+        }
+        let start = self.start.expect("set above");
         // 1b. A message through every other reactor with a channel: once it
         // has run there, no submit on that reactor can miss the flag.
         while self.sent < self.others.len() {
@@ -264,21 +293,27 @@ impl Freeze {
         if (self.acks.load(Ordering::Acquire) as usize) < self.others.len() {
             return timeout && self.end(Err("a reactor did not answer within 30 s".into()));
         }
-        // 2. What was in flight drains (completions keep flowing). The list
-        // is taken now, after every reactor has seen the flag, so a channel
-        // created a moment before the freeze is not missed.
+        // 2. Every channel with I/O in flight registers its writes in the
+        // fence (on its next poll). The list is taken now, after every
+        // reactor has seen the flag, so a channel created a moment before
+        // the freeze is not missed; new I/O is held, so a channel with
+        // nothing in flight has nothing to register.
         if self.chans.is_empty() {
             self.chans = s.channels();
         }
-        let busy: u64 = self
+        let epoch = self.epoch;
+        let waiting = self
             .chans
             .iter()
-            .map(|c| c.inflight.load(Ordering::Acquire))
-            .sum();
-        if busy > 0 {
+            .filter(|c| {
+                c.fence_ack.load(Ordering::Acquire) != epoch
+                    && c.inflight.load(Ordering::Acquire) > 0
+            })
+            .count();
+        if waiting > 0 {
             return timeout
                 && self.end(Err(format!(
-                    "{busy} I/Os still in flight after 30 s of quiesce"
+                    "{waiting} channel(s) with I/O in flight did not register it within 30 s"
                 )));
         }
         // 3. Install and resume.
@@ -291,6 +326,8 @@ impl Freeze {
 
     fn end(&mut self, r: Result<Duration, String>) -> bool {
         self.shared.freeze.store(false, Ordering::SeqCst);
+        // Channels that registered keep their reference.
+        *self.shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = self.tx.try_send(r);
         true
     }
@@ -316,6 +353,7 @@ impl BdevBackend for CowBdev {
             pace_delay_ticks: AtomicU64::new(0),
             slot_waits: AtomicU64::new(0),
             forwarded_writes: AtomicU64::new(0),
+            fence_ack: AtomicU64::new(0),
         });
         {
             let mut v = self
@@ -342,6 +380,12 @@ impl BdevBackend for CowBdev {
             held: VecDeque::with_capacity(256),
             held_since: VecDeque::with_capacity(256),
             out: VecDeque::with_capacity(64),
+            tracked: InflightTable::new(fence::CHANNEL_ENTRIES),
+            big: Vec::with_capacity(BIG_WRITES),
+            gshift: fence::granule_shift(self.shared.source.bdev().block_size() as u64),
+            fence: None,
+            fenced_left: 0,
+            fence_epoch: 0,
         }))
     }
 
@@ -368,6 +412,11 @@ struct JobChannel {
 /// Most captures one channel runs at once.
 const MAX_CAPTURES: usize = 64;
 
+/// Writes over more granules than this are tracked whole (by range), at most
+/// [`BIG_WRITES`] at a time per channel.
+const BIG_GRANULES: u64 = 64;
+const BIG_WRITES: usize = 16;
+
 struct CowChannel {
     base: BdevChannel,
     cbt: Option<Arc<Cbt>>,
@@ -386,6 +435,15 @@ struct CowChannel {
     held: VecDeque<BdevIo>,
     held_since: VecDeque<u64>,
     out: VecDeque<BdevIo>,
+    /// Writes in flight per granule, and large writes by range.
+    tracked: InflightTable,
+    big: Vec<(u64, u64)>,
+    gshift: u32,
+    /// The fence this channel registered writes in, and how many granule
+    /// counts it has not released yet.
+    fence: Option<Arc<FenceTable>>,
+    fenced_left: u64,
+    fence_epoch: u64,
 }
 
 enum Admit {
@@ -465,7 +523,11 @@ impl CowChannel {
                 s if s.write_may_pass() => {}
                 ChunkState::Pending => {
                     pass = false;
-                    self.start_capture(&job, c, now);
+                    // A write of the consistency point is still landing
+                    // there: its T0 content is not on the source yet.
+                    if !job.fence.fenced(c << job.chunk_shift, job.chunk_blocks) {
+                        self.start_capture(&job, c, now);
+                    }
                 }
                 _ => pass = false,
             }
@@ -543,6 +605,110 @@ impl CowChannel {
         ));
     }
 
+    /// Whether the writes-in-flight tables can take `io` (else it waits for
+    /// completions).
+    #[inline]
+    fn can_track(&self, io: &BdevIo) -> bool {
+        if !tracks(io) {
+            return true;
+        }
+        let n = granule_count(io, self.gshift);
+        if n > BIG_GRANULES {
+            self.big.len() < BIG_WRITES
+        } else {
+            self.tracked.has_room(n)
+        }
+    }
+
+    /// Counts a write going to the source in the tables.
+    #[inline]
+    fn track(&mut self, io: &BdevIo) {
+        if granule_count(io, self.gshift) > BIG_GRANULES {
+            self.big.push((io.offset_blocks, io.num_blocks));
+            return;
+        }
+        for g in fence::granules(io.offset_blocks, io.num_blocks, self.gshift) {
+            let added = self.tracked.add(g);
+            debug_assert!(added, "room checked before forwarding");
+        }
+    }
+
+    /// A tracked write completed: off the channel's own table, or, where
+    /// that has none (it was registered at a consistency point), off the
+    /// fence.
+    #[inline]
+    fn untrack(
+        tracked: &mut InflightTable,
+        big: &mut Vec<(u64, u64)>,
+        fence: &mut Option<Arc<FenceTable>>,
+        fenced_left: &mut u64,
+        gshift: u32,
+        io: &BdevIo,
+    ) {
+        let mut release = |g: u64| {
+            if let Some(f) = fence.as_ref() {
+                f.release(g);
+                *fenced_left -= 1;
+            }
+        };
+        if granule_count(io, gshift) > BIG_GRANULES {
+            match big
+                .iter()
+                .position(|&r| r == (io.offset_blocks, io.num_blocks))
+            {
+                Some(i) => {
+                    big.swap_remove(i);
+                }
+                None => fence::granules(io.offset_blocks, io.num_blocks, gshift).for_each(release),
+            }
+        } else {
+            for g in fence::granules(io.offset_blocks, io.num_blocks, gshift) {
+                if !tracked.remove(g) {
+                    release(g);
+                }
+            }
+        }
+        if *fenced_left == 0 {
+            *fence = None;
+        }
+    }
+
+    /// During a consistency point: moves this channel's writes in flight
+    /// into the fence table and acknowledges (see [`crate::fence`]).
+    fn register_fence(&mut self) {
+        let epoch = self.shared.freeze_epoch.load(Ordering::Acquire);
+        if self.fence_epoch == epoch {
+            return;
+        }
+        if self.fenced_left > 0 {
+            // The writes of an earlier consistency point are still landing;
+            // their counts must go back to that fence first.
+            return;
+        }
+        let Some(f) = self
+            .shared
+            .fence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let mut moved = self.tracked.register_into(&f);
+        for (off, n) in self.big.drain(..) {
+            for g in fence::granules(off, n, self.gshift) {
+                f.add(g, 1);
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            self.fenced_left = moved;
+            self.fence = Some(f);
+        }
+        self.fence_epoch = epoch;
+        self.counters.fence_ack.store(epoch, Ordering::Release);
+    }
+
     fn forward(&mut self, io: BdevIo) {
         #[cfg(debug_assertions)]
         if io.io_type.is_mutating() && io.io_type != IoType::Flush {
@@ -563,6 +729,7 @@ impl CowChannel {
             if let Some(t) = &self.cbt {
                 t.mark(io.offset_blocks, io.num_blocks);
             }
+            self.track(&io);
             self.forwarded += 1;
             self.counters
                 .forwarded_writes
@@ -656,7 +823,8 @@ impl CowChannel {
                 break;
             };
             let since = self.held_since.pop_front().unwrap_or(now);
-            let pass = !io.io_type.is_mutating() || matches!(self.admit(&io, now), Admit::Pass);
+            let pass = !io.io_type.is_mutating()
+                || (self.can_track(&io) && matches!(self.admit(&io, now), Admit::Pass));
             if pass {
                 let waited = now.saturating_sub(since);
                 self.counters
@@ -695,6 +863,13 @@ impl BackendChannel for CowChannel {
         if self.shared.gen.load(Ordering::Acquire) != self.gen {
             self.refresh_job();
         }
+        if !self.can_track(&io) {
+            // More writes in flight than the tables hold: wait for some.
+            self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
+            self.held.push_back(io);
+            self.held_since.push_back(clock::ticks());
+            return;
+        }
         if self.job.is_some() && io.io_type.is_mutating() && io.io_type != IoType::Flush {
             let now = clock::ticks();
             if matches!(self.admit(&io, now), Admit::Wait) {
@@ -712,13 +887,30 @@ impl BackendChannel for CowChannel {
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+        if self.shared.freeze.load(Ordering::Acquire) {
+            self.register_fence();
+        }
         if self.jc.is_none()
             && !self.measure
             && self.held.is_empty()
             && self.shared.gen.load(Ordering::Relaxed) == self.gen
         {
             // Idle: no internal I/O exists, so every completion is the caller's.
-            let n = self.base.poll(done);
+            let CowChannel {
+                base,
+                tracked,
+                big,
+                fence,
+                fenced_left,
+                gshift,
+                ..
+            } = self;
+            let n = base.poll(&mut |io| {
+                if tracks(&io) {
+                    Self::untrack(tracked, big, fence, fenced_left, *gshift, &io);
+                }
+                done(io);
+            });
             if n > 0 {
                 self.inflight -= n as u64;
                 self.counters
@@ -737,6 +929,11 @@ impl BackendChannel for CowChannel {
             m_last,
             m_area,
             shared,
+            tracked,
+            big,
+            fence,
+            fenced_left,
+            gshift,
             ..
         } = self;
         let mut n = 0;
@@ -747,6 +944,9 @@ impl BackendChannel for CowChannel {
                     Self::capture_done(jc, true, io);
                 }
             } else {
+                if tracks(&io) {
+                    Self::untrack(tracked, big, fence, fenced_left, *gshift, &io);
+                }
                 user += 1;
                 done(io);
             }
@@ -781,6 +981,19 @@ impl BackendChannel for CowChannel {
     }
 }
 
+/// Whether `io` is a write the fence tables count.
+#[inline]
+fn tracks(io: &BdevIo) -> bool {
+    io.io_type.is_mutating() && io.io_type != IoType::Flush
+}
+
+/// How many granules `io` touches.
+#[inline]
+fn granule_count(io: &BdevIo, gshift: u32) -> u64 {
+    let r = fence::granules(io.offset_blocks, io.num_blocks, gshift);
+    r.end() - r.start() + 1
+}
+
 /// Creates the cow bdev `name` on `source`, claiming it.
 pub fn create(reg: &BdevRegistry, name: &str, source: &str) -> Result<Bdev, BdevError> {
     create_with(reg, name, source, None)
@@ -806,6 +1019,8 @@ pub fn create_with(
         cbt,
         source: claim.open(),
         freeze: AtomicBool::new(false),
+        freeze_epoch: AtomicU64::new(0),
+        fence: Mutex::new(None),
         gen: AtomicU64::new(0),
         job: Mutex::new(None),
         channels: Mutex::new(Vec::new()),

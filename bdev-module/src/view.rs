@@ -13,7 +13,7 @@
 //!
 //! | state | T0 content | the view reads |
 //! |---|---|---|
-//! | `Pending` | the source (writes must capture it first) | the source, then re-checks |
+//! | `Pending` | the source (writes must capture it first) | the source, then re-checks; while [fenced](crate::fence), nothing: waits |
 //! | `Copying` | the source (writes wait) and the copy stream's buffer | the source, then re-checks |
 //! | `Saving` | the source (writes wait) and the capture's buffer | the source, then re-checks |
 //! | `Copied` | only the copy stream's buffer; the target write is in flight | nothing: waits for `Done` |
@@ -388,6 +388,10 @@ impl ViewChannel {
                     (ChunkState::Done, _) => Where::Read(Loc::Target),
                     _ => Where::Wait,
                 }
+            }
+            // A write of the consistency point is still landing in it.
+            ChunkState::Pending if job.fence.fenced(chunk << job.chunk_shift, job.chunk_blocks) => {
+                Where::Wait
             }
             ChunkState::OutOfScope
             | ChunkState::Pending
