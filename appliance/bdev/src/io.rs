@@ -6,8 +6,15 @@
 //! per I/O. The `token` is the submitter's: modules pass it through untouched
 //! (a virtual bdev that issues I/O of its own swaps in a token of its own and
 //! restores the caller's before completing).
+//!
+//! The I/O also carries the submit times of the channels it is in (see
+//! [`crate::stats`]): each [`BdevChannel`](crate::BdevChannel) pushes one in
+//! `submit` and pops it when the I/O comes back from its `poll`. Modules never
+//! touch them.
 
 use hotcopy_runtime::DmaBuf;
+
+use crate::stats::STAMP_DEPTH;
 
 /// The operation a [`BdevIo`] performs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,6 +111,10 @@ pub struct BdevIo {
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
     pub status: IoStatus,
+    /// Submit times (TSC ticks) of the channels the I/O is in, outermost
+    /// first; `stamp_depth` may exceed `STAMP_DEPTH` (deeper ones untimed).
+    stamps: [u64; STAMP_DEPTH],
+    stamp_depth: u8,
 }
 
 impl BdevIo {
@@ -116,6 +127,8 @@ impl BdevIo {
             token,
             fua: false,
             status: IoStatus::Pending,
+            stamps: [0; STAMP_DEPTH],
+            stamp_depth: 0,
         }
     }
 
@@ -151,6 +164,26 @@ impl BdevIo {
     pub fn complete(mut self, status: IoStatus) -> Self {
         self.status = status;
         self
+    }
+
+    /// Records that a channel took the I/O at `ticks`.
+    #[inline]
+    pub(crate) fn push_stamp(&mut self, ticks: u64) {
+        let d = self.stamp_depth as usize;
+        if d < STAMP_DEPTH {
+            self.stamps[d] = ticks;
+        }
+        self.stamp_depth = self.stamp_depth.saturating_add(1);
+    }
+
+    /// The submit time of the innermost channel the I/O is in, which it is
+    /// leaving; `None` when that channel is too deep to be timed, or when the
+    /// I/O never went through its `submit` (a module completed another one).
+    #[inline]
+    pub(crate) fn pop_stamp(&mut self) -> Option<u64> {
+        let d = self.stamp_depth.checked_sub(1)?;
+        self.stamp_depth = d;
+        self.stamps.get(d as usize).copied()
     }
 
     /// Takes the buffer back out of a completed I/O.

@@ -13,7 +13,13 @@
 //! * completions are pulled: [`BdevChannel::poll`] hands back every finished
 //!   I/O, by value, with its status and its buffer. The submitter's `token`
 //!   says which request it was. Nothing is allocated per I/O and no callback
-//!   is stored, so a stacked module adds one indirect call each way.
+//!   is stored, so a stacked module adds one indirect call each way (and
+//!   one more on the way back, where the channel counts the completion);
+//! * every channel counts what completes through it, by type, with errors,
+//!   bytes, and read and write latency from its `submit` to its `poll`, in a
+//!   shard of its own; [`Bdev::io_stats`] sums the shards into [`IoStats`]
+//!   with percentiles (SPDK's `bdev_get_iostat`). The submit time rides in
+//!   the `BdevIo`; see [`stats`] for the layout and the error bound.
 //!
 //! Modules: `null`, `malloc`, `uring` (files and block devices through
 //! io_uring), `passthru` (the cost of stacking), `fault` (error, latency and
@@ -23,6 +29,7 @@ pub mod bdev;
 
 pub mod io;
 pub mod modules;
+pub mod stats;
 pub mod testing;
 
 pub use bdev::{
@@ -30,6 +37,7 @@ pub use bdev::{
     BdevRegistry, ChannelStats, Claim,
 };
 pub use io::{BdevIo, IoError, IoStatus, IoType};
+pub use stats::{IoStats, Latencies, LatencySummary, OpCounts};
 
 /// Control-path errors of the bdev layer.
 #[derive(Debug, thiserror::Error)]

@@ -137,10 +137,6 @@ impl State {
     }
 }
 
-/// A source of figures for `hotcopy_get_stats` (the NBD server plugs its
-/// per-export counters and latency histograms in here).
-pub type StatsSource = Box<dyn Fn() -> Value + Send + Sync>;
-
 /// The running appliance: reactors, bdevs and records. Shared by the RPC
 /// server's threads and the reaper.
 pub struct Daemon {
@@ -153,7 +149,6 @@ pub struct Daemon {
     /// one bdev.
     create: Mutex<()>,
     stopping: AtomicBool,
-    stats: Mutex<Vec<(String, StatsSource)>>,
     /// The NBD servers and their exports.
     pub nbd: super::exports::Exports,
 }
@@ -172,7 +167,6 @@ impl Daemon {
             st: Mutex::new(State::default()),
             create: Mutex::new(()),
             stopping: AtomicBool::new(false),
-            stats: Mutex::new(Vec::new()),
             nbd: super::exports::Exports::default(),
         }
     }
@@ -647,16 +641,18 @@ impl Daemon {
 
     // ---- Stats --------------------------------------------------------------
 
-    /// Per-bdev figures: geometry and claims for every bdev; for a cow bdev
-    /// its submitters' counters, the hosts' mean latency it measured, and
-    /// its change tracking; for snapshots and instant restores their
-    /// counters. Plus every plugged-in source (the NBD server's per-export
-    /// I/O counters and latency percentiles).
+    /// Per-bdev figures: geometry and claims for every bdev, and its I/O
+    /// counters and latency percentiles (`io`, see `hotcopy_bdev::stats`);
+    /// for a cow bdev its submitters' counters, the hosts' mean latency it
+    /// measured, and its change tracking; for snapshots and instant
+    /// restores their counters. (`hotcopy_get_stats` adds the NBD servers'
+    /// counters and the jobs.)
     pub fn bdev_stats(&self) -> Value {
         let st = self.state();
         let mut out = Vec::new();
         for b in self.reg.list() {
             let mut v = bdev_json(&b);
+            v["io"] = serde_json::to_value(b.io_stats()).unwrap_or(Value::Null);
             if let Some(cow) = b.backend::<CowBdev>() {
                 let (area, done) = cow.fg_meter().read();
                 let ticks_per_us = hotcopy_runtime::clock::ticks_per_us();
@@ -689,11 +685,7 @@ impl Daemon {
             out.push(v);
         }
         drop(st);
-        let mut stats = json!({ "bdevs": out });
-        for (key, f) in lock(&self.stats).iter() {
-            stats[key.as_str()] = f();
-        }
-        stats
+        json!({ "bdevs": out })
     }
 
     // ---- The clean stop -----------------------------------------------------
