@@ -1199,3 +1199,146 @@ fn nbd_exports_are_started_and_stopped_over_rpc() {
     assert_eq!(cfg["result"]["exports"][0]["name"], "second", "{cfg}");
     serve.stop_ok();
 }
+
+/// Runs qemu-io on `uri` with `cmds`; it must succeed without a failed
+/// command.
+fn qemu_io(uri: &str, cmds: &[String]) -> String {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    let text = client("qemu-io", &args);
+    assert!(!text.contains("failed"), "qemu-io {args:?}:\n{text}");
+    text
+}
+
+/// The `io` section of bdev `name` in `stats`.
+fn io_of<'a>(stats: &'a Value, name: &str) -> &'a Value {
+    let b = stats["bdevs"]
+        .as_array()
+        .expect("bdevs")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no bdev {name} in {stats}"));
+    &b["io"]
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// `count` I/Os measured, with 0 < p50 <= p90 <= p99 <= p99.9 <= max and
+/// 0 < mean <= max.
+#[track_caller]
+fn assert_latency(l: &Value, count: u64) {
+    assert_eq!(u(&l["count"]), count, "{l}");
+    let p: Vec<f64> = ["p50", "p90", "p99", "p999", "max"]
+        .iter()
+        .map(|k| f(&l[*k]))
+        .collect();
+    assert!(p[0] > 0.0, "{l}");
+    assert!(
+        p.windows(2).all(|w| w[0] <= w[1]),
+        "percentiles out of order: {l}"
+    );
+    let mean = f(&l["mean"]);
+    assert!(mean > 0.0 && mean <= p[4], "{l}");
+}
+
+/// `hotcopy_get_stats` of a real `hotcopy serve`: every bdev's `io` section
+/// (counters by type, bytes, errors, read and write latency percentiles)
+/// reflects the I/O that qemu-io sent to an NBD export of a cow volume, at
+/// the volume and at its base; `bdev_get_iostat` shows the same and
+/// `bdev_reset_iostat` starts them anew.
+#[test]
+fn get_stats_shows_each_bdevs_io_counters_and_latency_percentiles() {
+    const WRITES: u64 = 24;
+    const READS: u64 = 9;
+    let dir = common::scratch("stats");
+    let d = dir.path();
+    let port = free_port();
+    let sock = d.join("rpc.sock");
+    let nbd = format!("vol@127.0.0.1:{port}");
+    let serve = Serve::start(
+        &[
+            "--bdev",
+            "vol=cow:malloc:64M",
+            "--nbd",
+            &nbd,
+            "--rpc-socket",
+            sock.to_str().unwrap(),
+        ],
+        &sock,
+        &d.join("serve.log"),
+    );
+
+    // Nothing has done I/O yet: every figure is there, and zero.
+    let before = ok_parsed(&rpc_args(serve.sock(), "hotcopy_get_stats", &[]));
+    for name in ["vol", "vol.base"] {
+        let io = io_of(&before, name);
+        assert_eq!(u(&io["ops"]["write"]) + u(&io["ops"]["read"]), 0, "{io}");
+        assert_eq!(u(&io["errors"]["write"]), 0, "{io}");
+        assert_eq!(u(&io["latency_us"]["write"]["count"]), 0, "{io}");
+        assert!(io["latency_us"]["write"]["p99"].is_null(), "{io}");
+    }
+
+    // 4 KiB writes at distinct offsets, reads of some of them, a flush, a
+    // trim and a write of zeroes: one NBD command, so one bdev I/O, each
+    // (qemu-io may add flushes of its own).
+    let uri = format!("nbd://127.0.0.1:{port}/vol");
+    let mut cmds: Vec<String> = (0..WRITES)
+        .map(|i| format!("write -P 0x{:02x} {} 4k", 0x10 + i, i * 65536))
+        .collect();
+    cmds.extend((0..READS).map(|i| format!("read -P 0x{:02x} {} 4k", 0x10 + i, i * 65536)));
+    cmds.extend(["flush", "discard 32M 64k", "write -z 48M 64k"].map(String::from));
+    let out = qemu_io(&uri, &cmds);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+
+    let after = ok_parsed(&rpc_args(serve.sock(), "hotcopy_get_stats", &[]));
+    for name in ["vol", "vol.base"] {
+        let io = io_of(&after, name);
+        assert_eq!(u(&io["ops"]["write"]), WRITES, "{name}: {io}");
+        assert_eq!(u(&io["ops"]["read"]), READS, "{name}: {io}");
+        assert!(u(&io["ops"]["flush"]) >= 1, "{name}: {io}");
+        assert_eq!(u(&io["bytes_written"]), WRITES * 4096, "{name}: {io}");
+        assert_eq!(u(&io["bytes_read"]), READS * 4096, "{name}: {io}");
+        assert_eq!(u(&io["ops"]["unmap"]), 1, "{name}: {io}");
+        assert_eq!(u(&io["ops"]["write_zeroes"]), 1, "{name}: {io}");
+        for t in ["read", "write", "flush", "unmap", "write_zeroes"] {
+            assert_eq!(u(&io["errors"][t]), 0, "{name}: {io}");
+        }
+        assert_latency(&io["latency_us"]["write"], WRITES);
+        assert_latency(&io["latency_us"]["read"], READS);
+    }
+    // The cow volume's time for each I/O contains its base's.
+    let (vol, base) = (io_of(&after, "vol"), io_of(&after, "vol.base"));
+    for t in ["read", "write"] {
+        for k in ["max", "mean"] {
+            assert!(
+                f(&vol["latency_us"][t][k]) >= f(&base["latency_us"][t][k]),
+                "{t} {k}: vol {vol} base {base}"
+            );
+        }
+    }
+
+    // The daemon's other figures are still there.
+    assert!(after["jobs"].is_array(), "{after}");
+    // SPDK's method shows the same figures; a reset starts them anew.
+    let io = ok_parsed(&rpc_args(serve.sock(), "bdev_get_iostat", &["name=vol"]));
+    assert_eq!(io["bdevs"][0]["name"], "vol", "{io}");
+    assert_eq!(u(&io["bdevs"][0]["ops"]["write"]), WRITES, "{io}");
+    ok(&rpc_args(serve.sock(), "bdev_reset_iostat", &[]));
+    let io = ok_parsed(&rpc_args(serve.sock(), "bdev_get_iostat", &[]));
+    for b in io["bdevs"].as_array().unwrap() {
+        assert_eq!(u(&b["ops"]["write"]) + u(&b["ops"]["read"]), 0, "{b}");
+        assert_eq!(u(&b["latency_us"]["write"]["count"]), 0, "{b}");
+    }
+    let (code, _, err) = hotcopy(&rpc_args(serve.sock(), "bdev_get_iostat", &["name=nope"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nope"), "{err}");
+    serve.stop_ok();
+}

@@ -22,6 +22,8 @@ pub type Handler = fn(&Daemon, Option<Value>) -> Result<Value>;
 pub const METHODS: &[(&str, Handler)] = &[
     ("rpc_get_methods", rpc_get_methods),
     ("bdev_get_bdevs", bdev_get_bdevs),
+    ("bdev_get_iostat", bdev_get_iostat),
+    ("bdev_reset_iostat", bdev_reset_iostat),
     ("bdev_malloc_create", bdev_malloc_create),
     ("bdev_malloc_delete", bdev_malloc_delete),
     ("bdev_null_create", bdev_null_create),
@@ -59,6 +61,47 @@ pub const METHODS: &[(&str, Handler)] = &[
 
 pub fn find(name: &str) -> Option<Handler> {
     METHODS.iter().find(|(n, _)| *n == name).map(|(_, h)| *h)
+}
+
+/// The bdevs `name` selects (all when absent).
+fn selected(d: &Daemon, name: Option<String>) -> Result<Vec<hotcopy_bdev::Bdev>> {
+    match name {
+        Some(n) => Ok(vec![d
+            .reg
+            .lookup(&n)
+            .map_err(|e| ServeError::NotFound(e.to_string()))?]),
+        None => Ok(d.reg.list()),
+    }
+}
+
+/// `bdev_get_iostat`: the I/O counters and latency percentiles of every
+/// bdev, or of `name` (SPDK's method name; the figures are ours: counts,
+/// errors and bytes by type, read and write latency p50/p90/p99/p99.9/max
+/// and mean in µs, since the start or the last `bdev_reset_iostat`).
+fn bdev_get_iostat(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["name"])?;
+    let name = p.opt_str("name")?;
+    p.done()?;
+    let bdevs = selected(d, name)?
+        .iter()
+        .map(|b| {
+            let mut v = serde_json::to_value(b.io_stats()).unwrap_or_else(|_| json!({}));
+            v["name"] = json!(b.name());
+            v
+        })
+        .collect::<Vec<_>>();
+    Ok(json!({ "bdevs": bdevs }))
+}
+
+/// `bdev_reset_iostat`: starts the figures of every bdev (or `name`) anew.
+fn bdev_reset_iostat(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["name"])?;
+    let name = p.opt_str("name")?;
+    p.done()?;
+    for b in selected(d, name)? {
+        b.reset_io_stats();
+    }
+    Ok(Value::Bool(true))
 }
 
 fn rpc_get_methods(_: &Daemon, params: Option<Value>) -> Result<Value> {

@@ -42,6 +42,7 @@
 //! |---|---|
 //! | `rpc_get_methods` | |
 //! | `bdev_get_bdevs` | `name`? |
+//! | `bdev_get_iostat`, `bdev_reset_iostat` | `name`? |
 //! | `bdev_malloc_create`, `bdev_null_create` | `name`, `size` or `num_blocks`, `block_size`? |
 //! | `bdev_uring_create` | `name`, `filename`, `size`?, `block_size`?, `direct`? |
 //! | `bdev_passthru_create` | `name`, `base_bdev_name` |
