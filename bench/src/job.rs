@@ -297,9 +297,6 @@ impl Job {
         if run_n > 0 {
             self.out.hist_ticks.saturating_record_n(run_lat, run_n);
         }
-        if run_n > 0 {
-            let _ = self.out.hist_ticks.record_n(run_lat, run_n);
-        }
         let mut restart = std::mem::take(&mut self.done_slots);
         for &slot in restart.iter() {
             let slot = slot as usize;
