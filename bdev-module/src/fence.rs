@@ -258,6 +258,14 @@ impl FenceTable {
         self.left.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Gives up `n` registered counts whose writes will never be reported
+    /// (their channel went away). Their granules stay fenced until every
+    /// other registered write has completed.
+    pub fn forget(&self, n: u64) {
+        self.all.store(true, Ordering::Release);
+        self.left.fetch_sub(n, Ordering::AcqRel);
+    }
+
     /// Whether anything is fenced.
     #[inline]
     pub fn active(&self) -> bool {

@@ -981,6 +981,16 @@ impl BackendChannel for CowChannel {
     }
 }
 
+impl Drop for CowChannel {
+    fn drop(&mut self) {
+        // Registered writes whose completions this channel will not see:
+        // the fence must not wait for them for ever.
+        if let Some(f) = self.fence.take() {
+            f.forget(self.fenced_left);
+        }
+    }
+}
+
 /// Whether `io` is a write the fence tables count.
 #[inline]
 fn tracks(io: &BdevIo) -> bool {
