@@ -956,8 +956,14 @@ fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_poi
         .spawn()
         .expect("fio (install fio)");
     // Until fio has written 2000 blocks (it starts slowly on a busy machine).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut fio = fio;
     loop {
+        if let Some(st) = fio.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(fio.stderr.as_mut().unwrap(), &mut err);
+            panic!("fio exited ({st}) before the backup:\n{err}");
+        }
         let st = ok_parsed(&rpc_args(&s, "hotcopy_get_stats", &[]));
         if st["exports"]["servers"][0]["bytes_written"]
             .as_u64()
