@@ -82,6 +82,15 @@ pub struct StartArgs {
     /// Limit the copy stream to this many bytes per second (100M, 1G, ...).
     #[arg(long, value_name = "BYTES_PER_S")]
     pub rate: Option<ByteSize>,
+    /// The backup's progress guarantee: the least share of time (0..1) its
+    /// streams keep a chunk in flight however loaded the hosts are (daemon
+    /// default 0.25). Raise it to finish sooner under a saturating load.
+    #[arg(long, value_name = "SHARE")]
+    pub min_share: Option<f64>,
+    /// Hosts' latency, relative to its level without a backup, above which
+    /// the backup streams back off (daemon default 1.1).
+    #[arg(long, value_name = "FACTOR")]
+    pub tolerance: Option<f64>,
     /// Back up only these byte ranges (START+LEN,...).
     #[arg(long)]
     pub include: Option<String>,
@@ -310,6 +319,12 @@ fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         "repo": a.repo,
         "incremental": a.incremental,
     });
+    if let Some(x) = a.min_share {
+        params["min_share"] = json!(x);
+    }
+    if let Some(x) = a.tolerance {
+        params["tolerance"] = json!(x);
+    }
     if let Some(r) = a.rate {
         params["rate"] = json!(r.0);
     }

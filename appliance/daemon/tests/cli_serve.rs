@@ -533,6 +533,30 @@ fn bad_requests_get_json_rpc_errors_and_the_daemon_keeps_serving() {
         -32004,
         "repo ram: not a hotcopy repository",
     );
+    assert_error(
+        &c.call(
+            "hotcopy_backup_start",
+            json!({"volume": "cvol", "repo": "ram", "min_share": 1.5}),
+        ),
+        -32602,
+        "min_share: 1.5 is not a share of time between 0 and 1",
+    );
+    assert_error(
+        &c.call(
+            "hotcopy_backup_start",
+            json!({"volume": "cvol", "repo": "ram", "tolerance": "fast"}),
+        ),
+        -32602,
+        "tolerance: expected a number, got \"fast\"",
+    );
+    assert_error(
+        &c.call(
+            "hotcopy_backup_start",
+            json!({"volume": "cvol", "repo": "ram", "tolerance": 0.5}),
+        ),
+        -32602,
+        "tolerance: 0.5 is below 1",
+    );
     // Domain errors.
     assert_error(
         &c.call("bdev_malloc_create", json!({"name": "ram", "size": "1M"})),

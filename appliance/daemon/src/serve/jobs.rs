@@ -248,6 +248,8 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
             "chunk_size",
             "container_slots",
             "view",
+            "min_share",
+            "tolerance",
         ],
     )?;
     let volume = p.str("volume")?;
@@ -260,7 +262,22 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let chunk_param = p.opt_size("chunk_size")?;
     let slots = p.opt_u64("container_slots")?;
     let view = p.opt_str("view")?;
+    let defaults = JobTuning::default();
+    let min_share = p.opt_f64("min_share")?.unwrap_or(defaults.min_share);
+    let tolerance = p.opt_f64("tolerance")?.unwrap_or(defaults.fg_tolerance);
     p.done()?;
+    if !(0.0..=1.0).contains(&min_share) {
+        return Err(ServeError::param(
+            "min_share",
+            format!("{min_share} is not a share of time between 0 and 1"),
+        ));
+    }
+    if tolerance < 1.0 {
+        return Err(ServeError::param(
+            "tolerance",
+            format!("{tolerance} is below 1: the hosts' latency can never be below its own level"),
+        ));
+    }
     d.check_running()?;
     if name.is_empty() {
         return Err(ServeError::param("name", "the source name is empty"));
@@ -468,6 +485,8 @@ pub fn start(d: &Daemon, params: Option<Value>) -> Result<Value> {
         scope,
         tuning: JobTuning {
             rate_limit: rate,
+            min_share,
+            fg_tolerance: tolerance,
             ..JobTuning::default()
         },
         changed_since: if method == "tracking" { parent } else { None },

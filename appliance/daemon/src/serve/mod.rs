@@ -49,7 +49,7 @@
 //! | `hotcopy_bdev_create` | `name`, `spec` |
 //! | `hotcopy_cow_create` | `name`, `base_bdev_name`, `tracking_bdev`?, `tracking_offset`? |
 //! | `bdev_{malloc,null,uring,passthru}_delete`, `hotcopy_cow_delete`, `hotcopy_snapshot_delete`, `hotcopy_bdev_delete` | `name` |
-//! | `hotcopy_backup_start` | `volume`, `repo`, `incremental`?, `rate`?, `include`?, `exclude`?, `name`?, `chunk_size`?, `container_slots`?, `view`? |
+//! | `hotcopy_backup_start` | `volume`, `repo`, `incremental`?, `rate`?, `include`?, `exclude`?, `name`?, `chunk_size`?, `container_slots`?, `view`?, `min_share`?, `tolerance`? |
 //! | `hotcopy_backup_view_create` | `volume`?, `name` |
 //! | `hotcopy_backup_status` | `volume`?, `job`? |
 //! | `hotcopy_backup_cancel` | `volume`?, `wait_s`? |

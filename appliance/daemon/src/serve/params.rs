@@ -111,6 +111,22 @@ impl Params {
         let v = self.value(name)?;
         as_size(name, &v)
     }
+
+    /// A finite number (JSON number, or a string that parses as one).
+    pub fn opt_f64(&mut self, name: &str) -> Result<Option<f64>> {
+        self.take(name)
+            .map(|v| {
+                let x = match &v {
+                    Value::Number(n) => n.as_f64(),
+                    Value::String(s) => s.trim().parse::<f64>().ok(),
+                    _ => None,
+                };
+                x.filter(|x| x.is_finite()).ok_or_else(|| {
+                    ServeError::param(name, format!("expected a number, got {}", short(&v)))
+                })
+            })
+            .transpose()
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
