@@ -87,7 +87,7 @@ pub fn format_uuid(u: u128) -> String {
 ///
 /// Adding a module: implement this and [`BackendChannel`], register instances
 /// with [`BdevRegistry::register`], and add the config variant and its arm in
-/// [`crate::construct`].
+/// the daemon's `construct` module (`appliance/daemon/src/construct.rs`).
 pub trait BdevBackend: AsAny + Send + Sync + 'static {
     /// Whether the bdev can perform `io_type`. Unsupported I/O is failed by the
     /// channel before it reaches the module.
