@@ -2,9 +2,13 @@
 //!
 //! The scenario builds a source, a backup target and an intermediate
 //! container. It fills the source, so the backup has real data to copy, and
-//! stacks a cow bdev on it. It then runs a random-write load twice: once with
-//! no job (the baseline), and once while a full backup runs, from job start
-//! to job end. It prints both runs and their ratios.
+//! stacks a cow bdev on it. It then runs a random-write load three times:
+//! with no job, while a full backup runs (from job start to job end), and
+//! with no job again. The baseline is the two runs without a job taken
+//! together, so that it brackets the backup: a shared disk whose speed drifts
+//! over tens of seconds biases a ratio against a baseline taken only before.
+//! It prints the baseline (and each half), the run during the backup, and
+//! their ratios.
 //!
 //! **Verify.** Each writer owns the I/O units congruent to its index and never
 //! has two writes in flight to one unit. Every write carries a pattern made
@@ -475,7 +479,11 @@ pub struct CowBenchReport {
     pub chunk_size: u64,
     pub queue_depth: usize,
     pub io_size: usize,
+    /// The runs before and after the job taken together.
     pub baseline: PhaseReport,
+    /// The main writers' IOPS in the run before the job and in the run after.
+    pub baseline_before_iops: f64,
+    pub baseline_after_iops: f64,
     pub during: PhaseReport,
     pub iops_ratio: f64,
     pub p99_ratio: f64,
@@ -650,6 +658,18 @@ pub fn run_cow(
     if let Some(e) = job_err {
         return Err(format!("starting the backup: {e}"));
     }
+    // Phase 3: no job again, so the baseline brackets the backup.
+    let stop = Arc::new(AtomicBool::new(false));
+    let after = run_writers(
+        rt,
+        &desc,
+        p.io_size,
+        &specs(3, false),
+        stop,
+        p.baseline,
+        || std::thread::sleep(p.baseline),
+    )?;
+    let base_all = merge_phases(&baseline, &after);
     let job = job_slot
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
@@ -665,10 +685,9 @@ pub fn run_cow(
     // The "during" phase is the job's lifetime: scale each writer's I/O count
     // by the share of its run the job covered, using the timeline.
     let during_main = restrict(&during, during_offset, job_times.0, job_times.1);
-    let base_main: Vec<&WriterResult> = baseline
-        .iter()
-        .filter(|w| w.seq_base & (0xFF << 40) != 0xFF << 40)
-        .collect();
+    let is_main = |w: &&WriterResult| w.seq_base & (0xFF << 40) != 0xFF << 40;
+    let main_iops = |ws: &[WriterResult]| ws.iter().filter(is_main).map(|w| w.iops()).sum::<f64>();
+    let base_main: Vec<&WriterResult> = base_all.iter().filter(is_main).collect();
     let dm: Vec<&WriterResult> = during_main
         .iter()
         .filter(|w| w.seq_base & (0xFF << 40) != 0xFF << 40)
@@ -676,7 +695,7 @@ pub fn run_cow(
     let base_r = PhaseReport::from_writers(&base_main);
     let dur_r = PhaseReport::from_writers(&dm);
     let fairness = p.fairness.then(|| {
-        let bf = baseline
+        let bf = base_all
             .iter()
             .find(|w| w.seq_base & (0xFF << 40) == 0xFF << 40);
         let df = during_main
@@ -712,6 +731,8 @@ pub fn run_cow(
         iops_ratio: dur_r.iops / base_r.iops.max(1e-9),
         p99_ratio: dur_r.lat_us.p99 / base_r.lat_us.p99.max(1e-9),
         baseline: base_r,
+        baseline_before_iops: main_iops(&baseline),
+        baseline_after_iops: main_iops(&after),
         during: dur_r,
         backup_mibps: status.backup_mibps,
         backup_s: status.elapsed_s,
@@ -970,6 +991,34 @@ fn restrict(ws: &[WriterResult], offset: f64, from: f64, to: f64) -> Vec<WriterR
     clippy::too_many_arguments,
     reason = "one call site; the pieces are distinct"
 )]
+/// Each writer's runs of two phases taken as one: I/O counts and seconds
+/// add up, latency histograms merge. Writers are matched by their position
+/// (both phases run the same specs). Timelines and logs are dropped.
+fn merge_phases(a: &[WriterResult], b: &[WriterResult]) -> Vec<WriterResult> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let mut hist = x.hist.clone();
+            let _ = hist.add(&y.hist);
+            WriterResult {
+                name: x.name.clone(),
+                ios: x.ios + y.ios,
+                errors: x.errors + y.errors,
+                secs: x.secs + y.secs,
+                hist,
+                timeline: Timeline {
+                    start_tick: 0,
+                    slots: Vec::new(),
+                },
+                log: None,
+                seq_base: x.seq_base,
+                first: x.first,
+                stride: x.stride,
+            }
+        })
+        .collect()
+}
+
 fn verify_backup(
     rt: &Runtime,
     reg: &BdevRegistry,

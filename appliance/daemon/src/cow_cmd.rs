@@ -18,7 +18,8 @@ use crate::construct;
 #[command(after_help = "\
 With no options: a 2 GiB source and target as files under a temporary directory in /var/tmp,
 a RAM container of 10% of the source, 4 KiB random writes at QD32 for 5 s without a backup,
-then the same load while a full backup runs. Under a minute on a 2-core machine.
+then the same load while a full backup runs, then 5 s without a backup again (the baseline is
+both runs without a backup, which bracket the backup). Under a minute on a 2-core machine.
 
 Examples:
   hotcopy bench cow --json
@@ -56,7 +57,7 @@ pub struct CowArgs {
     /// Foreground write size.
     #[arg(short = 'o', long = "io-size", default_value = "4096", value_parser = parse_size)]
     pub io_size: u64,
-    /// Seconds of the baseline run (no backup).
+    /// Seconds of each baseline run (no backup): one before the backup and one after.
     #[arg(short = 't', long = "time", default_value_t = 5.0)]
     pub seconds: f64,
     /// Give up on the backup after this many seconds.
@@ -303,6 +304,11 @@ pub fn table(r: &CowBenchReport) -> String {
             name, p.iops, p.lat_us.avg, p.lat_us.p99, p.lat_us.max
         );
     }
+    let _ = writeln!(
+        s,
+        "{:<22} {:>12} (before the backup {:.0}, after {:.0})",
+        "", "", r.baseline_before_iops, r.baseline_after_iops
+    );
     let _ = writeln!(
         s,
         "{:<22} {:>12.2} {:>21.2}",
