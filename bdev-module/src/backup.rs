@@ -485,9 +485,11 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
     let done_cbt = cbt.clone();
     let done_repo = cfg.target.repository();
     home.exec(move || {
-        let streams = STAGED
+        let mut streams = STAGED
             .with(|st| st.borrow_mut().take())
             .expect("staged above");
+        // The streams were built before the calibration ran.
+        streams.load_reference();
         let streams = Rc::new(RefCell::new(streams));
         let me: Rc<RefCell<Option<Poller>>> = Rc::new(RefCell::new(None));
         let me2 = me.clone();

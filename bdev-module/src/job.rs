@@ -868,6 +868,23 @@ impl Streams {
         None
     }
 
+    /// Takes the hosts' calibrated no-backup latency (measured after the
+    /// streams were built, just before the consistency point) as the
+    /// scheduler's reference, and starts the first window now. Called on
+    /// the home reactor right before the first poll.
+    pub fn load_reference(&mut self) {
+        let fg_ref = self.job.counters.fg_ref_ticks.load(Ordering::Relaxed);
+        self.fg_ref = fg_ref;
+        self.ref_calibrated = fg_ref > 0;
+        self.budget_q = if self.job.tuning.adaptive && fg_ref > 0 {
+            16
+        } else {
+            self.max_budget_q
+        };
+        self.fg_prev = self.job.fg.read();
+        self.win_start = clock::ticks();
+    }
+
     /// AIMD on the hosts' latency (see the module docs), and the drain rate
     /// for pacing.
     fn adapt(&mut self, now: u64) {
