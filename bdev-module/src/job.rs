@@ -895,17 +895,22 @@ impl Streams {
         let elapsed = now - self.win_start;
         let (area, done) = self.job.fg.read();
         let (d_area, d_done) = (area - self.fg_prev.0, done - self.fg_prev.1);
-        self.fg_prev = (area, done);
         let floor = ((self.job.tuning.min_share.clamp(0.0, 1.0) * 16.0).round() as u32).max(1);
         if self.job.tuning.adaptive {
             if d_done < FG_MIN_SAMPLES {
-                if self.job.fg.held.load(Ordering::Relaxed) == 0 {
+                let fg = &self.job.fg;
+                if fg.held.load(Ordering::Relaxed) == 0 && fg.busy.load(Ordering::Relaxed) == 0 {
                     // Hosts (nearly) idle: the device is ours.
                     self.budget_q = (self.budget_q * 2).min(self.max_budget_q);
+                    self.fg_prev = (area, done);
                 }
-                // Otherwise they are waiting on captures or credits: no
-                // signal this window, keep the budget.
+                // Otherwise they are waiting on the device, on captures or
+                // on credits: too few completions to tell their latency.
+                // Keep the budget, and keep this window's samples for the
+                // next (a slow device widens the window until it says
+                // something).
             } else {
+                self.fg_prev = (area, done);
                 let lat = d_area / d_done;
                 self.job.counters.fg_lat_ticks.store(lat, Ordering::Relaxed);
                 if self.fg_ref == 0 || (!self.ref_calibrated && lat < self.fg_ref) {

@@ -113,6 +113,11 @@ pub struct FgMeter {
     /// Host I/Os held right now (so a window with no completions can be told
     /// apart from idle hosts).
     pub held: AtomicU64,
+    /// Channels with host I/O in flight on the source right now: a window
+    /// with few completions but busy channels is a slow device, not idle
+    /// hosts. Channels update it only when their in-flight count leaves or
+    /// reaches zero.
+    pub busy: AtomicU64,
 }
 
 impl FgMeter {
@@ -740,6 +745,9 @@ impl CowChannel {
             self.m_area += self.inflight * now.saturating_sub(self.m_last);
             self.m_last = now;
         }
+        if self.inflight == 0 {
+            self.shared.fg.busy.fetch_add(1, Ordering::Relaxed);
+        }
         self.inflight += 1;
         self.counters
             .inflight
@@ -913,6 +921,9 @@ impl BackendChannel for CowChannel {
             });
             if n > 0 {
                 self.inflight -= n as u64;
+                if self.inflight == 0 {
+                    self.shared.fg.busy.fetch_sub(1, Ordering::Relaxed);
+                }
                 self.counters
                     .inflight
                     .store(self.inflight, Ordering::Release);
@@ -961,6 +972,9 @@ impl BackendChannel for CowChannel {
                 shared.fg.done.fetch_add(user, Ordering::Relaxed);
             }
             *inflight -= user;
+            if *inflight == 0 {
+                shared.fg.busy.fetch_sub(1, Ordering::Relaxed);
+            }
             counters.inflight.store(*inflight, Ordering::Release);
             n += user as usize;
         }
@@ -987,6 +1001,9 @@ impl Drop for CowChannel {
         // the fence must not wait for them for ever.
         if let Some(f) = self.fence.take() {
             f.forget(self.fenced_left);
+        }
+        if self.inflight > 0 {
+            self.shared.fg.busy.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -986,11 +986,6 @@ fn restrict(ws: &[WriterResult], offset: f64, from: f64, to: f64) -> Vec<WriterR
         .collect()
 }
 
-/// Checks the target against the source as it was at the consistency point.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site; the pieces are distinct"
-)]
 /// Each writer's runs of two phases taken as one: I/O counts and seconds
 /// add up, latency histograms merge. Writers are matched by their position
 /// (both phases run the same specs). Timelines and logs are dropped.
@@ -1019,6 +1014,11 @@ fn merge_phases(a: &[WriterResult], b: &[WriterResult]) -> Vec<WriterResult> {
         .collect()
 }
 
+/// Checks the target against the source as it was at the consistency point.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces are distinct"
+)]
 fn verify_backup(
     rt: &Runtime,
     reg: &BdevRegistry,
