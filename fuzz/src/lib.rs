@@ -14,6 +14,7 @@
 //! | [`bdev_spec`] | `parse_spec`, `ByteSize`, `Listen` | every accepted value prints to text that parses back equal |
 //! | [`repo_format`] | superblock, catalog and index-block decoders | a decoded structure re-encodes to bytes that decode equal (index blocks: to the same bytes) |
 //! | [`repo_open`] | `Repo::open`, index, verify, restore on a damaged image | never panics; a repository that verifies clean survives a new commit and still verifies |
+//! | [`rpc_request`] | `hotcopy::serve::rpc::handle_line` on a real daemon | every response is well-formed JSON-RPC 2.0 with the request's id and the error code the envelope predicts; no method panics; the daemon keeps its bdevs |
 //!
 //! See `docs/FUZZING.md` for how to run them.
 
@@ -22,6 +23,7 @@ mod format;
 mod handshake;
 mod repo;
 mod request;
+mod rpc;
 pub mod seeds;
 mod spec;
 
@@ -29,6 +31,7 @@ pub use config::config_yaml;
 pub use handshake::nbd_handshake;
 pub use repo::{repo_format, repo_open};
 pub use request::nbd_request;
+pub use rpc::rpc_request;
 pub use spec::bdev_spec;
 
 /// A fuzz check: takes libFuzzer's input, panics when a property fails.
@@ -42,6 +45,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("bdev_spec", bdev_spec),
     ("repo_format", repo_format),
     ("repo_open", repo_open),
+    ("rpc_request", rpc_request),
 ];
 
 /// A small deterministic generator (xorshift64*), for choices a check makes

@@ -50,6 +50,9 @@ pub fn all() -> Vec<Seed> {
     for (name, bytes) in repo_images() {
         add("repo_open", name, bytes);
     }
+    for (name, text) in crate::rpc::seeds() {
+        add("rpc_request", name, text.into_bytes());
+    }
     v
 }
 

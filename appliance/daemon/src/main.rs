@@ -1,19 +1,10 @@
 //! The `hotcopy` command.
 
-mod backup_cmd;
-mod bench_cmd;
-mod construct;
-mod cow_cmd;
-mod demo_cmd;
-mod repo_bench_cmd;
-mod repo_cmd;
-mod rpc_cmd;
-mod serve;
-
 use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use hotcopy::{bench_cmd, cow_cmd, demo_cmd, repo_bench_cmd, repo_cmd, rpc_cmd, serve};
 
 #[derive(Parser)]
 #[command(
