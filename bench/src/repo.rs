@@ -5,10 +5,13 @@
 //!
 //! * a full online backup, then incrementals after changing a given fraction
 //!   of the chunks (time against the fraction changed);
-//! * more small incrementals up to generation 50, then the cost of loading
-//!   generation 1's and generation 50's index and resolving every chunk, and
-//!   the time to restore each of them (they should match: every index is
-//!   complete, so a chain's length costs nothing);
+//! * more small incrementals up to generation 50, then the cost of opening
+//!   the repository, loading generation 1's and generation 50's index and
+//!   resolving every chunk, and the time to restore each of them (they
+//!   should match: every index is complete, so a chain's length costs
+//!   nothing, and the restore gathers a fragmented generation's chunks into
+//!   1 MiB writes), with each restore's wall time, copy time, reads and
+//!   writes;
 //! * restore MiB/s against the destination's sequential-write ceiling
 //!   (1 MiB writes at QD16), measured in the same run;
 //! * instant restore: the latency of first reads of chunks not yet hydrated,
@@ -61,10 +64,25 @@ pub struct BackupTiming {
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationCost {
     pub generation: u64,
+    /// Opening the repository (which reads every generation's index), on
+    /// its own; `restore_to` does it before loading the index.
+    pub repo_open_ms: f64,
     pub index_load_ms: f64,
     pub resolve_ns_per_chunk: f64,
+    /// Median of the restores' wall times (`restore_to`, from opening the
+    /// repository to the destination's flush).
     pub restore_s: f64,
     pub restore_mibps: f64,
+    /// Each restore's wall time, in the order they ran.
+    pub restore_runs_s: Vec<f64>,
+    /// Median of the restores' copy times (the engine alone: without
+    /// opening the repository and loading the index).
+    pub restore_copy_s: f64,
+    /// Namespace reads and destination writes of one restore, and its data
+    /// runs gathered from several reads.
+    pub restore_reads: u64,
+    pub restore_writes: u64,
+    pub restore_gathered_runs: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,6 +108,8 @@ pub struct RepoBenchReport {
     pub dest_write_ceiling_mibps: f64,
     /// The better restore's MiB/s over the ceiling.
     pub restore_to_ceiling: f64,
+    /// The same for the copy alone (see `GenerationCost::restore_copy_s`).
+    pub restore_copy_to_ceiling: f64,
     pub instant: InstantReport,
 }
 
@@ -247,10 +267,12 @@ pub fn run_repo(
     }
     let cost = |gen: u64| -> Result<GenerationCost, String> {
         let ns = ns.clone();
-        let (load_ms, per_chunk) = rt
-            .exec(0, move || -> Result<(f64, f64), String> {
+        let (open_ms, load_ms, per_chunk) = rt
+            .exec(0, move || -> Result<(f64, f64, f64), String> {
                 let mut io = ChannelIo::new(ns.channel().map_err(|x| x.to_string())?);
+                let t = Instant::now();
                 let r = Repo::open(&mut io).map_err(|x| x.to_string())?;
+                let open = t.elapsed().as_secs_f64() * 1e3;
                 let t = Instant::now();
                 let idx = r.index(&mut io, gen).map_err(|x| x.to_string())?;
                 let load = t.elapsed().as_secs_f64() * 1e3;
@@ -265,43 +287,55 @@ pub fn run_repo(
                 }
                 std::hint::black_box(data);
                 let ns_per = t.elapsed().as_nanos() as f64 / (10 * idx.chunks()) as f64;
-                Ok((load, ns_per))
+                Ok((open, load, ns_per))
             })
             .map_err(|x| e(&x))??;
         Ok(GenerationCost {
             generation: gen,
+            repo_open_ms: open_ms,
             index_load_ms: load_ms,
             resolve_ns_per_chunk: per_chunk,
             restore_s: 0.0,
             restore_mibps: 0.0,
+            restore_runs_s: Vec::new(),
+            restore_copy_s: 0.0,
+            restore_reads: 0,
+            restore_writes: 0,
+            restore_gathered_runs: 0,
         })
     };
-    let restore_secs = |gen: u64| -> Result<f64, String> {
+    let restore_secs = |gen: u64, c: &mut GenerationCost, copy: &mut Vec<f64>| {
         let t = Instant::now();
-        restore_to(reg, &b.namespace, gen, &b.dest, &home, 0, |_, _| {})
+        let r = restore_to(reg, &b.namespace, gen, &b.dest, &home, 0, |_, _| {})
             .map_err(|x| format!("restoring generation {gen}: {x}"))?;
-        Ok(t.elapsed().as_secs_f64())
+        c.restore_runs_s.push(t.elapsed().as_secs_f64());
+        copy.push(r.elapsed.as_secs_f64());
+        (c.restore_reads, c.restore_writes) = (r.reads, r.writes);
+        c.restore_gathered_runs = r.gathered_runs;
+        Ok::<(), String>(())
     };
     say("restoring the first and the last generation");
     let mut first = cost(g1)?;
     let mut lastc = cost(last)?;
     // One restore to warm the destination (its first writes allocate the
     // file's blocks), then alternate, three each; medians.
-    restore_secs(last)?;
-    let (mut t1, mut t2) = (Vec::new(), Vec::new());
+    restore_secs(last, &mut lastc.clone(), &mut Vec::new())?;
+    let (mut c1, mut c2) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        t1.push(restore_secs(g1)?);
-        t2.push(restore_secs(last)?);
+        restore_secs(g1, &mut first, &mut c1)?;
+        restore_secs(last, &mut lastc, &mut c2)?;
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     let mib = size as f64 / (1024.0 * 1024.0);
-    first.restore_s = median(&mut t1);
-    first.restore_mibps = mib / first.restore_s.max(1e-9);
-    lastc.restore_s = median(&mut t2);
-    lastc.restore_mibps = mib / lastc.restore_s.max(1e-9);
+    for (c, copy) in [(&mut first, &c1), (&mut lastc, &c2)] {
+        c.restore_s = median(&c.restore_runs_s);
+        c.restore_mibps = mib / c.restore_s.max(1e-9);
+        c.restore_copy_s = median(copy);
+    }
     say("measuring the destination's write ceiling");
     let ceiling = crate::run(
         rt,
@@ -329,6 +363,9 @@ pub fn run_repo(
         incrementals,
         restore_ratio: lastc.restore_s / first.restore_s.max(1e-9),
         restore_to_ceiling: first.restore_mibps.max(lastc.restore_mibps) / ceiling.max(1e-9),
+        restore_copy_to_ceiling: mib
+            / first.restore_copy_s.min(lastc.restore_copy_s).max(1e-9)
+            / ceiling.max(1e-9),
         first,
         last: lastc,
         dest_write_ceiling_mibps: ceiling,

@@ -9,6 +9,13 @@
 //! check compares with the generation's content as the test wrote it:
 //! absent chunks read as zeros through a snapshot, and keep the
 //! destination's own bytes in a restore.
+//!
+//! The pipelined restore also runs on a long chain of incrementals with
+//! scattered changes stored out of chunk order, so that a late
+//! generation's chunks lie in dozens of extents and every 1 MiB write is
+//! gathered from many reads; every chunk's content is unique to the chunk
+//! and the generation that wrote it, so a chunk put at another's place is
+//! seen.
 
 use std::time::{Duration, Instant};
 
@@ -848,31 +855,44 @@ fn restore_to_detects_a_corrupt_chunk() {
 /// depth 16, then flushes; returns MiB/s.
 fn write_ceiling(reg: &BdevRegistry, name: &str, bytes: u64) -> f64 {
     let desc = reg.open(name, true).unwrap();
-    on_reactor(move |_| {
-        let mut ch = desc.channel().unwrap();
-        let bs = ch.block_size() as u64;
-        let io_bytes = 1u64 << 20;
-        let mut bufs: Vec<DmaBuf> = (0..16)
-            .map(|i| DmaBuf::from_slice(&pattern(i, io_bytes as usize)).unwrap())
-            .collect();
-        let start = Instant::now();
-        let (mut next, mut inflight) = (0u64, 0);
-        while next < bytes || inflight > 0 {
-            while inflight < 16 && next < bytes {
-                let buf = bufs.pop().unwrap();
-                ch.submit(BdevIo::write(next / bs, io_bytes / bs, buf, next));
-                next += io_bytes;
-                inflight += 1;
-            }
-            ch.poll(&mut |mut io| {
-                assert_eq!(io.status, IoStatus::Success);
-                bufs.push(io.take_buf().unwrap());
-                inflight -= 1;
-            });
+    on_reactor(move |_| write_sequentially(&mut desc.channel().unwrap(), bytes))
+}
+
+/// [`write_ceiling`] on reactor `home` of a running runtime.
+fn write_ceiling_on(
+    home: &hotcopy_runtime::ReactorHandle,
+    reg: &BdevRegistry,
+    name: &str,
+    bytes: u64,
+) -> f64 {
+    let desc = reg.open(name, true).unwrap();
+    home.exec(move || write_sequentially(&mut desc.channel().unwrap(), bytes))
+        .unwrap()
+}
+
+fn write_sequentially(ch: &mut BdevChannel, bytes: u64) -> f64 {
+    let bs = ch.block_size() as u64;
+    let io_bytes = 1u64 << 20;
+    let mut bufs: Vec<DmaBuf> = (0..16)
+        .map(|i| DmaBuf::from_slice(&pattern(i, io_bytes as usize)).unwrap())
+        .collect();
+    let start = Instant::now();
+    let (mut next, mut inflight) = (0u64, 0);
+    while next < bytes || inflight > 0 {
+        while inflight < 16 && next < bytes {
+            let buf = bufs.pop().unwrap();
+            ch.submit(BdevIo::write(next / bs, io_bytes / bs, buf, next));
+            next += io_bytes;
+            inflight += 1;
         }
-        assert_eq!(flush(&mut ch), IoStatus::Success);
-        bytes as f64 / start.elapsed().as_secs_f64() / (1024.0 * 1024.0)
-    })
+        ch.poll(&mut |mut io| {
+            assert_eq!(io.status, IoStatus::Success);
+            bufs.push(io.take_buf().unwrap());
+            inflight -= 1;
+        });
+    }
+    assert_eq!(flush(ch), IoStatus::Success);
+    bytes as f64 / start.elapsed().as_secs_f64() / (1024.0 * 1024.0)
 }
 
 /// Restore speed against the destination's sequential write ceiling,
@@ -942,4 +962,382 @@ fn restore_to_reaches_the_destination_write_ceiling() {
         "restore {best:.0} MiB/s, destination ceiling {ceiling:.0} MiB/s (1 MiB writes, QD16): {ratio:.2}x; instant-restore hydration {hydration:.0} MiB/s"
     );
     assert!(ratio >= 0.9, "restore at {ratio:.2}x the write ceiling");
+}
+
+// ---- Fragmented generations ------------------------------------------------
+
+/// Fills `buf` (one chunk, a multiple of 8 bytes) with bytes unique to
+/// `chunk` at `version`: every 8-byte word differs between chunks, so a
+/// chunk written at another chunk's place is seen.
+fn chunk_content(buf: &mut [u8], chunk: u64, version: u64) {
+    for (i, w) in buf.chunks_exact_mut(8).enumerate() {
+        let v = (version << 44) ^ (chunk << 16) ^ i as u64;
+        w.copy_from_slice(&(v.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).to_le_bytes());
+    }
+}
+
+/// Builds on `io` a full generation of a `size`-byte source in `cs`-byte
+/// chunks and incrementals up to generation `gens`, the way `hotcopy bench
+/// repo` does: before each incremental a scattered fraction of the chunks
+/// changes (`fractions` first, then 1%), and the incremental stores them in
+/// chunk order (consecutive ones in runs of up to 16), so a late
+/// generation's chunks lie in many generations' extents. Returns the first
+/// and the last generation.
+fn fragmented_chain(
+    io: &mut dyn BlockIo,
+    size: u64,
+    cs: u64,
+    fractions: &[f64],
+    gens: u64,
+    seed: u64,
+) -> (u64, u64) {
+    let mut repo = Repo::format(io, false).unwrap();
+    let chunks = size.div_ceil(cs);
+    let spec = |parent| GenSpec {
+        source: SourceIdent {
+            name: "frag".into(),
+            size_bytes: size,
+        },
+        chunk_size: cs as u32,
+        parent,
+        compare_with_parent: false,
+    };
+    let write_runs = |io: &mut dyn BlockIo, w: &GenWriter, list: &[u64], version: u64| {
+        let mut buf = vec![0u8; (16 * cs) as usize];
+        let mut i = 0;
+        while i < list.len() {
+            let mut n = 1;
+            while i + n < list.len() && n < 16 && list[i + n] == list[i] + n as u64 {
+                n += 1;
+            }
+            for k in 0..n {
+                chunk_content(
+                    &mut buf[k * cs as usize..][..cs as usize],
+                    list[i + k],
+                    version,
+                );
+            }
+            w.write_run(io, list[i], n as u64, &mut buf[..n * cs as usize])
+                .unwrap();
+            i += n;
+        }
+    };
+    let w = repo.begin(io, &spec(None)).unwrap();
+    write_runs(io, &w, &(0..chunks).collect::<Vec<_>>(), 1);
+    let first = repo.commit(io, w, 1).unwrap().id;
+    let mut last = first;
+    let mut rng = seed | 1;
+    for g in 2..=gens {
+        let f = fractions.get(g as usize - 2).copied().unwrap_or(0.01);
+        let n = ((chunks as f64 * f).round() as u64).clamp(1, chunks);
+        let mut picked = vec![false; chunks as usize];
+        let mut k = 0;
+        while k < n {
+            let c = xorshift(&mut rng) % chunks;
+            if !std::mem::replace(&mut picked[c as usize], true) {
+                k += 1;
+            }
+        }
+        let list: Vec<u64> = (0..chunks).filter(|&c| picked[c as usize]).collect();
+        let w = repo.begin(io, &spec(Some(last))).unwrap();
+        write_runs(io, &w, &list, g);
+        for c in (0..chunks).filter(|&c| !picked[c as usize]) {
+            w.inherit(c, 1).unwrap();
+        }
+        last = repo.commit(io, w, g).unwrap().id;
+    }
+    (first, last)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Restore of generation 1 against a late, fragmented generation of the
+/// same chain, and against the destination's write ceiling (on the
+/// restore's own reactor), in one run, rounds interleaved; medians. The
+/// repository is in RAM, or with `HOTCOPY_RESTORE_NS=file` in a file on the
+/// same disk as the destination; the destination is a file, or RAM with
+/// `HOTCOPY_RESTORE_DEST=malloc` (what the engine costs in CPU);
+/// `HOTCOPY_ROUNDS` rounds (3). Run in release:
+/// `cargo test --release -p hotcopy-tests --test repo_bdev -- --ignored
+/// --nocapture keeps_pace`.
+#[test]
+#[ignore = "a measurement: run in release"]
+fn restore_of_a_fragmented_generation_keeps_pace_with_a_full_one() {
+    const SIZE: u64 = 512 << 20;
+    const CHUNK: u64 = 64 << 10;
+    let reg = BdevRegistry::new();
+    let dir = scratch_dir();
+    let ns_bytes = SIZE * 3;
+    if std::env::var("HOTCOPY_RESTORE_NS").as_deref() == Ok("file") {
+        let opts = uring::UringOptions {
+            size: Some(ns_bytes),
+            ..uring::UringOptions::new(dir.path().join("ns.img"))
+        };
+        uring::create(&reg, "ns", &opts).unwrap();
+    } else {
+        malloc::create(&reg, "ns", ns_bytes, 4096).unwrap();
+    }
+    let t = Instant::now();
+    let (g1, g50) = {
+        let mut io = ChannelIo::new(reg.open("ns", true).unwrap().channel().unwrap());
+        fragmented_chain(&mut io, SIZE, CHUNK, &[0.01, 0.05, 0.10, 0.25, 0.50], 50, 7)
+    };
+    println!("chain built in {:.1} s", t.elapsed().as_secs_f64());
+    if std::env::var("HOTCOPY_RESTORE_DEST").as_deref() == Ok("malloc") {
+        malloc::create(&reg, "dest", SIZE, 4096).unwrap();
+    } else {
+        let opts = uring::UringOptions {
+            size: Some(SIZE),
+            ..uring::UringOptions::new(dir.path().join("dest.img"))
+        };
+        uring::create(&reg, "dest", &opts).unwrap();
+    }
+    write_ceiling(&reg, "dest", SIZE);
+    let rt = Runtime::start(RuntimeConfig::with_cores(2, IdlePolicy::Poll)).unwrap();
+    let home = rt.reactor(1).clone();
+    let (mut ceil, mut t1, mut t50) = (Vec::new(), Vec::new(), Vec::new());
+    let mut writes = Vec::new();
+    let rounds = std::env::var("HOTCOPY_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    for round in 0..rounds {
+        ceil.push(write_ceiling_on(&home, &reg, "dest", SIZE));
+        for (g, times) in [(g1, &mut t1), (g50, &mut t50)] {
+            let t = Instant::now();
+            let r = restore_to(&reg, "ns", g, "dest", &home, 0, |_, _| {}).unwrap();
+            let s = t.elapsed().as_secs_f64();
+            times.push(s);
+            writes.push(r.writes);
+            println!(
+                "round {round}: generation {g}: {s:.3} s ({:.3} s copying), {:.0} MiB/s, {} reads, {} writes",
+                r.elapsed.as_secs_f64(), r.mibps, r.reads, r.writes
+            );
+        }
+    }
+    rt.shutdown();
+    let mib = (SIZE >> 20) as f64;
+    let (c, a, b) = (median(&mut ceil), median(&mut t1), median(&mut t50));
+    println!(
+        "ceiling {c:.0} MiB/s; generation 1 {a:.3} s ({:.2}x), generation 50 {b:.3} s ({:.2}x); 50 over 1: {:.2}",
+        mib / a / c,
+        mib / b / c,
+        b / a
+    );
+    // Whatever the fragmentation, one 1 MiB write per MiB.
+    assert!(writes.iter().all(|&w| w == SIZE >> 20), "{writes:?}");
+}
+
+// ---- A fragmented generation, byte for byte -------------------------------
+
+/// The fragmented chain's source: 16 KiB chunks (runs of 64 chunks), the
+/// last one 4 KiB short.
+const FRAG_CS: u64 = 16 << 10;
+const FRAG_CHUNKS: u64 = 600;
+const FRAG_SRC: u64 = FRAG_CHUNKS * FRAG_CS - 4096;
+
+fn frag_range(c: u64) -> std::ops::Range<usize> {
+    (c * FRAG_CS) as usize..((c + 1) * FRAG_CS).min(FRAG_SRC) as usize
+}
+
+/// Chunk `c` of `img` becomes `version`'s content for it (zeros for 0).
+fn frag_put(img: &mut [u8], c: u64, version: u64) {
+    let mut buf = vec![0u8; FRAG_CS as usize];
+    if version > 0 {
+        chunk_content(&mut buf, c, version);
+    }
+    let r = frag_range(c);
+    let n = r.len();
+    img[r].copy_from_slice(&buf[..n]);
+}
+
+/// Stores chunks `first..first + n` of `img` with one `write_run`, so that
+/// they lie back to back, after whatever the generation stored before.
+fn frag_store(io: &mut dyn BlockIo, w: &GenWriter, img: &[u8], first: u64, n: u64) {
+    let mut buf = vec![0u8; (n * FRAG_CS) as usize];
+    for k in 0..n {
+        let r = frag_range(first + k);
+        buf[(k * FRAG_CS) as usize..][..r.len()].copy_from_slice(&img[r]);
+    }
+    w.write_run(io, first, n, &mut buf).unwrap();
+}
+
+/// A chain of 41 generations on the malloc bdev `ns`: a full one with zero
+/// chunks (isolated ones, and a stretch of 200 that keeps its last 160),
+/// then 40 incrementals that each change 4% of the other chunks at random
+/// (a few of them to zeros, a triple of consecutive chunks every fifth
+/// time) and store them in random order, so that namespace order is not
+/// chunk order; the last one also marks chunks zero and leaves chunks
+/// 300..310 out of its scope. Every
+/// chunk's content is unique to the chunk and the generation that wrote
+/// it. Returns each generation as the test wrote it.
+fn fragmented_fixture(reg: &BdevRegistry) -> Vec<Gen> {
+    malloc::create(reg, "ns", 64 << 20, BS as u32).unwrap();
+    let mut io = ChannelIo::new(reg.open("ns", true).unwrap().channel().unwrap());
+    let mut repo = Repo::format(&mut io, false).unwrap();
+    let spec = |parent| GenSpec {
+        source: SourceIdent {
+            name: "frag".into(),
+            size_bytes: FRAG_SRC,
+        },
+        chunk_size: FRAG_CS as u32,
+        parent,
+        compare_with_parent: false,
+    };
+    let mut img = vec![0u8; FRAG_SRC as usize];
+    for c in 0..FRAG_CHUNKS {
+        let zero = [7, 63, 64, 65, 250].contains(&c) || (200..400).contains(&c);
+        frag_put(&mut img, c, if zero { 0 } else { 1 });
+    }
+    let w = repo.begin(&mut io, &spec(None)).unwrap();
+    for first in (0..FRAG_CHUNKS).step_by(8) {
+        frag_store(&mut io, &w, &img, first, 8.min(FRAG_CHUNKS - first));
+    }
+    let mut last = repo.commit(&mut io, w, 1).unwrap().id;
+    let mut gens = vec![Gen {
+        id: last,
+        image: img.clone(),
+        absent: Vec::new(),
+    }];
+    let mut rng = 0xF4A6_u64;
+    for v in 2..=41u64 {
+        let mut picked = vec![false; FRAG_CHUNKS as usize];
+        let mut list = Vec::new();
+        while list.len() < 24 {
+            let c = xorshift(&mut rng) % FRAG_CHUNKS;
+            if !(240..400).contains(&c) && !std::mem::replace(&mut picked[c as usize], true) {
+                list.push((c, 1));
+            }
+        }
+        if v % 5 == 0 {
+            let c = xorshift(&mut rng) % (FRAG_CHUNKS - 3);
+            if (c..c + 3).all(|c| !picked[c as usize] && !(240..400).contains(&c)) {
+                (c..c + 3).for_each(|c| picked[c as usize] = true);
+                list.push((c, 3));
+            }
+        }
+        // Random order: the namespace holds them out of chunk order.
+        for i in (1..list.len()).rev() {
+            list.swap(i, (xorshift(&mut rng) % (i as u64 + 1)) as usize);
+        }
+        let w = repo.begin(&mut io, &spec(Some(last))).unwrap();
+        for (k, &(c, n)) in list.iter().enumerate() {
+            for c in c..c + n {
+                frag_put(&mut img, c, if k % 9 == 8 { 0 } else { v });
+            }
+            frag_store(&mut io, &w, &img, c, n);
+        }
+        let mut absent = Vec::new();
+        if v == 41 {
+            for c in [1, 2, 3, 500] {
+                if !picked[c as usize] {
+                    picked[c as usize] = true;
+                    frag_put(&mut img, c, 0);
+                    w.mark_zero(c, 1).unwrap();
+                }
+            }
+            for c in 300..310 {
+                if !picked[c as usize] {
+                    picked[c as usize] = true;
+                    w.mark_absent(c, 1).unwrap();
+                    absent.push(c);
+                }
+            }
+        }
+        for c in (0..FRAG_CHUNKS).filter(|&c| !picked[c as usize]) {
+            w.inherit(c, 1).unwrap();
+        }
+        last = repo.commit(&mut io, w, v).unwrap().id;
+        let mut image = img.clone();
+        for &c in &absent {
+            image[frag_range(c)].fill(0);
+        }
+        gens.push(Gen {
+            id: last,
+            image,
+            absent,
+        });
+    }
+    assert!(repo.verify(&mut io, None).unwrap().is_ok());
+    gens
+}
+
+#[test]
+fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
+    let reg = BdevRegistry::new();
+    let gens = fragmented_fixture(&reg);
+    let rt = runtime();
+    let dir = scratch_dir();
+    let size = FRAG_SRC + FRAG_CS;
+    let absent_of = |g: &Gen, dest: &[u8]| {
+        let mut out = g.image.clone();
+        for &c in &g.absent {
+            let r = frag_range(c);
+            out[r.clone()].copy_from_slice(&dest[r]);
+        }
+        out
+    };
+    // (generation index, destination, queue depth)
+    let cases = [
+        (0, "m16", 16),
+        (20, "m16", 16),
+        (40, "m16", 16),
+        (40, "m1", 1),
+        (0, "file", 4),
+        (40, "file", 4),
+    ];
+    for (i, &(gi, dest, qd)) in cases.iter().enumerate() {
+        let g = &gens[gi];
+        if reg.open(dest, false).is_err() {
+            if dest == "file" {
+                let opts = uring::UringOptions {
+                    size: Some(size),
+                    ..uring::UringOptions::new(dir.path().join("dest.img"))
+                };
+                uring::create(&reg, dest, &opts).unwrap();
+            } else {
+                malloc::create(&reg, dest, size, BS as u32).unwrap();
+            }
+        }
+        let before = pattern(900 + i as u64, size as usize);
+        fill(&reg, dest, before.clone());
+        let report = restore_to(&reg, "ns", g.id, dest, rt.reactor(1), qd, |_, _| {}).unwrap();
+        let what = format!("generation {} onto {dest} at qd {qd}", g.id);
+        let got = read_all(&reg, dest, size);
+        let want = absent_of(g, &before);
+        if let Some(b) = got[..FRAG_SRC as usize]
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+        {
+            panic!("{what}: differs at byte {b} (chunk {})", b as u64 / FRAG_CS);
+        }
+        assert_eq!(
+            got[FRAG_SRC as usize..],
+            before[FRAG_SRC as usize..],
+            "{what}: past the source"
+        );
+        assert_eq!(
+            report.data_chunks + report.zero_chunks + report.absent_chunks,
+            FRAG_CHUNKS,
+            "{what}"
+        );
+        assert_eq!(report.absent_chunks, g.absent.len() as u64, "{what}");
+        if gi == 0 {
+            // Runs of the full generation without zero chunks are read
+            // whole into their buffers; the stretch of zeros is one
+            // write-zeroes.
+            assert!(report.gathered_runs < report.writes, "{what}: {report:?}");
+            assert!(report.zero_chunks >= 200, "{what}: {report:?}");
+        } else {
+            // Gathered: many extents read, few large writes.
+            assert!(report.gathered_runs > 0, "{what}: {report:?}");
+            assert!(report.reads > 8 * report.writes, "{what}: {report:?}");
+            assert!(report.writes <= 14, "{what}: {report:?}");
+        }
+    }
+    rt.shutdown();
 }

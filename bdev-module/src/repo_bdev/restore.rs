@@ -1,29 +1,66 @@
-//! Restore of a generation onto a bdev, pipelined.
+//! Restore of a generation onto a bdev, pipelined and gathered.
 //!
 //! [`restore_to`] is a control-path call: it loads the generation's index,
 //! opens the destination for writing, and runs a poller on the `home`
 //! reactor that copies the generation; the calling thread waits, reporting
-//! progress. The poller keeps up to `qd` namespace reads and `qd`
-//! destination writes in flight at once, so that reading the next runs
-//! overlaps writing the previous ones and the destination sees a queue of
-//! large writes, never one synchronous request at a time:
+//! progress.
 //!
-//! * **Data chunks**: consecutive chunks stored back to back on the
-//!   namespace are read with one request of up to [`RESTORE_IO_BYTES`]; each
-//!   chunk's crc32c is checked against its index entry as the read
-//!   completes (a mismatch stops the restore with
-//!   [`RepoBdevError::Checksum`] naming the chunk), and the run is written
-//!   to the destination with one request. Runs are written in the order
-//!   their reads complete.
-//! * **Zero chunks** are written as zeros: one write-zeroes of up to 16 MiB
-//!   when the destination supports it, writes of a zeroed buffer otherwise.
+//! ## Runs: the destination is written in large pieces
+//!
+//! The source is cut, in chunk order, into *runs* of consecutive chunks:
+//!
+//! * **Data runs** of up to [`RESTORE_IO_BYTES`] (1 MiB) of chunks, ending
+//!   early only at an absent chunk, at a zero run, or at the end of the
+//!   source. Each is one destination write, however its chunks are spread
+//!   over the namespace: a late incremental's chunks lie in the extents of
+//!   many generations, and the run *gathers* them into its buffer. Zero
+//!   chunks inside a data run are zeros in its buffer, written with the
+//!   rest.
+//! * **Zero runs**: a stretch of zero chunks as long as a run or longer, or
+//!   one that starts a run and ends at an absent chunk or at the end of the
+//!   source, is one write-zeroes of up to 16 MiB when the destination
+//!   supports it, writes of a zeroed buffer of up to one run otherwise. The
+//!   destination is never assumed to hold zeros already.
 //! * **Absent chunks** (outside the backup's scope) are skipped: the
 //!   destination keeps what it had there.
 //!
+//! ## Gather: the namespace is read in extents
+//!
+//! A data run's data chunks, sorted by namespace offset, fall into
+//! *segments*: chunks stored back to back, each read with one request.
+//! When one segment holds every data chunk of the run in the run's own
+//! order from its first chunk (a run of a full backup, unless a zero chunk
+//! comes before one of its data chunks), it is read straight into the
+//! run's buffer. Otherwise each segment is read into a
+//! staging buffer (one chunk, or up to a run for longer segments) and its
+//! chunks are copied to their places in the run's buffer as the read
+//! completes. Every chunk's crc32c is checked against its index entry as
+//! its read completes (a mismatch stops the restore with
+//! [`RepoBdevError::Checksum`] naming the chunk). A run is written as soon
+//! as its last chunk is in place; runs are written in the order they are
+//! completed.
+//!
+//! ## Queue depth
+//!
+//! With queue depth `qd` the poller keeps up to `qd` destination writes in
+//! flight, and namespace reads of up to `qd` runs' worth of bytes — as
+//! many as `8 × qd` requests when the generation is fragmented, so that a
+//! late generation read in chunk-sized pieces keeps as many bytes in
+//! flight as a full one read in 1 MiB pieces.
+//!
 //! After the last write the destination is flushed. The first error stops
 //! new I/O; the restore returns it once the I/O in flight has completed.
-//! The buffers (`qd + qd / 2` of [`RESTORE_IO_BYTES`] or one chunk, the
-//! larger) are allocated on `home` when the restore starts.
+//!
+//! ## Buffers
+//!
+//! Nothing is allocated per I/O. The buffers are mapped on the calling
+//! thread while the index loads, never on the reactor: `qd + qd / 2` run
+//! buffers of one run (fewer, at least 4, when a chunk is larger than 1
+//! MiB), one-chunk staging buffers (8 MiB of them, at most one per read in
+//! flight) and `qd / 2` run-sized staging buffers; they come back to the
+//! calling thread with the outcome and are unmapped there. The run and
+//! read slot tables, and each run's list of its data chunks, are allocated
+//! on `home` when the restore starts.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,20 +69,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hotcopy_bdev::{BdevChannel, BdevIo, BdevRegistry, IoStatus, IoType};
-use hotcopy_runtime::{BufferPool, HugepageMode, ReactorHandle};
+use hotcopy_runtime::{BufferPool, DmaBuf, HugepageMode, ReactorHandle};
 use serde::Serialize;
 
-use super::common::{poll_until_finished, token, untoken, Slab, KIND_FLUSH, KIND_RUN};
+use super::common::{poll_until_finished, token, untoken, Slab, KIND_FLUSH, KIND_PIECE, KIND_RUN};
 use super::{common_block_size, load_index, RepoBdevError};
 use crate::repo::{ChunkLoc, GenIndex};
 
 /// The default queue depth of [`restore_to`].
 pub const RESTORE_QD: usize = 16;
-/// Largest read and write of a run of stored chunks: 1 MiB, the size at
-/// which local disks and RAM reach their sequential bandwidth.
+/// Largest destination write of a data run, and largest namespace read: 1
+/// MiB, the size at which local disks and RAM reach their sequential
+/// bandwidth.
 pub const RESTORE_IO_BYTES: u64 = 1 << 20;
 /// Largest write-zeroes of a run of zero chunks.
 const ZERO_RUN_BYTES: u64 = 16 << 20;
+/// Namespace reads in flight per unit of queue depth, at most.
+const READS_PER_QD: usize = 8;
+/// Bytes of one-chunk staging buffers.
+const SMALL_STAGING_BYTES: u64 = 8 << 20;
 /// How often the waiting caller reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(10);
 
@@ -61,24 +103,110 @@ pub struct RestoreReport {
     pub zero_chunks: u64,
     /// Chunks outside the backup's scope, left as they were.
     pub absent_chunks: u64,
-    /// Namespace reads and destination writes issued.
+    /// Namespace reads and destination writes (and write-zeroes) issued.
     pub reads: u64,
     pub writes: u64,
+    /// Data runs whose chunks were gathered from more than one read (or
+    /// read through a staging buffer).
+    pub gathered_runs: u64,
     pub elapsed: Duration,
     /// `bytes_written` over `elapsed`.
     pub mibps: f64,
 }
 
-/// One run: consecutive chunks read (if stored) and written together.
-struct Op {
+/// The restore's buffers (see the module docs).
+struct Buffers {
+    cs: u64,
+    /// Chunks per run.
+    run_max: u64,
+    run_bufs: usize,
+    reads_max: usize,
+    runs: BufferPool,
+    /// Staging buffers of one chunk and of one run (`None` when a run is
+    /// one chunk: every read is then direct).
+    small: Option<BufferPool>,
+    large: Option<BufferPool>,
+}
+
+impl Buffers {
+    /// Maps the buffers of a restore of `cs`-byte chunks at queue depth
+    /// `qd` (control path).
+    fn new(cs: u64, qd: usize) -> Result<Buffers, String> {
+        let pool = |size: u64, count: usize, what: &str| {
+            BufferPool::new(size as usize, count, HugepageMode::Auto)
+                .map_err(|e| format!("restore {what} buffers: {e}"))
+        };
+        let run_max = (RESTORE_IO_BYTES / cs).max(1);
+        let run_bytes = run_max * cs;
+        // qd writes in flight and half as many runs gathering, in 1 MiB
+        // runs; fewer (at least 4) when a chunk is larger than that.
+        let full = qd + qd.div_ceil(2);
+        let run_bufs = full.min(((full as u64 * RESTORE_IO_BYTES / run_bytes) as usize).max(4));
+        let reads_max = qd * READS_PER_QD;
+        let (small, large) = if run_max > 1 {
+            let n = ((SMALL_STAGING_BYTES / cs) as usize).clamp(1, reads_max);
+            (
+                Some(pool(cs, n, "staging")?),
+                Some(pool(run_bytes, qd.div_ceil(2), "staging")?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Buffers {
+            cs,
+            run_max,
+            run_bufs,
+            reads_max,
+            runs: pool(run_bytes, run_bufs, "run")?,
+            small,
+            large,
+        })
+    }
+}
+
+/// A run of consecutive chunks written to the destination with one request.
+struct Run {
     first: u64,
     count: u64,
-    /// Namespace byte offset of the first chunk; `None` for zero chunks.
-    loc: Option<u64>,
-    buf: Option<hotcopy_runtime::DmaBuf>,
+    /// The write buffer (`count` chunks); `None` for a write-zeroes run,
+    /// and while a direct read has it.
+    buf: Option<DmaBuf>,
+    /// The run's data chunks sorted by namespace offset: (offset, index in
+    /// the run). Allocated once with room for a whole run, kept across uses.
+    order: Vec<(u64, u32)>,
+    /// `order[..next]` have been read or are being read.
+    next: usize,
+    /// Data chunks not in the buffer yet.
+    pending: u64,
+    /// One read straight into `buf` brings every data chunk.
+    direct: bool,
+}
+
+/// A namespace read: `order[i..j]` of run `run`, stored back to back.
+#[derive(Clone, Copy)]
+struct Read {
+    run: u32,
+    i: u32,
+    j: u32,
 }
 
 type Outcome = Result<RestoreReport, RepoBdevError>;
+
+/// What the poller sends the waiting caller: the buffers once the last
+/// data I/O is done (to unmap while the flush runs), then the outcome.
+enum Msg {
+    Buffers(Buffers),
+    Done(Outcome),
+}
+
+/// How many zero chunks follow from `from` on (at most `max`).
+fn zeros_from(index: &GenIndex, from: u64, max: u64) -> u64 {
+    let mut n = 0;
+    while n < max && index.resolve(from + n).map(|e| e.loc) == Some(ChunkLoc::Zero) {
+        n += 1;
+    }
+    n
+}
 
 struct Restorer {
     index: GenIndex,
@@ -89,14 +217,24 @@ struct Restorer {
     ns_bs: u64,
     dst_bs: u64,
     cs: u64,
-    bufs: BufferPool,
+    /// Handed back to the caller with the outcome (so that they are
+    /// unmapped there).
+    bufs: Option<Buffers>,
     run_max: u64,
     zero_max: u64,
     write_zeroes: bool,
-    ops: Slab<Op>,
-    /// Runs read and checked, waiting for a write slot.
+    runs: Vec<Run>,
+    free_runs: Vec<u32>,
+    read_ops: Slab<Read>,
+    /// Runs with reads left to issue, oldest first.
+    gather: VecDeque<u32>,
+    /// Runs complete in their buffers (or zero runs), waiting for a write
+    /// slot.
     ready: VecDeque<u32>,
     reads: usize,
+    read_bytes: u64,
+    reads_max: usize,
+    read_bytes_max: u64,
     writes: usize,
     qd: usize,
     cursor: u64,
@@ -109,7 +247,8 @@ struct Restorer {
     comp: Vec<BdevIo>,
     /// Completions reaped while kicking a device, handled next pass.
     kicked: Vec<BdevIo>,
-    tx: Option<SyncSender<Outcome>>,
+    /// Room for both messages, so a send never blocks.
+    tx: Option<SyncSender<Msg>>,
 }
 
 impl Restorer {
@@ -118,6 +257,10 @@ impl Restorer {
             .source_size()
             .min((first + count) * self.cs)
             .saturating_sub(first * self.cs)
+    }
+
+    fn loc(&self, chunk: u64) -> Option<ChunkLoc> {
+        self.index.resolve(chunk).map(|e| e.loc)
     }
 
     fn io_error(
@@ -162,16 +305,19 @@ impl Restorer {
             work += 1;
             let read = io.io_type == IoType::Read;
             self.io_done(io);
-            // Each checked run goes to the device at once, not after the
-            // checks of every other read of this pass.
+            // Each completed run goes to the device at once, not after the
+            // checks and copies of every other read of this pass.
             if read && self.issue_writes() > 0 {
                 self.kick_dst();
             }
         }
         self.comp = comp;
-        let (writes, reads) = (self.issue_writes(), self.fill());
-        if writes + reads > 0 {
+        let writes = self.issue_writes() + self.plan();
+        let reads = self.issue_reads();
+        if writes > 0 {
             self.kick_dst();
+        }
+        if reads > 0 {
             self.kick_ns();
         }
         work += writes + reads;
@@ -182,13 +328,14 @@ impl Restorer {
             self.end(Err(e));
             return (work, true);
         }
-        if self.cursor < self.index.chunks() || !self.ready.is_empty() {
+        if self.cursor < self.index.chunks() || self.free_runs.len() < self.runs.len() {
             return (work, false);
         }
         if !self.flush_sent {
             self.flush_sent = true;
             self.writes += 1;
             self.dst.submit(BdevIo::flush(token(KIND_FLUSH, 0)));
+            self.give_back_buffers();
             return (work + 1, false);
         }
         let elapsed = self.start.elapsed();
@@ -213,122 +360,188 @@ impl Restorer {
         self.ns.poll(&mut |io| kicked.push(io));
     }
 
-    fn end(&mut self, outcome: Outcome) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(outcome);
+    /// Hands the buffers back to the caller (if not done yet), once every
+    /// one is back from the devices.
+    fn give_back_buffers(&mut self) {
+        for run in &mut self.runs {
+            run.buf = None;
+        }
+        if let (Some(tx), Some(b)) = (&self.tx, self.bufs.take()) {
+            let _ = tx.try_send(Msg::Buffers(b));
         }
     }
 
-    fn io_done(&mut self, mut io: BdevIo) {
-        let (kind, idx) = untoken(io.token);
-        if kind == KIND_FLUSH {
-            self.writes -= 1;
-            self.flushed = true;
-            if !io.status.is_success() {
-                let e = self.io_error(&self.dest, "flush", 0, 0, io.status);
-                self.fail(e);
-            }
-            return;
+    fn end(&mut self, outcome: Outcome) {
+        self.give_back_buffers();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Msg::Done(outcome));
         }
-        let Some(op) = self.ops.get_mut(idx) else {
-            return;
-        };
-        let buf = io.take_buf();
-        let (first, count, loc) = (op.first, op.count, op.loc);
-        let cs = self.cs;
-        if io.io_type == IoType::Read {
-            self.reads -= 1;
-            if !io.status.is_success() {
-                let e = self.io_error(
-                    &self.namespace,
-                    "read",
-                    loc.unwrap_or(0),
-                    count * cs,
-                    io.status,
-                );
-                self.ops.remove(idx);
-                return self.fail(e);
-            }
-            let Some(mut buf) = buf else {
-                self.ops.remove(idx);
-                let e = self.io_error(&self.namespace, "read", 0, 0, io.status);
-                return self.fail(e);
-            };
-            for k in 0..count {
-                let found = crc32c::crc32c(&buf[(k * cs) as usize..((k + 1) * cs) as usize]);
-                let expected = self.index.resolve(first + k).map(|e| e.crc).unwrap_or(0);
-                if found != expected {
-                    self.ops.remove(idx);
-                    return self.fail(RepoBdevError::Checksum {
-                        generation: self.index.generation(),
-                        namespace: self.namespace.clone(),
-                        chunk: first + k,
-                        offset: loc.unwrap_or(0) + k * cs,
-                        expected,
-                        found,
-                    });
+    }
+
+    fn free_run(&mut self, r: u32) {
+        let run = &mut self.runs[r as usize];
+        run.buf = None;
+        run.order.clear();
+        self.free_runs.push(r);
+    }
+
+    fn io_done(&mut self, io: BdevIo) {
+        let (kind, idx) = untoken(io.token);
+        match kind {
+            KIND_FLUSH => {
+                self.writes -= 1;
+                self.flushed = true;
+                if !io.status.is_success() {
+                    let e = self.io_error(&self.dest, "flush", 0, 0, io.status);
+                    self.fail(e);
                 }
             }
-            buf.set_len(self.run_len(first, count) as usize);
-            if let Some(op) = self.ops.get_mut(idx) {
-                op.buf = Some(buf);
-            }
-            self.ready.push_back(idx);
+            KIND_PIECE => self.read_done(idx, io),
+            _ => self.write_done(idx, io),
+        }
+    }
+
+    /// A namespace read came back: check its chunks and put them in place.
+    fn read_done(&mut self, idx: u32, mut io: BdevIo) {
+        let Some(Read { run: r, i, j }) = self.read_ops.remove(idx) else {
+            return;
+        };
+        let cs = self.cs;
+        let (i, j) = (i as usize, j as usize);
+        let run0 = &self.runs[r as usize];
+        let len = run0.order[j - 1].0 - run0.order[i].0 + cs;
+        self.reads -= 1;
+        self.read_bytes -= len;
+        let run = &mut self.runs[r as usize];
+        let loc = run.order[i].0;
+        let buf = io.take_buf();
+        let Some(buf) = buf.filter(|_| io.status.is_success()) else {
+            let st = if io.status.is_success() {
+                IoStatus::Failed(hotcopy_bdev::IoError::BadBuffer)
+            } else {
+                io.status
+            };
+            let e = self.io_error(&self.namespace, "read", loc, len, st);
+            return self.fail(e);
+        };
+        if self.error.is_some() {
             return;
         }
-        // A write (or write-zeroes) came back.
+        let mut bad = None;
+        if run.direct {
+            for &(at, off) in &run.order[i..j] {
+                let off = off as u64;
+                let found = crc32c::crc32c(&buf[(off * cs) as usize..][..cs as usize]);
+                let expected = self.index.resolve(run.first + off).map_or(0, |e| e.crc);
+                if found != expected {
+                    bad = Some((run.first + off, at, expected, found));
+                    break;
+                }
+            }
+            run.buf = Some(buf);
+        } else {
+            let Some(dst) = run.buf.as_mut() else {
+                // Not reached: a gathered run keeps its buffer.
+                let e = self.io_error(&self.dest, "gather", loc, len, IoStatus::Success);
+                return self.fail(e);
+            };
+            for &(at, off) in &run.order[i..j] {
+                let off = off as u64;
+                let src = &buf[(at - loc) as usize..][..cs as usize];
+                let found = crc32c::crc32c(src);
+                let expected = self.index.resolve(run.first + off).map_or(0, |e| e.crc);
+                if found != expected {
+                    bad = Some((run.first + off, at, expected, found));
+                    break;
+                }
+                dst[(off * cs) as usize..][..cs as usize].copy_from_slice(src);
+            }
+        }
+        if let Some((chunk, offset, expected, found)) = bad {
+            return self.fail(RepoBdevError::Checksum {
+                generation: self.index.generation(),
+                namespace: self.namespace.clone(),
+                chunk,
+                offset,
+                expected,
+                found,
+            });
+        }
+        run.pending -= (j - i) as u64;
+        if run.pending == 0 {
+            self.ready.push_back(r);
+        }
+    }
+
+    /// A write (or write-zeroes) of run `r` came back.
+    fn write_done(&mut self, r: u32, io: BdevIo) {
         self.writes -= 1;
-        self.ops.remove(idx);
+        let Some(run) = self.runs.get(r as usize) else {
+            return;
+        };
+        let (first, count) = (run.first, run.count);
+        self.free_run(r);
         let len = self.run_len(first, count);
         if !io.status.is_success() {
-            let e = self.io_error(&self.dest, "write", first * cs, len, io.status);
+            let e = self.io_error(&self.dest, "write", first * self.cs, len, io.status);
             return self.fail(e);
         }
         self.report.bytes_written += len;
         self.done.fetch_add(len, Ordering::Relaxed);
     }
 
-    /// Writes runs that are read and checked, up to the queue depth.
+    /// Writes runs that are complete, up to the queue depth.
     fn issue_writes(&mut self) -> usize {
         let mut n = 0;
         while self.writes < self.qd {
-            let Some(idx) = self.ready.pop_front() else {
+            let Some(r) = self.ready.pop_front() else {
                 break;
             };
             if self.error.is_some() {
-                self.ops.remove(idx);
+                self.free_run(r);
                 continue;
             }
-            let Some(op) = self.ops.get_mut(idx) else {
+            let (first, count) = (self.runs[r as usize].first, self.runs[r as usize].count);
+            let len = self.run_len(first, count);
+            let Some(mut buf) = self.runs[r as usize].buf.take() else {
+                // Not reached: a run is ready only with its buffer. Stop
+                // rather than leave the run's slot taken forever.
+                self.free_run(r);
+                let e = self.io_error(
+                    &self.dest,
+                    "write",
+                    first * self.cs,
+                    len,
+                    IoStatus::Failed(hotcopy_bdev::IoError::BadBuffer),
+                );
+                self.fail(e);
                 continue;
             };
-            let Some(buf) = op.buf.take() else {
-                continue;
-            };
+            buf.set_len(len as usize);
             let b = self.dst_bs;
-            let blocks = buf.len() as u64 / b;
-            let at = op.first * self.cs / b;
             self.writes += 1;
             self.report.writes += 1;
-            self.dst
-                .submit(BdevIo::write(at, blocks, buf, token(KIND_RUN, idx)));
+            self.dst.submit(BdevIo::write(
+                first * self.cs / b,
+                len / b,
+                buf,
+                token(KIND_RUN, r),
+            ));
             n += 1;
         }
         n
     }
 
-    /// Starts new runs while there is room.
-    fn fill(&mut self) -> usize {
+    /// Cuts the next runs while there are run slots and buffers: data runs
+    /// get their buffer and their list of reads; zero runs go to the
+    /// destination (write-zeroes) or to the write queue (a zeroed buffer).
+    /// Returns the write-zeroes issued.
+    fn plan(&mut self) -> usize {
         let mut n = 0;
         let chunks = self.index.chunks();
         let cs = self.cs;
         while self.error.is_none() {
-            while self.cursor < chunks
-                && matches!(
-                    self.index.resolve(self.cursor).map(|e| e.loc),
-                    Some(ChunkLoc::Absent)
-                )
-            {
+            while self.cursor < chunks && self.loc(self.cursor) == Some(ChunkLoc::Absent) {
                 self.report.absent_chunks += 1;
                 let len = self.run_len(self.cursor, 1);
                 self.done.fetch_add(len, Ordering::Relaxed);
@@ -337,85 +550,151 @@ impl Restorer {
             if self.cursor >= chunks {
                 break;
             }
+            let Some(&r) = self.free_runs.last() else {
+                break;
+            };
             let first = self.cursor;
-            match self.index.resolve(first).map(|e| e.loc) {
-                Some(ChunkLoc::Data(loc)) => {
-                    if self.reads >= self.qd {
-                        break;
-                    }
-                    let Some(mut buf) = self.bufs.get((self.run_max * cs) as usize) else {
-                        break;
-                    };
-                    let mut count = 1;
-                    while count < self.run_max
-                        && first + count < chunks
-                        && self.index.resolve(first + count).map(|e| e.loc)
-                            == Some(ChunkLoc::Data(loc + count * cs))
-                    {
-                        count += 1;
-                    }
-                    buf.set_len((count * cs) as usize);
-                    let idx = self.ops.insert(Op {
-                        first,
-                        count,
-                        loc: Some(loc),
-                        buf: None,
-                    });
-                    let b = self.ns_bs;
-                    self.reads += 1;
-                    self.report.reads += 1;
-                    self.report.data_chunks += count;
-                    self.ns.submit(BdevIo::read(
-                        loc / b,
-                        count * cs / b,
-                        buf,
-                        token(KIND_RUN, idx),
-                    ));
-                    self.cursor += count;
+            let zeros = zeros_from(&self.index, first, self.zero_max);
+            let zero_run = zeros > 0
+                && (zeros >= self.run_max
+                    || !matches!(self.loc(first + zeros), Some(ChunkLoc::Data(_))));
+            if zero_run && self.write_zeroes {
+                if self.writes >= self.qd {
+                    break;
                 }
-                _ => {
-                    if self.writes >= self.qd {
-                        break;
+                self.free_runs.pop();
+                let run = &mut self.runs[r as usize];
+                (run.first, run.count, run.buf) = (first, zeros, None);
+                let len = self.run_len(first, zeros);
+                let b = self.dst_bs;
+                self.dst.submit(BdevIo::write_zeroes(
+                    first * cs / b,
+                    len / b,
+                    token(KIND_RUN, r),
+                ));
+                self.writes += 1;
+                self.report.writes += 1;
+                self.report.zero_chunks += zeros;
+                self.cursor += zeros;
+                n += 1;
+                continue;
+            }
+            let run_bytes = (self.run_max * cs) as usize;
+            let Some(mut buf) = self.bufs.as_ref().and_then(|b| b.runs.get(run_bytes)) else {
+                break;
+            };
+            self.free_runs.pop();
+            let run = &mut self.runs[r as usize];
+            run.order.clear();
+            let mut count = 0;
+            if zero_run {
+                count = zeros.min(self.run_max);
+                buf.fill(0);
+            } else {
+                // Zero chunks before this one were found in a stretch
+                // shorter than a run.
+                let mut short_zeros_until = 0;
+                while count < self.run_max && first + count < chunks {
+                    let c = first + count;
+                    match self.index.resolve(c).map(|e| e.loc) {
+                        Some(ChunkLoc::Data(loc)) => run.order.push((loc, count as u32)),
+                        Some(ChunkLoc::Zero) => {
+                            if c >= short_zeros_until {
+                                // A stretch of a run or more is a zero run
+                                // of its own.
+                                let z = zeros_from(&self.index, c, self.run_max);
+                                if z >= self.run_max && count > 0 {
+                                    break;
+                                }
+                                short_zeros_until = c + z;
+                            }
+                            buf[(count * cs) as usize..][..cs as usize].fill(0);
+                        }
+                        _ => break,
                     }
-                    let max = if self.write_zeroes {
-                        self.zero_max
-                    } else {
-                        self.run_max
-                    };
-                    let mut count = 1;
-                    while count < max
-                        && first + count < chunks
-                        && self.index.resolve(first + count).map(|e| e.loc) == Some(ChunkLoc::Zero)
-                    {
-                        count += 1;
-                    }
-                    let len = self.run_len(first, count);
-                    let b = self.dst_bs;
-                    let idx = self.ops.insert(Op {
-                        first,
-                        count,
-                        loc: None,
-                        buf: None,
-                    });
-                    let t = token(KIND_RUN, idx);
-                    if self.write_zeroes {
-                        self.dst
-                            .submit(BdevIo::write_zeroes(first * cs / b, len / b, t));
-                    } else {
-                        let Some(mut buf) = self.bufs.get(len as usize) else {
-                            self.ops.remove(idx);
-                            break;
-                        };
-                        buf.fill(0);
-                        self.dst
-                            .submit(BdevIo::write(first * cs / b, len / b, buf, t));
-                    }
-                    self.writes += 1;
-                    self.report.writes += 1;
-                    self.report.zero_chunks += count;
-                    self.cursor += count;
+                    count += 1;
                 }
             }
+            buf.set_len((count * cs) as usize);
+            run.order.sort_unstable();
+            let data = run.order.len() as u64;
+            let base = run.order.first().map_or(0, |o| o.0);
+            run.direct = run
+                .order
+                .iter()
+                .enumerate()
+                .all(|(k, &(loc, off))| off as usize == k && loc == base + k as u64 * cs);
+            (run.first, run.count, run.buf) = (first, count, Some(buf));
+            (run.next, run.pending) = (0, data);
+            self.report.data_chunks += data;
+            self.report.zero_chunks += count - data;
+            if data == 0 {
+                self.ready.push_back(r);
+            } else {
+                self.report.gathered_runs += u64::from(!run.direct);
+                self.gather.push_back(r);
+            }
+            self.cursor += count;
+        }
+        n
+    }
+
+    /// Issues the next reads of the runs being gathered, while the read
+    /// limits allow and staging buffers are free.
+    fn issue_reads(&mut self) -> usize {
+        let mut n = 0;
+        let cs = self.cs;
+        while self.error.is_none()
+            && self.reads < self.reads_max
+            && self.read_bytes < self.read_bytes_max
+        {
+            let Some(&r) = self.gather.front() else {
+                break;
+            };
+            let run = &mut self.runs[r as usize];
+            let order = &run.order;
+            let i = run.next;
+            let mut j = i + 1;
+            // A segment: chunks stored back to back, up to a run's bytes.
+            while j < order.len()
+                && order[j].0 == order[j - 1].0 + cs
+                && (order[j].0 - order[i].0) / cs < self.run_max
+            {
+                j += 1;
+            }
+            let span = (order[j - 1].0 - order[i].0) / cs + 1;
+            // One-chunk reads go through one-chunk staging buffers, longer
+            // ones through run-sized ones; a read waits for its kind.
+            let buf = if run.direct {
+                run.buf.take()
+            } else if span == 1 {
+                let small = self.bufs.as_ref().and_then(|b| b.small.as_ref());
+                small.and_then(|p| p.get(cs as usize))
+            } else {
+                let len = span * cs;
+                let large = self.bufs.as_ref().and_then(|b| b.large.as_ref());
+                large.and_then(|p| p.get(len as usize))
+            };
+            let Some(buf) = buf else {
+                break;
+            };
+            let loc = order[i].0;
+            run.next = j;
+            if j == order.len() {
+                self.gather.pop_front();
+            }
+            let len = span * cs;
+            let idx = self.read_ops.insert(Read {
+                run: r,
+                i: i as u32,
+                j: j as u32,
+            });
+            self.reads += 1;
+            self.read_bytes += len;
+            self.report.reads += 1;
+            let b = self.ns_bs;
+            self.ns
+                .submit(BdevIo::read(loc / b, len / b, buf, token(KIND_PIECE, idx)));
             n += 1;
         }
         n
@@ -424,7 +703,8 @@ impl Restorer {
 
 /// Restores generation `generation` of the repository on `namespace` onto
 /// the bdev `dest` (see the module docs), with a poller on `home` keeping
-/// `qd` reads and `qd` writes in flight (0 means [`RESTORE_QD`]).
+/// `qd` writes and `qd` runs' worth of reads in flight (0 means
+/// [`RESTORE_QD`]).
 /// `progress(done, total)` is called on the calling thread, in bytes of the
 /// source, as the restore goes and once at the end.
 ///
@@ -440,8 +720,18 @@ pub fn restore_to(
     qd: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RestoreReport, RepoBdevError> {
+    let qd = if qd == 0 { RESTORE_QD } else { qd };
     let ns = reg.open(namespace, false)?;
-    let index = load_index(&ns, generation)?;
+    // Mapping and faulting in the buffers takes about as long as loading
+    // the index (opening the repository reads every generation's index):
+    // both at once, on this thread and a helper, never on the reactor. The
+    // buffers are made for the default chunk size, and again if the
+    // generation's differs.
+    let (index, guess) = std::thread::scope(|s| {
+        let guess = s.spawn(|| Buffers::new(crate::DEFAULT_CHUNK_SIZE, qd));
+        (load_index(&ns, generation), guess.join())
+    });
+    let index = index?;
     let dst = reg.open(dest, true)?;
     let what = format!("restore of generation {generation} to {dest}");
     let total = index.source_size();
@@ -459,9 +749,15 @@ pub fn restore_to(
         &index,
         &[ns.bdev().block_size(), dst.bdev().block_size()],
     )?;
-    let qd = if qd == 0 { RESTORE_QD } else { qd };
     let cs = index.chunk_size() as u64;
-    let run_max = (RESTORE_IO_BYTES / cs).max(1);
+    let bufs = match guess {
+        Ok(Ok(b)) if b.cs == cs => b,
+        _ => Buffers::new(cs, qd).map_err(|why| RepoBdevError::Reactor {
+            core: home.core(),
+            why,
+        })?,
+    };
+    let run_max = bufs.run_max;
     let write_zeroes = dst.bdev().supports(IoType::WriteZeroes);
     let can_flush = dst.bdev().supports(IoType::Flush);
     let zero_max = if write_zeroes {
@@ -470,7 +766,7 @@ pub fn restore_to(
         run_max
     };
     let done = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = sync_channel::<Outcome>(1);
+    let (tx, rx) = sync_channel::<Msg>(2);
     let engine_done = done.clone();
     let (namespace, dest) = (namespace.to_string(), dest.to_string());
     let report = RestoreReport {
@@ -482,17 +778,14 @@ pub fn restore_to(
         absent_chunks: 0,
         reads: 0,
         writes: 0,
+        gathered_runs: 0,
         elapsed: Duration::ZERO,
         mibps: 0.0,
     };
+    let reads_max = bufs.reads_max;
+    let slots = bufs.run_bufs + qd;
     let started = home
         .exec(move || -> Result<(), String> {
-            let bufs = BufferPool::new(
-                (run_max * cs) as usize,
-                qd + qd.div_ceil(2),
-                HugepageMode::Auto,
-            )
-            .map_err(|e| format!("restore buffers: {e}"))?;
             let nsch = ns.channel().map_err(|e| e.to_string())?;
             let dstch = dst.channel().map_err(|e| e.to_string())?;
             let mut r = Restorer {
@@ -501,13 +794,29 @@ pub fn restore_to(
                 ns: nsch,
                 dst: dstch,
                 cs,
-                bufs,
+                bufs: Some(bufs),
                 run_max,
                 zero_max,
                 write_zeroes,
-                ops: Slab::new(2 * qd),
-                ready: VecDeque::with_capacity(2 * qd),
+                runs: (0..slots)
+                    .map(|_| Run {
+                        first: 0,
+                        count: 0,
+                        buf: None,
+                        order: Vec::with_capacity(run_max as usize),
+                        next: 0,
+                        pending: 0,
+                        direct: false,
+                    })
+                    .collect(),
+                free_runs: (0..slots as u32).rev().collect(),
+                read_ops: Slab::new(reads_max),
+                gather: VecDeque::with_capacity(slots),
+                ready: VecDeque::with_capacity(slots),
                 reads: 0,
+                read_bytes: 0,
+                reads_max,
+                read_bytes_max: qd as u64 * run_max * cs,
                 writes: 0,
                 qd,
                 cursor: 0,
@@ -517,8 +826,8 @@ pub fn restore_to(
                 report,
                 start: Instant::now(),
                 done: engine_done,
-                comp: Vec::with_capacity(4 * qd),
-                kicked: Vec::with_capacity(4 * qd),
+                comp: Vec::with_capacity(reads_max + 2 * qd),
+                kicked: Vec::with_capacity(reads_max + 2 * qd),
                 tx: Some(tx),
                 index,
                 namespace,
@@ -538,7 +847,9 @@ pub fn restore_to(
     let mut last = u64::MAX;
     loop {
         match rx.recv_timeout(PROGRESS_EVERY) {
-            Ok(outcome) => {
+            // Unmapped here, not on the reactor, while the flush runs.
+            Ok(Msg::Buffers(bufs)) => drop(bufs),
+            Ok(Msg::Done(outcome)) => {
                 let d = done.load(Ordering::Relaxed);
                 if d != last {
                     progress(d, total);
