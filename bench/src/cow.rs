@@ -456,6 +456,7 @@ pub struct CowBenchParams {
     pub container_slots: u32,
     pub rate_limit: u64,
     pub stream_qd: u32,
+    pub pressed_drain_depth: u32,
     pub adaptive: bool,
     pub min_share: f64,
     pub tolerance: f64,
@@ -783,6 +784,7 @@ fn backup_config(
             adaptive: p.adaptive,
             min_share: p.min_share,
             fg_tolerance: p.tolerance,
+            pressed_drain_depth: p.pressed_drain_depth,
             ..JobTuning::default()
         },
         changed_since: None,

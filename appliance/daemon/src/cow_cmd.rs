@@ -69,6 +69,10 @@ pub struct CowArgs {
     /// Most backup I/Os in flight (copy + drain).
     #[arg(long, default_value_t = 16)]
     pub stream_qd: u32,
+    /// Drain I/Os kept in flight whatever the budget while the container is past its soft
+    /// watermark (writers that need a slot are paced then).
+    #[arg(long, default_value_t = 16)]
+    pub pressed_drain_depth: u32,
     /// The backup's progress guarantee: the least share of time (0..1) its streams keep a chunk
     /// in flight however loaded the hosts are.
     #[arg(long, default_value_t = 0.25)]
@@ -215,6 +219,7 @@ pub fn run_scenario(
         container_slots: slots,
         rate_limit: a.rate,
         stream_qd: a.stream_qd,
+        pressed_drain_depth: a.pressed_drain_depth,
         adaptive: !a.no_adaptive,
         min_share: a.min_share,
         tolerance: a.tolerance,
