@@ -547,3 +547,47 @@ fn power_cuts_during_online_backups_never_lose_a_committed_generation() {
     );
     rt.shutdown();
 }
+
+/// A namespace that stops answering fails the repository's operation with a
+/// clear error instead of hanging or panicking the reactor, and the channel
+/// keeps working once the device answers again (the late completion of the
+/// request given up on is dropped, not taken for a later one).
+#[test]
+fn a_stalled_namespace_fails_the_operation_and_the_channel_recovers() {
+    let rt = runtime();
+    let reg = BdevRegistry::new();
+    malloc::create(&reg, "ns_base", 8 << 20, BS as u32).unwrap();
+    let (_, ctl) = hotcopy_bdev::modules::fault::create(
+        &reg,
+        "ns",
+        "ns_base",
+        hotcopy_bdev::modules::fault::FaultOptions::default(),
+    )
+    .unwrap();
+    let ns = reg.open("ns", true).unwrap();
+    format(&rt, &ns);
+    let ctl2 = ctl.clone();
+    let (stalled, listed) = rt
+        .exec(0, move || {
+            use hotcopy_cow::repo::BlockIo;
+            let mut io = ChannelIo::with_timeout(ns.channel().unwrap(), Duration::from_millis(100));
+            ctl2.set_latency_us(400_000);
+            // The end of the namespace, which the repository does not use yet.
+            let stalled = io
+                .write((8 << 20) - 4096, &[0xAB; 4096])
+                .unwrap_err()
+                .to_string();
+            ctl2.set_latency_us(0);
+            // Let the given-up write land, then use the channel again.
+            std::thread::sleep(Duration::from_millis(500));
+            let listed = Repo::open(&mut io).map(|r| r.generations().len());
+            (stalled, listed.map_err(|e| e.to_string()))
+        })
+        .unwrap();
+    assert!(
+        stalled.contains("write of 4096 bytes at byte 8384512 did not complete in 100 ms"),
+        "{stalled}"
+    );
+    assert_eq!(listed, Ok(0));
+    let _ = ctl;
+}

@@ -16,6 +16,17 @@ pub enum RepoError {
         #[source]
         source: IoError,
     },
+    /// The namespace did not complete an I/O within the limit
+    /// ([`super::io::IO_TIMEOUT`] by default): the request is given up on
+    /// (its completion, if it ever comes, is dropped) and the operation
+    /// fails instead of waiting for ever.
+    #[error("backup namespace: {op} of {len} bytes at byte {offset} did not complete in {ms} ms")]
+    Stalled {
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        ms: u64,
+    },
     /// A buffer for an I/O could not be mapped.
     #[error("backup namespace: cannot map an I/O buffer of {len} bytes: {source}")]
     Buffer {

@@ -8,7 +8,8 @@
 //! offline tool, never inside a poller). [`MemIo`] keeps the device in a
 //! `Vec`, for unit tests and tools.
 
-use hotcopy_bdev::testing::run_io;
+use std::time::{Duration, Instant};
+
 use hotcopy_bdev::{BdevChannel, BdevIo, IoError, IoStatus};
 use hotcopy_runtime::DmaBuf;
 
@@ -18,6 +19,11 @@ use super::error::{RepoError, Result};
 /// split. 4 MiB keeps a sequential stream efficient on every backend while
 /// bounding the one scratch buffer the channel keeps.
 pub const MAX_IO_BYTES: usize = 4 << 20;
+
+/// How long [`ChannelIo`] waits for one request before it fails the
+/// operation with [`RepoError::Stalled`] (a device that never answers must
+/// fail a backup's commit, not hang or panic the thread that waits).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A block device as the repository uses it. Offsets and lengths are in
 /// bytes and must be multiples of [`BlockIo::block_size`].
@@ -62,11 +68,25 @@ pub struct ChannelIo {
     ch: BdevChannel,
     /// Reused for every request; grown on demand up to [`MAX_IO_BYTES`].
     scratch: Option<DmaBuf>,
+    /// The token of the last request: a completion with another token is
+    /// one of a request given up on (see [`IO_TIMEOUT`]), and is dropped.
+    token: u64,
+    timeout: Duration,
 }
 
 impl ChannelIo {
     pub fn new(ch: BdevChannel) -> Self {
-        ChannelIo { ch, scratch: None }
+        Self::with_timeout(ch, IO_TIMEOUT)
+    }
+
+    /// With another limit than [`IO_TIMEOUT`] on each request.
+    pub fn with_timeout(ch: BdevChannel, timeout: Duration) -> Self {
+        ChannelIo {
+            ch,
+            scratch: None,
+            token: 0,
+            timeout,
+        }
     }
 
     /// The channel, for I/O the repository does not do.
@@ -88,9 +108,36 @@ impl ChannelIo {
         Ok(buf)
     }
 
-    fn run(&mut self, io: BdevIo, op: &'static str, offset: u64) -> Result<Option<DmaBuf>> {
+    fn run(&mut self, mut io: BdevIo, op: &'static str, offset: u64) -> Result<Option<DmaBuf>> {
         let len = io.num_blocks * self.ch.block_size() as u64;
-        let mut done = run_io(&mut self.ch, io);
+        self.token = self.token.wrapping_add(1);
+        let token = self.token;
+        io.token = token;
+        self.ch.submit(io);
+        let start = Instant::now();
+        let mut out = None;
+        loop {
+            // A completion with another token belongs to a request given up
+            // on earlier: it has landed now, and is dropped with its buffer.
+            self.ch.poll(&mut |done| {
+                if done.token == token {
+                    out = Some(done);
+                }
+            });
+            if out.is_some() {
+                break;
+            }
+            if start.elapsed() >= self.timeout {
+                return Err(RepoError::Stalled {
+                    op,
+                    offset,
+                    len,
+                    ms: self.timeout.as_millis() as u64,
+                });
+            }
+            std::hint::spin_loop();
+        }
+        let mut done = out.expect("the loop ends with a completion");
         let buf = done.take_buf();
         let source = match done.status {
             IoStatus::Success => return Ok(buf),
