@@ -954,8 +954,10 @@ fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_poi
     let s = serve.sock().to_string();
     let uri = format!("nbd://127.0.0.1:{port}/vol");
     let iolog = d.join("fio.iolog");
-    // About 8 s of 4 KiB random writes at QD 32, rewriting blocks (no random
-    // map), paced so that fio's 16-bit write numbers do not wrap.
+    // 20 s of 4 KiB random writes at QD 32, rewriting blocks (no random
+    // map), paced so that fio's 16-bit write numbers do not wrap (60 000
+    // writes). 20 s, not less: on a loaded machine fio can take seconds to
+    // get going, and it must still be writing when the backup runs.
     let fio = Command::new("fio")
         .args([
             "--name=load",
@@ -968,7 +970,7 @@ fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_poi
             "--norandommap",
             "--randseed=11",
             "--rate_iops=3000",
-            "--runtime=8",
+            "--runtime=20",
             "--time_based",
             "--verify=crc32c",
             "--do_verify=0",
