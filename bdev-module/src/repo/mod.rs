@@ -1027,7 +1027,16 @@ impl Repo {
     /// Writes `state` to the slot not holding the current sequence, with the
     /// next sequence, and flushes. Any failure poisons the repository.
     fn write_superblock(&mut self, io: &mut dyn BlockIo, state: &CatState) -> Result<()> {
-        let (seq, slot) = (self.seq + 1, 1 - self.slot);
+        // A sequence at its maximum (only a forged or corrupt superblock
+        // gets there) cannot be superseded: wrapping to 0 would make the
+        // next open pick the older slot and lose this change.
+        let seq = self.seq.checked_add(1).ok_or_else(|| {
+            RepoError::Invalid(
+                "the superblock's sequence number is at its maximum: the repository cannot record a change"
+                    .into(),
+            )
+        })?;
+        let slot = 1 - self.slot;
         let sb = Superblock {
             seq,
             uuid: self.uuid,

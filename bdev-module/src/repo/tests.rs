@@ -592,3 +592,30 @@ fn running_backups_pin_their_parent_and_absent_chunks_are_not_restored() {
     assert_eq!(repo.prune_keep(&mut io, 1).unwrap().removed, vec![g1.id]);
     assert!(repo.verify(&mut io, None).unwrap().is_ok());
 }
+
+/// A superblock whose sequence number is at its maximum (forged or
+/// corrupt) opens, but a change is refused with a clear error instead of
+/// wrapping the sequence to 0, which would make the next open pick the
+/// older slot and lose the change (found by the `repo_open` fuzz target).
+#[test]
+fn a_superblock_sequence_at_its_maximum_refuses_changes() {
+    let mut io = MemIo::new(4 << 20, 512);
+    Repo::format(&mut io, false).unwrap();
+    let mut b = vec![0u8; SLOT_BYTES];
+    let mut slot = None;
+    for s in 0..2u64 {
+        io.read(s * SLOT_BYTES as u64, &mut b).unwrap();
+        if let Ok(sb) = format::Superblock::decode(&b, io.size_bytes()) {
+            slot = Some((s, sb));
+        }
+    }
+    let (s, mut sb) = slot.expect("a formatted repository has a valid superblock");
+    sb.seq = u64::MAX;
+    io.write(s * SLOT_BYTES as u64, &sb.encode()).unwrap();
+    let mut repo = Repo::open(&mut io).unwrap();
+    let Err(err) = repo.begin(&mut io, &spec("v", 4 * CS as u64, None)) else {
+        panic!("no change can be recorded");
+    };
+    let err = err.to_string();
+    assert!(err.contains("sequence number is at its maximum"), "{err}");
+}
