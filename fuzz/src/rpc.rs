@@ -13,7 +13,8 @@
 //! and no signal handler; its one reactor sleeps when idle and is not pinned,
 //! so it does not take a core from libFuzzer. `repo0` is then formatted as a
 //! backup repository (through `handle_line` too), so that
-//! `hotcopy_repo_list` and `hotcopy_repo_verify` reach a real repository.
+//! `hotcopy_repo_list`, `hotcopy_repo_info` and `hotcopy_repo_verify` reach
+//! a real repository.
 //!
 //! # The input
 //!
@@ -39,8 +40,9 @@
 //! writes (format, prune, restore), instant restores, snapshots and
 //! `nbd_start_disk` (binds a socket). The safe ones read state, or act on a
 //! backup job, instant restore or export, of which this daemon has none,
-//! so they fail after their parameters are parsed. `hotcopy_repo_list` and
-//! `hotcopy_repo_verify` are safe when their `repo` names a bdev; given a
+//! so they fail after their parameters are parsed. `hotcopy_repo_list`,
+//! `hotcopy_repo_info` and `hotcopy_repo_verify` are safe when their `repo`
+//! names a bdev; given a
 //! spec (a string with a `:`) they create a bdev for it, so such a line is
 //! skipped too. After each line the daemon must still have exactly its
 //! bdevs and no job, export, restore or snapshot: a gap in these lists
@@ -75,8 +77,7 @@ use std::sync::OnceLock;
 use hotcopy::serve::daemon::{Daemon, Origin};
 use hotcopy::serve::methods::METHODS;
 use hotcopy::serve::rpc::handle_line;
-use hotcopy_config::IdleMode;
-use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
+use hotcopy_runtime::Runtime;
 use serde_json::{json, Map, Value};
 
 /// The daemon's config: small bdevs of each kind that needs no file.
@@ -121,6 +122,7 @@ pub const SAFE: &[&str] = &[
     "hotcopy_backup_set_rate",
     "hotcopy_backup_view_create",
     "hotcopy_repo_list",
+    "hotcopy_repo_info",
     "hotcopy_repo_verify",
     "hotcopy_instant_restore_status",
     "hotcopy_instant_restore_cancel",
@@ -156,7 +158,11 @@ pub const UNSAFE: &[&str] = &[
 ];
 
 /// The methods whose `repo` parameter may be a spec, which creates a bdev.
-const REPO_SPEC: &[&str] = &["hotcopy_repo_list", "hotcopy_repo_verify"];
+const REPO_SPEC: &[&str] = &[
+    "hotcopy_repo_list",
+    "hotcopy_repo_info",
+    "hotcopy_repo_verify",
+];
 
 /// The error codes a method's own failure may carry (`ServeError::code`).
 const METHOD_CODES: &[i64] = &[-32602, -32000, -32001, -32002, -32003, -32004, -32005];
@@ -176,16 +182,9 @@ pub fn daemon() -> &'static Daemon {
 fn build() -> Fixture {
     let cfg = hotcopy_config::parse_str(CONFIG, "rpc_request's config")
         .unwrap_or_else(|e| panic!("the embedded config: {e}"));
-    let rt = Runtime::start(RuntimeConfig {
-        cores: cfg.reactors.cores.cpus(),
-        idle: match cfg.reactors.idle {
-            IdleMode::Poll => IdlePolicy::Poll,
-            IdleMode::Sleep => IdlePolicy::SLEEP,
-        },
-        // Unlike `serve`: libFuzzer's thread must not share a pinned core.
-        pin: false,
-    })
-    .expect("starting the reactor");
+    // Unlike `serve`: libFuzzer's thread must not share a pinned core.
+    let rt = Runtime::start(hotcopy::serve::runtime_config(&cfg.reactors, false))
+        .expect("starting the reactor");
     let base = hotcopy_config::Config {
         reactors: cfg.reactors.clone(),
         buffer_pool: cfg.buffer_pool.clone(),

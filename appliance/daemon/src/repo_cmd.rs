@@ -1,11 +1,20 @@
-//! `hotcopy repo`: the backup repository, offline (no daemon needed).
+//! `hotcopy repo`: the backup repository, offline (no daemon needed) or
+//! through a running daemon (`--rpc-socket`).
 //!
-//! Every subcommand builds the namespace bdev from its `--repo SPEC` (and,
-//! for restore, the destination from `--to SPEC`), starts one reactor, and
-//! runs the repository library (`hotcopy_cow::repo`) there over a
-//! [`ChannelIo`]. Nothing is kept between invocations but what is on the
-//! namespace, so a repository on a file (`uring:PATH`) persists from one
-//! command to the next.
+//! Offline, every subcommand builds the namespace bdev from its `--repo
+//! SPEC` (and, for restore, the destination from `--to SPEC`), starts one
+//! reactor, and runs the repository library (`hotcopy_cow::repo`) there
+//! over a [`ChannelIo`]. Nothing is kept between invocations but what is on
+//! the namespace, so a repository on a file (`uring:PATH`) persists from
+//! one command to the next.
+//!
+//! With `--rpc-socket PATH` the same subcommand calls the daemon's method
+//! instead (`hotcopy_repo_{format,list,info,verify,prune,restore}`; mount is
+//! `hotcopy_snapshot_create` and `nbd_start_disk`, and `unmount` undoes
+//! it). Each command's result is one JSON value, built by the same function
+//! here offline and in the daemon (`list_json`, `info_value`,
+//! `verify_value`, `prune_json`, `restore_json`), and one printer turns it
+//! into the table, so the two paths print the same.
 //!
 //! Output is a human table by default and one JSON object with `--json`.
 //! Exit codes: 0 success; 1 `verify` found damage; 2 any error (bad
@@ -18,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -30,6 +39,7 @@ use hotcopy_cow::repo::{
     BlockIo, ChannelIo, ChunkLoc, GenState, Generation, PruneReport, Repo, RepoError, RepoInfo,
     VerifyReport,
 };
+use hotcopy_cow::repo_bdev::RestoreReport;
 use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -55,6 +65,11 @@ Examples:
   hotcopy repo prune --repo uring:/var/tmp/backup.img --keep 7
   hotcopy repo restore --repo uring:/var/tmp/backup.img --generation latest --to uring:/dev/vdb
 
+Through a running daemon (`hotcopy serve`), with --repo naming its bdev or a spec:
+  hotcopy repo list --rpc-socket /run/hotcopy.sock --repo backup
+  hotcopy repo mount --rpc-socket /run/hotcopy.sock --repo backup --generation 3 --name gen3
+  hotcopy repo unmount --rpc-socket /run/hotcopy.sock --name gen3
+
 Exit codes: 0 success, 1 verify found damage, 2 error.
 
 ", spec_help!()))]
@@ -79,6 +94,8 @@ enum RepoCmd {
     Restore(RestoreArgs),
     /// Serve a generation as a bdev over NBD (read-only, or writable into a private overlay).
     Mount(MountArgs),
+    /// Stop serving a generation mounted through a daemon (`repo mount --rpc-socket`).
+    Unmount(UnmountArgs),
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +103,8 @@ enum RepoCmd {
 The generation is served as a bdev and exported over NBD until SIGINT or SIGTERM. Read-only by
 default; --writable takes writes into a private overlay (RAM by default, or --overlay SPEC) that
 neither the repository nor any source ever sees, and that is gone when the mount ends.
+With --rpc-socket the daemon serves it instead (bdev and export --name), and it stays until
+`hotcopy repo unmount --rpc-socket PATH --name NAME`.
 
 Examples:
   hotcopy repo mount --repo uring:/var/tmp/backup.img --generation latest --nbd 127.0.0.1:10809
@@ -108,14 +127,33 @@ pub struct MountArgs {
     /// The overlay's bdev spec (default: RAM as large as the generation's source).
     #[arg(long, value_name = "SPEC", requires = "writable")]
     overlay: Option<String>,
-    /// Where to serve it: HOST:PORT or unix:PATH.
-    #[arg(
-        long,
-        value_name = "HOST:PORT|unix:PATH",
-        default_value = "127.0.0.1:10809"
-    )]
-    nbd: String,
-    /// The NBD export name.
+    /// Where to serve it: HOST:PORT or unix:PATH [default: 127.0.0.1:10809; through a daemon,
+    /// the address of its first export, else 127.0.0.1:10809].
+    #[arg(long, value_name = "HOST:PORT|unix:PATH")]
+    nbd: Option<String>,
+    /// The NBD export name (through a daemon, also the snapshot bdev's name).
+    #[arg(long, default_value = "backup")]
+    name: String,
+    /// Print one JSON object once it is served: {"generation", "name", "uri", "writable", ...}.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    via: Via,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Example:
+  hotcopy repo mount --rpc-socket /run/hotcopy.sock --repo backup --generation 3 --name gen3
+  hotcopy repo unmount --rpc-socket /run/hotcopy.sock --name gen3
+
+Stops the NBD export NAME (its connections finish their requests and close) and deletes the
+snapshot bdev NAME with its overlay.")]
+pub struct UnmountArgs {
+    /// The daemon's JSON-RPC socket (a mount without a daemon ends with its command).
+    #[arg(long = "rpc-socket", value_name = "PATH")]
+    rpc_socket: PathBuf,
+    /// The name given to `repo mount --name`.
     #[arg(long, default_value = "backup")]
     name: String,
 }
@@ -131,6 +169,8 @@ repository, a filesystem, a partition table.
 
 ", spec_help!()))]
 pub struct FormatArgs {
+    #[command(flatten)]
+    via: Via,
     /// The backup namespace (a bdev spec).
     #[arg(long, value_name = "SPEC")]
     repo: String,
@@ -150,6 +190,8 @@ JSON: {\"uuid\", \"generations\": [{\"id\", \"state\" (complete|in_progress), \"
 \"consistency_point_us\", \"created\", \"created_us\", \"chunks\": {\"total\", \"stored\", \"zero\", \"absent\"},
 \"bytes_stored\", \"crc_compared\", \"damage\"}]}")]
 pub struct ListArgs {
+    #[command(flatten)]
+    via: Via,
     /// The backup namespace (a bdev spec).
     #[arg(long, value_name = "SPEC")]
     repo: String,
@@ -168,6 +210,8 @@ JSON: {\"uuid\", \"size_bytes\", \"used_bytes\", \"free_bytes\", \"generation_co
 \"in_progress\", \"sequence\"}, and with --generation a \"generation\" object: the fields of
 `repo list --json` plus \"index\" and \"data_from\" (which generations stored its chunks).")]
 pub struct InfoArgs {
+    #[command(flatten)]
+    via: Via,
     /// The backup namespace (a bdev spec).
     #[arg(long, value_name = "SPEC")]
     repo: String,
@@ -190,6 +234,8 @@ generations is read once) and checks every crc32c. Exit code 0 when everything i
 1 when anything is damaged (each problem is listed), 2 on an error. A progress bar is drawn
 on stderr when it is a terminal.")]
 pub struct VerifyArgs {
+    #[command(flatten)]
+    via: Via,
     /// The backup namespace (a bdev spec).
     #[arg(long, value_name = "SPEC")]
     repo: String,
@@ -215,6 +261,8 @@ generations only, per source, and --older-than always keeps the newest of each s
 Chunks a remaining generation shares are kept; the rest is free at once.
 DURATION: a number and a unit: s, m, h, d or w (30s, 15m, 12h, 7d, 2w).")]
 pub struct PruneArgs {
+    #[command(flatten)]
+    via: Via,
     /// The backup namespace (a bdev spec).
     #[arg(long, value_name = "SPEC")]
     repo: String,
@@ -243,6 +291,8 @@ left as they are on it. Every chunk's crc32c is checked on the way.
 
 ", spec_help!()))]
 pub struct RestoreArgs {
+    #[command(flatten)]
+    via: Via,
     /// The backup namespace (a bdev spec).
     #[arg(long, value_name = "SPEC")]
     repo: String,
@@ -313,6 +363,7 @@ pub fn run(a: RepoArgs) -> anyhow::Result<ExitCode> {
         RepoCmd::Prune(a) => prune(a),
         RepoCmd::Restore(a) => restore(a),
         RepoCmd::Mount(a) => mount(a),
+        RepoCmd::Unmount(a) => unmount(a),
     }
 }
 
@@ -508,12 +559,19 @@ pub(crate) fn gen_json(g: &Generation, damage: Option<&str>) -> Value {
 
 /// A verify report as `repo verify --json` prints it; the daemon's
 /// `hotcopy_repo_verify` answers with the same and the repository's name.
-pub(crate) fn verify_json(report: &VerifyReport, seconds: f64) -> Value {
+pub(crate) fn verify_json(report: &VerifyReport, gens: &[Generation], seconds: f64) -> Value {
+    let source = |id: u64| {
+        gens.iter()
+            .find(|g| g.id == id)
+            .map(|g| g.source.name.as_str())
+    };
     json!({
         "ok": report.is_ok(),
+        "opened": true,
         "generations": report.generations.iter().map(|g| json!({
             "id": g.id,
             "state": state_str(g.state),
+            "source": source(g.id),
             "ok": g.is_ok(),
             "chunks_checked": g.chunks_checked,
             "bad_chunks": g.bad_chunks,
@@ -583,108 +641,205 @@ fn table_line<'a>(widths: &[usize], cells: impl Iterator<Item = &'a str>) -> Str
     s
 }
 
-fn describe(g: &Generation) -> String {
-    match g.state {
-        GenState::Complete => format!(
-            "{} of {:?}, consistency point {}, {} stored",
-            g.kind.as_str(),
-            g.source.name,
-            rfc3339_us(g.consistency_point_us),
-            human_bytes(g.bytes_stored)
-        ),
-        GenState::InProgress => format!(
-            "{} of {:?}, incomplete (begun {})",
-            g.kind.as_str(),
-            g.source.name,
-            rfc3339_us(g.created_us)
-        ),
+/// A field of a JSON object as a number (0 when absent).
+fn vu(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+/// A field of a JSON object as a string ("" when absent).
+fn vs<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("")
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
     }
+}
+
+/// One line about a generation, from its JSON (`gen_json`, or a restore's
+/// result, which has the same `kind`, `source`, `consistency_point` and
+/// `bytes_stored`).
+fn describe(g: &Value) -> String {
+    if vs(g, "state") == "in_progress" {
+        format!(
+            "{} of {:?}, incomplete (begun {})",
+            vs(g, "kind"),
+            vs(&g["source"], "name"),
+            vs(g, "created")
+        )
+    } else {
+        format!(
+            "{} of {:?}, consistency point {}, {} stored",
+            vs(g, "kind"),
+            vs(&g["source"], "name"),
+            vs(g, "consistency_point"),
+            human_bytes(vu(g, "bytes_stored"))
+        )
+    }
+}
+
+// ---- Through the daemon -----------------------------------------------------
+
+/// `--rpc-socket`: run the command through a running daemon instead of
+/// opening the namespace here.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Via {
+    /// Run it through the daemon (`hotcopy serve`) on this JSON-RPC socket instead of opening
+    /// the namespace here; --repo (and --to) may then also name one of the daemon's bdevs.
+    #[arg(long = "rpc-socket", value_name = "PATH")]
+    rpc_socket: Option<PathBuf>,
+}
+
+/// Calls `method` on the daemon at `socket`; the daemon's error becomes
+/// this command's, with the method and the JSON-RPC code.
+fn remote(socket: &Path, method: &str, params: Value) -> anyhow::Result<Value> {
+    let mut c = crate::rpc_cmd::Client::connect(socket)?;
+    call(&mut c, method, params)
+}
+
+fn call(c: &mut crate::rpc_cmd::Client, method: &str, params: Value) -> anyhow::Result<Value> {
+    c.call(method, params)?
+        .map_err(|e| anyhow!("{method}: {} (JSON-RPC error {})", e.message, e.code))
+}
+
+/// A `--generation` as the daemon takes it.
+fn gen_param(sel: GenSel) -> Value {
+    match sel {
+        GenSel::Id(id) => json!(id),
+        GenSel::Latest => json!("latest"),
+    }
+}
+
+/// A spinner on stderr (when it is a terminal) while the daemon works.
+fn spinner(what: String) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(what);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 // ---- format -----------------------------------------------------------------
 
 fn format_repo(a: FormatArgs) -> anyhow::Result<ExitCode> {
-    let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
-    let desc = off.open("repo", true)?;
-    let (spec, force) = (a.repo.clone(), a.force);
-    let info = off.exec(move || {
-        let mut io = ChannelIo::new(desc.channel()?);
-        match Repo::format(&mut io, force) {
-            Ok(repo) => Ok(repo.info()),
-            Err(RepoError::WouldOverwrite(why)) => Err(anyhow!(
-                "--repo {spec}: refusing to format: {why}; add --force to overwrite it"
-            )),
-            Err(e) => Err(repo_error(&spec, e)),
-        }
-    })?;
+    let info = if let Some(sock) = &a.via.rpc_socket {
+        remote(
+            sock,
+            "hotcopy_repo_format",
+            json!({ "repo": a.repo, "force": a.force }),
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{}",
+                e.to_string().replace("pass force: true", "add --force")
+            )
+        })?
+    } else {
+        let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
+        let desc = off.open("repo", true)?;
+        let (spec, force) = (a.repo.clone(), a.force);
+        off.exec(move || {
+            let mut io = ChannelIo::new(desc.channel()?);
+            match Repo::format(&mut io, force) {
+                Ok(repo) => Ok(info_json(&repo.info())),
+                Err(RepoError::WouldOverwrite(why)) => Err(anyhow!(
+                    "--repo {spec}: refusing to format: {why}; add --force to overwrite it"
+                )),
+                Err(e) => Err(repo_error(&spec, e)),
+            }
+        })?
+    };
+    let size = vu(&info, "size_bytes");
     println!(
-        "formatted {}: repository {}, {} ({} bytes) usable",
+        "formatted {}: repository {}, {} ({size} bytes) usable",
         a.repo,
-        info.uuid,
-        human_bytes(info.size_bytes),
-        info.size_bytes
+        vs(&info, "uuid"),
+        human_bytes(size),
     );
     Ok(ExitCode::SUCCESS)
 }
 
 // ---- list -------------------------------------------------------------------
 
-fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
-    let (info, gens) = with_repo(&a.repo, false, |_, repo| {
-        let gens: Vec<(Generation, Option<String>)> = repo
+/// The repository and its generations, as `repo list --json` prints them;
+/// the daemon's `hotcopy_repo_list` answers the same, with `repo`.
+pub(crate) fn list_json(repo: &Repo) -> Value {
+    json!({
+        "uuid": repo.uuid(),
+        "info": info_json(&repo.info()),
+        "generations": repo
             .generations()
             .iter()
-            .map(|g| (g.clone(), repo.damage(g.id).map(str::to_string)))
-            .collect();
-        Ok((repo.info(), gens))
-    })?;
+            .map(|g| gen_json(g, repo.damage(g.id)))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
+    let v = match &a.via.rpc_socket {
+        Some(sock) => remote(sock, "hotcopy_repo_list", json!({ "repo": a.repo }))?,
+        None => with_repo(&a.repo, false, |_, repo| Ok(list_json(repo)))?,
+    };
     if a.json {
-        let v = json!({
-            "uuid": info.uuid,
-            "generations": gens.iter().map(|(g, d)| gen_json(g, d.as_deref())).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&v)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let empty = Vec::new();
+    let gens = v["generations"].as_array().unwrap_or(&empty);
+    let n = gens.len() as u64;
     println!(
-        "repository {} on {}: {} generation{}, {} used of {}",
-        info.uuid,
+        "repository {} on {}: {n} generation{}, {} used of {}",
+        vs(&v, "uuid"),
         a.repo,
-        gens.len(),
-        if gens.len() == 1 { "" } else { "s" },
-        human_bytes(info.used_bytes),
-        human_bytes(info.size_bytes)
+        plural(n),
+        human_bytes(vu(&v["info"], "used_bytes")),
+        human_bytes(vu(&v["info"], "size_bytes"))
     );
     if gens.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<Vec<String>> = gens
         .iter()
-        .map(|(g, damage)| {
-            let complete = g.state == GenState::Complete;
+        .map(|g| {
+            let complete = vs(g, "state") == "complete";
+            let chunks = &g["chunks"];
             vec![
-                g.id.to_string(),
-                match (g.state, damage) {
-                    (_, Some(_)) => "DAMAGED".into(),
-                    (s, None) => state_str(s).into(),
-                },
-                g.kind.as_str().into(),
-                g.parent.map_or("-".into(), |p| p.to_string()),
-                g.source.name.clone(),
-                human_bytes(g.source.size_bytes),
-                human_bytes(g.chunk_size as u64),
-                if complete {
-                    short_time(g.consistency_point_us)
+                vu(g, "id").to_string(),
+                if g["damage"].is_null() {
+                    vs(g, "state").into()
                 } else {
-                    "-".into()
+                    "DAMAGED".into()
+                },
+                vs(g, "kind").into(),
+                g["parent"].as_u64().map_or("-".into(), |p| p.to_string()),
+                vs(&g["source"], "name").into(),
+                human_bytes(vu(&g["source"], "size_bytes")),
+                human_bytes(vu(g, "chunk_size")),
+                match g["consistency_point_us"].as_u64() {
+                    Some(us) if complete => short_time(us),
+                    _ => "-".into(),
                 },
                 if complete {
                     format!(
                         "{} ({}/{} chunks, {} zero)",
-                        human_bytes(g.bytes_stored),
-                        g.chunks_stored,
-                        g.chunks_total,
-                        g.zero_chunks
+                        human_bytes(vu(g, "bytes_stored")),
+                        vu(chunks, "stored"),
+                        vu(chunks, "total"),
+                        vu(chunks, "zero")
                     )
                 } else {
                     "-".into()
@@ -709,9 +864,9 @@ fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
             &rows
         )
     );
-    for (g, damage) in &gens {
-        if let Some(d) = damage {
-            println!("generation {} is damaged: {d}", g.id);
+    for g in gens {
+        if let Some(d) = g["damage"].as_str() {
+            println!("generation {} is damaged: {d}", vu(g, "id"));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -719,180 +874,153 @@ fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
 
 // ---- info -------------------------------------------------------------------
 
-/// What `info --generation` adds to the catalog record.
-struct GenDetail {
-    generation: Generation,
-    damage: Option<String>,
-    /// (generation that stored the data, chunks of this generation it holds).
-    data_from: Vec<(u64, u64)>,
+/// The repository as `repo info --json` prints it, and with `only` a
+/// `generation` object: its `gen_json` plus `index` and `data_from` (which
+/// generations stored its chunks). The daemon's `hotcopy_repo_info`
+/// answers the same.
+pub(crate) fn info_value(
+    io: &mut dyn BlockIo,
+    repo: &Repo,
+    only: Option<u64>,
+) -> Result<Value, RepoError> {
+    let mut v = info_json(&repo.info());
+    let Some(id) = only else { return Ok(v) };
+    let g = repo.generation(id).ok_or(RepoError::NoSuchGeneration(id))?;
+    let mut damage = repo.damage(id).map(str::to_string);
+    let mut data_from: BTreeMap<u64, u64> = BTreeMap::new();
+    if g.state == GenState::Complete && damage.is_none() {
+        match repo.index(io, id) {
+            Ok(idx) => {
+                for c in 0..idx.chunks() {
+                    if let Some(e) = idx.resolve(c) {
+                        if matches!(e.loc, ChunkLoc::Data(_)) {
+                            *data_from.entry(e.stored_by).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            Err(e) => damage = Some(e.to_string()),
+        }
+    }
+    let mut gv = gen_json(g, damage.as_deref());
+    gv["index"] = match g.index {
+        Some(i) => json!({ "offset": i.offset, "len": i.len }),
+        None => Value::Null,
+    };
+    gv["data_from"] = data_from
+        .into_iter()
+        .map(|(gen, chunks)| json!({ "generation": gen, "chunks": chunks }))
+        .collect();
+    v["generation"] = gv;
+    Ok(v)
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let only = a.generation;
-    let (info, detail) = with_repo(&a.repo, false, move |io, repo| {
-        let detail = match only {
-            None => None,
-            Some(id) => {
-                let g = repo
-                    .generation(id)
-                    .cloned()
-                    .ok_or(RepoError::NoSuchGeneration(id))?;
-                let mut damage = repo.damage(id).map(str::to_string);
-                let mut data_from = Vec::new();
-                if g.state == GenState::Complete && damage.is_none() {
-                    match repo.index(io, id) {
-                        Ok(idx) => {
-                            let mut by: BTreeMap<u64, u64> = BTreeMap::new();
-                            for c in 0..idx.chunks() {
-                                if let Some(e) = idx.resolve(c) {
-                                    if matches!(e.loc, ChunkLoc::Data(_)) {
-                                        *by.entry(e.stored_by).or_default() += 1;
-                                    }
-                                }
-                            }
-                            data_from = by.into_iter().collect();
-                        }
-                        Err(e) => damage = Some(e.to_string()),
-                    }
-                }
-                Some(GenDetail {
-                    generation: g,
-                    damage,
-                    data_from,
-                })
+    let v = match &a.via.rpc_socket {
+        Some(sock) => {
+            let mut p = json!({ "repo": a.repo });
+            if let Some(g) = only {
+                p["generation"] = json!(g);
             }
-        };
-        Ok((repo.info(), detail))
-    })?;
-    if a.json {
-        let mut v = info_json(&info);
-        if let Some(d) = &detail {
-            let mut g = gen_json(&d.generation, d.damage.as_deref());
-            g["index"] = match d.generation.index {
-                Some(i) => json!({ "offset": i.offset, "len": i.len }),
-                None => Value::Null,
-            };
-            g["data_from"] = d
-                .data_from
-                .iter()
-                .map(|&(gen, chunks)| json!({ "generation": gen, "chunks": chunks }))
-                .collect();
-            v["generation"] = g;
+            remote(sock, "hotcopy_repo_info", p)?
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        None => with_repo(&a.repo, false, move |io, repo| {
+            Ok(info_value(io, repo, only)?)
+        })?,
+    };
+    if a.json {
+        print_json(&v)?;
         return Ok(ExitCode::SUCCESS);
     }
     let kv = |k: &str, v: String| println!("{k:<22} {v}");
-    kv("repository", info.uuid.clone());
+    let bytes = |n: u64| format!("{} ({n} bytes)", human_bytes(n));
+    kv("repository", vs(&v, "uuid").into());
     kv("namespace", a.repo.clone());
-    kv(
-        "size",
-        format!(
-            "{} ({} bytes)",
-            human_bytes(info.size_bytes),
-            info.size_bytes
-        ),
-    );
-    kv(
-        "used",
-        format!(
-            "{} ({} bytes)",
-            human_bytes(info.used_bytes),
-            info.used_bytes
-        ),
-    );
-    kv(
-        "free",
-        format!(
-            "{} ({} bytes)",
-            human_bytes(info.free_bytes),
-            info.free_bytes
-        ),
-    );
+    kv("size", bytes(vu(&v, "size_bytes")));
+    kv("used", bytes(vu(&v, "used_bytes")));
+    kv("free", bytes(vu(&v, "free_bytes")));
     kv(
         "generations",
         format!(
             "{} ({} complete, {} in progress)",
-            info.generations, info.complete, info.in_progress
+            vu(&v, "generation_count"),
+            vu(&v, "complete"),
+            vu(&v, "in_progress")
         ),
     );
-    kv("sequence", info.sequence.to_string());
-    let Some(d) = detail else {
+    kv("sequence", vu(&v, "sequence").to_string());
+    let g = &v["generation"];
+    if g.is_null() {
         return Ok(ExitCode::SUCCESS);
-    };
-    let g = &d.generation;
+    }
     println!();
-    kv("generation", g.id.to_string());
-    kv("state", state_str(g.state).into());
-    kv("kind", g.kind.as_str().into());
-    kv("parent", g.parent.map_or("-".into(), |p| p.to_string()));
-    kv("source", g.source.name.clone());
+    kv("generation", vu(g, "id").to_string());
+    kv("state", vs(g, "state").into());
+    kv("kind", vs(g, "kind").into());
     kv(
-        "source size",
-        format!(
-            "{} ({} bytes)",
-            human_bytes(g.source.size_bytes),
-            g.source.size_bytes
-        ),
+        "parent",
+        g["parent"].as_u64().map_or("-".into(), |p| p.to_string()),
     );
-    kv(
-        "chunk size",
-        format!(
-            "{} ({} bytes)",
-            human_bytes(g.chunk_size as u64),
-            g.chunk_size
-        ),
-    );
+    kv("source", vs(&g["source"], "name").into());
+    kv("source size", bytes(vu(&g["source"], "size_bytes")));
+    kv("chunk size", bytes(vu(g, "chunk_size")));
     kv(
         "consistency point",
-        if g.state == GenState::Complete {
-            format!(
-                "{} ({} us)",
-                rfc3339_us(g.consistency_point_us),
-                g.consistency_point_us
-            )
-        } else {
-            "- (incomplete)".into()
+        match g["consistency_point_us"].as_u64() {
+            Some(us) => format!("{} ({us} us)", vs(g, "consistency_point")),
+            None => "- (incomplete)".into(),
         },
     );
-    kv("created", rfc3339_us(g.created_us));
+    kv("created", vs(g, "created").into());
+    let c = &g["chunks"];
+    let (total, stored, zero, absent) = (
+        vu(c, "total"),
+        vu(c, "stored"),
+        vu(c, "zero"),
+        vu(c, "absent"),
+    );
     kv(
         "chunks",
         format!(
-            "{} total: {} stored, {} zero, {} out of scope, {} from earlier generations",
-            g.chunks_total,
-            g.chunks_stored,
-            g.zero_chunks,
-            g.chunks_absent,
-            g.chunks_total
-                .saturating_sub(g.chunks_stored + g.zero_chunks + g.chunks_absent)
+            "{total} total: {stored} stored, {zero} zero, {absent} out of scope, {} from earlier generations",
+            total.saturating_sub(stored + zero + absent)
         ),
     );
-    kv(
-        "bytes stored",
-        format!("{} ({} bytes)", human_bytes(g.bytes_stored), g.bytes_stored),
-    );
-    if g.crc_compared {
+    kv("bytes stored", bytes(vu(g, "bytes_stored")));
+    if g["crc_compared"].as_bool() == Some(true) {
         kv(
             "unchanged chunks",
             "found by comparing checksums with the parent".into(),
         );
     }
-    if let Some(i) = g.index {
-        kv("index", format!("{} bytes at byte {}", i.len, i.offset));
+    if !g["index"].is_null() {
+        kv(
+            "index",
+            format!(
+                "{} bytes at byte {}",
+                vu(&g["index"], "len"),
+                vu(&g["index"], "offset")
+            ),
+        );
     }
-    if !d.data_from.is_empty() {
+    if let Some(from) = g["data_from"].as_array().filter(|f| !f.is_empty()) {
         kv(
             "data from",
-            d.data_from
-                .iter()
-                .map(|&(gen, n)| format!("generation {gen}: {n} chunks"))
+            from.iter()
+                .map(|f| {
+                    format!(
+                        "generation {}: {} chunks",
+                        vu(f, "generation"),
+                        vu(f, "chunks")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
         );
     }
-    if let Some(dmg) = &d.damage {
-        kv("DAMAGE", dmg.clone());
+    if let Some(dmg) = g["damage"].as_str() {
+        kv("DAMAGE", dmg.into());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -930,118 +1058,140 @@ impl BlockIo for ProgressIo<'_> {
     }
 }
 
-enum VerifyOutcome {
-    Report(VerifyReport, Vec<Generation>),
-    /// The repository could not even be opened: its superblocks or catalog
-    /// are damaged.
-    Unopenable(String),
+/// Opens the repository on `io` and verifies it (one generation, or all),
+/// advancing `bar` by the bytes read. A repository whose superblocks,
+/// catalog or an index cannot be read is a failed verify (`"opened":
+/// false`, the reason in `problems`), not an error. Returns what `repo
+/// verify --json` prints; the daemon's `hotcopy_repo_verify` answers the
+/// same, with `repo`.
+pub(crate) fn verify_value(
+    io: &mut dyn BlockIo,
+    only: Option<u64>,
+    bar: &ProgressBar,
+) -> Result<Value, RepoError> {
+    let started = Instant::now();
+    let repo = match Repo::open(io) {
+        Ok(r) => r,
+        Err(
+            e @ (RepoError::CorruptSuperblock { .. }
+            | RepoError::CorruptCatalog { .. }
+            | RepoError::CorruptIndex { .. }),
+        ) => {
+            let why = e.to_string();
+            return Ok(json!({
+                "ok": false,
+                "opened": false,
+                "generations": [],
+                "bad_chunks": [],
+                "problems": [why],
+                "warnings": [],
+                "messages": [why],
+                "extents_read": 0,
+                "bytes_read": 0,
+                "seconds": started.elapsed().as_secs_f64(),
+            }));
+        }
+        Err(e) => return Err(e),
+    };
+    // What the reads will add up to, about: everything in use, or one
+    // generation's data and index.
+    let estimate = match only {
+        None => repo.info().used_bytes,
+        Some(id) => {
+            let g = repo.generation(id).ok_or(RepoError::NoSuchGeneration(id))?;
+            let data = g
+                .chunks_total
+                .saturating_sub(g.zero_chunks + g.chunks_absent)
+                * g.chunk_size as u64;
+            data + g.index.map_or(0, |i| i.len)
+        }
+    };
+    bar.set_length(estimate.max(1));
+    let mut pio = ProgressIo { io, bar };
+    let report = repo.verify(&mut pio, only)?;
+    Ok(verify_json(
+        &report,
+        repo.generations(),
+        started.elapsed().as_secs_f64(),
+    ))
 }
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
-    let desc = off.open("repo", false)?;
-    let (spec, only) = (a.repo.clone(), a.generation);
-    let bar = progress_bar(0, "verify");
-    let started = Instant::now();
-    let outcome = off.exec({
-        let bar = bar.clone();
-        move || {
-            let mut io = ChannelIo::new(desc.channel()?);
-            let repo = match Repo::open(&mut io) {
-                Ok(r) => r,
-                Err(
-                    e @ (RepoError::CorruptSuperblock { .. }
-                    | RepoError::CorruptCatalog { .. }
-                    | RepoError::CorruptIndex { .. }),
-                ) => return Ok(VerifyOutcome::Unopenable(e.to_string())),
-                Err(e) => return Err(repo_error(&spec, e)),
-            };
-            // What the reads will add up to, about: everything in use, or
-            // one generation's data and index.
-            let estimate = match only {
-                None => repo.info().used_bytes,
-                Some(id) => {
-                    let g = repo.generation(id).ok_or(RepoError::NoSuchGeneration(id))?;
-                    let data = g
-                        .chunks_total
-                        .saturating_sub(g.zero_chunks + g.chunks_absent)
-                        * g.chunk_size as u64;
-                    data + g.index.map_or(0, |i| i.len)
-                }
-            };
-            bar.set_length(estimate.max(1));
-            let mut pio = ProgressIo {
-                io: &mut io,
-                bar: &bar,
-            };
-            let report = repo
-                .verify(&mut pio, only)
-                .map_err(|e| repo_error(&spec, e))?;
-            Ok(VerifyOutcome::Report(report, repo.generations().to_vec()))
-        }
-    });
-    bar.finish_and_clear();
-    let outcome = outcome?;
-    let secs = started.elapsed().as_secs_f64();
-    let (report, gens) = match outcome {
-        VerifyOutcome::Unopenable(why) => {
-            if a.json {
-                let v = json!({
-                    "ok": false,
-                    "generations": [],
-                    "bad_chunks": [],
-                    "problems": [why],
-                    "warnings": [],
-                    "messages": [why],
-                    "extents_read": 0,
-                    "bytes_read": 0,
-                    "seconds": secs,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("verify: FAILED: the repository cannot be opened: {why}");
+    let v = match &a.via.rpc_socket {
+        Some(sock) => {
+            let mut p = json!({ "repo": a.repo });
+            if let Some(g) = a.generation {
+                p["generation"] = json!(g);
             }
-            return Ok(ExitCode::from(1));
+            let bar = spinner(format!("verifying {} through the daemon", a.repo));
+            let v = remote(sock, "hotcopy_repo_verify", p);
+            bar.finish_and_clear();
+            v?
         }
-        VerifyOutcome::Report(r, g) => (r, g),
+        None => {
+            let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
+            let desc = off.open("repo", false)?;
+            let (spec, only) = (a.repo.clone(), a.generation);
+            let bar = progress_bar(0, "verify");
+            let v = off.exec({
+                let bar = bar.clone();
+                move || {
+                    let mut io = ChannelIo::new(desc.channel()?);
+                    verify_value(&mut io, only, &bar).map_err(|e| repo_error(&spec, e))
+                }
+            });
+            bar.finish_and_clear();
+            v?
+        }
     };
-    let ok = report.is_ok();
+    let ok = v["ok"].as_bool() == Some(true);
+    let code = if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    };
     if a.json {
-        let v = verify_json(&report, secs);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
+        print_json(&v)?;
+        return Ok(code);
     }
-    let messages = report.messages();
-    if !report.generations.is_empty() {
-        let source = |id: u64| {
-            gens.iter()
-                .find(|g| g.id == id)
-                .map_or(String::new(), |g| g.source.name.clone())
-        };
-        let rows: Vec<Vec<String>> = report
-            .generations
+    let strings = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let messages = strings("messages");
+    if v["opened"].as_bool() == Some(false) {
+        println!(
+            "verify: FAILED: the repository cannot be opened: {}",
+            messages.join("; ")
+        );
+        return Ok(code);
+    }
+    let empty = Vec::new();
+    let gens = v["generations"].as_array().unwrap_or(&empty);
+    if !gens.is_empty() {
+        let rows: Vec<Vec<String>> = gens
             .iter()
             .map(|g| {
-                let complete = g.state == GenState::Complete;
+                let complete = vs(g, "state") == "complete";
+                let count = |k: &str| {
+                    if complete {
+                        vu(g, k).to_string()
+                    } else {
+                        "-".into()
+                    }
+                };
                 vec![
-                    g.id.to_string(),
-                    state_str(g.state).into(),
-                    source(g.id),
-                    if complete {
-                        g.chunks_checked.to_string()
-                    } else {
-                        "-".into()
-                    },
-                    if complete {
-                        g.bad_chunks.to_string()
-                    } else {
-                        "-".into()
-                    },
-                    match (complete, g.is_ok()) {
+                    vu(g, "id").to_string(),
+                    vs(g, "state").into(),
+                    vs(g, "source").into(),
+                    count("chunks_checked"),
+                    count("bad_chunks"),
+                    match (complete, g["ok"].as_bool() == Some(true)) {
                         (false, _) => "incomplete: nothing to check".into(),
                         (true, true) => "OK".into(),
                         (true, false) => "DAMAGED".into(),
@@ -1070,35 +1220,59 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    if !report.warnings.is_empty() {
+    let warnings = strings("warnings");
+    if !warnings.is_empty() {
         println!("warnings:");
-        for w in &report.warnings {
+        for w in &warnings {
             println!("  {w}");
         }
     }
-    let checked: u64 = report.generations.iter().map(|g| g.chunks_checked).sum();
-    let read = format!("{} read in {secs:.2} s", human_bytes(report.bytes_read));
+    let checked: u64 = gens.iter().map(|g| vu(g, "chunks_checked")).sum();
+    let read = format!(
+        "{} read in {:.2} s",
+        human_bytes(vu(&v, "bytes_read")),
+        v["seconds"].as_f64().unwrap_or(0.0)
+    );
+    let n = gens.len() as u64;
     if ok {
         println!(
-            "verify: OK: {} generation{}, {checked} chunk checks, superblocks and catalog intact; {read}",
-            report.generations.len(),
-            if report.generations.len() == 1 { "" } else { "s" },
+            "verify: OK: {n} generation{}, {checked} chunk checks, superblocks and catalog intact; {read}",
+            plural(n),
         );
-        Ok(ExitCode::SUCCESS)
     } else {
-        let damaged = report.generations.iter().filter(|g| !g.is_ok()).count();
+        let damaged = gens
+            .iter()
+            .filter(|g| g["ok"].as_bool() != Some(true))
+            .count();
         println!(
-            "verify: FAILED: {} problem{} ({} of {} generations damaged); {read}",
+            "verify: FAILED: {} problem{} ({damaged} of {n} generations damaged); {read}",
             messages.len(),
-            if messages.len() == 1 { "" } else { "s" },
-            damaged,
-            report.generations.len()
+            plural(messages.len() as u64),
         );
-        Ok(ExitCode::from(1))
     }
+    Ok(code)
 }
 
 // ---- prune ------------------------------------------------------------------
+
+/// A prune's result as `repo prune --json` prints it; the daemon's
+/// `hotcopy_repo_prune` answers the same, with `repo`. `before` is the
+/// catalog before the prune, to describe what went.
+pub(crate) fn prune_json(report: &PruneReport, before: &[Generation], after: &RepoInfo) -> Value {
+    json!({
+        "removed": report.removed,
+        "removed_generations": report
+            .removed
+            .iter()
+            .filter_map(|id| before.iter().find(|g| g.id == *id))
+            .map(|g| gen_json(g, None))
+            .collect::<Vec<_>>(),
+        "kept_in_use": report.kept_in_use,
+        "freed_bytes": report.freed_bytes,
+        "remaining": after.generations,
+        "free_bytes": after.free_bytes,
+    })
+}
 
 fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
     #[derive(Clone, Copy)]
@@ -1114,36 +1288,41 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
         // clap's group enforces this; keep the message for other callers.
         _ => bail!("give exactly one of --keep N, --older-than DURATION and --remove N"),
     };
-    let (report, before, remaining) = with_repo(&a.repo, true, move |io, repo| {
-        let before = repo.generations().to_vec();
-        let report = match rule {
-            Rule::Keep(n) => repo.prune_keep(io, usize::try_from(n).unwrap_or(usize::MAX)),
-            Rule::OlderThan(d) => repo.prune_older_than(io, d),
-            Rule::Remove(id) => repo.remove(io, id),
-        }?;
-        Ok((report, before, repo.info()))
-    })?;
-    let PruneReport {
-        removed,
-        kept_in_use,
-        freed_bytes,
-    } = &report;
+    let v = match &a.via.rpc_socket {
+        Some(sock) => {
+            let mut p = json!({ "repo": a.repo });
+            match rule {
+                Rule::Keep(n) => p["keep"] = json!(n),
+                Rule::OlderThan(d) => p["older_than"] = json!(format!("{}s", d.as_secs())),
+                Rule::Remove(id) => p["remove"] = json!(id),
+            }
+            remote(sock, "hotcopy_repo_prune", p)?
+        }
+        None => with_repo(&a.repo, true, move |io, repo| {
+            let before = repo.generations().to_vec();
+            let report = match rule {
+                Rule::Keep(n) => repo.prune_keep(io, usize::try_from(n).unwrap_or(usize::MAX)),
+                Rule::OlderThan(d) => repo.prune_older_than(io, d),
+                Rule::Remove(id) => repo.remove(io, id),
+            }?;
+            Ok(prune_json(&report, &before, &repo.info()))
+        })?,
+    };
     if a.json {
-        let v = json!({
-            "removed": removed,
-            "kept_in_use": kept_in_use,
-            "freed_bytes": freed_bytes,
-            "remaining": remaining.generations,
-            "free_bytes": remaining.free_bytes,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&v)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let ids = |k: &str| -> Vec<u64> {
+        v[k].as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let removed = ids("removed");
     if removed.is_empty() {
         let why = match rule {
             Rule::Keep(n) => format!(
                 "no source has more than {n} complete generation{}",
-                if n == 1 { "" } else { "s" }
+                plural(n)
             ),
             Rule::OlderThan(_) => "no complete generation is older than that \
                                    (the newest of each source is always kept)"
@@ -1152,21 +1331,23 @@ fn prune(a: PruneArgs) -> anyhow::Result<ExitCode> {
         };
         println!("nothing to remove: {why}");
     }
+    let empty = Vec::new();
+    let described = v["removed_generations"].as_array().unwrap_or(&empty);
     for id in removed {
-        match before.iter().find(|g| g.id == *id) {
+        match described.iter().find(|g| vu(g, "id") == id) {
             Some(g) => println!("removed generation {id}: {}", describe(g)),
             None => println!("removed generation {id}"),
         }
     }
-    for id in kept_in_use {
+    for id in ids("kept_in_use") {
         println!("kept generation {id}: a backup is using it");
     }
+    let (freed, left) = (vu(&v, "freed_bytes"), vu(&v, "remaining"));
     println!(
-        "reclaimed {} ({freed_bytes} bytes); {} generation{} left, {} free",
-        human_bytes(*freed_bytes),
-        remaining.generations,
-        if remaining.generations == 1 { "" } else { "s" },
-        human_bytes(remaining.free_bytes)
+        "reclaimed {} ({freed} bytes); {left} generation{} left, {} free",
+        human_bytes(freed),
+        plural(left),
+        human_bytes(vu(&v, "free_bytes"))
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -1241,7 +1422,71 @@ fn select_generation(repo: &Repo, sel: GenSel, source: Option<&str>) -> anyhow::
     Ok(g)
 }
 
+/// A restore's result as `repo restore --json` prints it; the daemon's
+/// `hotcopy_repo_restore` answers the same, with `repo`.
+pub(crate) fn restore_json(g: &Generation, to: &str, r: &RestoreReport) -> Value {
+    json!({
+        "generation": g.id,
+        "kind": g.kind.as_str(),
+        "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
+        "consistency_point": rfc3339_us(g.consistency_point_us),
+        "consistency_point_us": g.consistency_point_us,
+        "bytes_stored": g.bytes_stored,
+        "to": to,
+        "bytes_written": r.bytes_written,
+        "data_chunks": r.data_chunks,
+        "zero_chunks": r.zero_chunks,
+        "absent_chunks": r.absent_chunks,
+        "reads": r.reads,
+        "writes": r.writes,
+        "seconds": r.elapsed.as_secs_f64(),
+        "mibps": r.mibps,
+    })
+}
+
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let v = match &a.via.rpc_socket {
+        Some(sock) => {
+            let mut p =
+                json!({ "repo": a.repo, "generation": gen_param(a.generation), "to": a.to });
+            if let Some(s) = &a.source {
+                p["source"] = json!(s);
+            }
+            let bar = spinner(format!("restoring to {} through the daemon", a.to));
+            let v = remote(sock, "hotcopy_repo_restore", p);
+            bar.finish_and_clear();
+            v?
+        }
+        None => restore_offline(&a)?,
+    };
+    if a.json {
+        print_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "restored generation {} ({}) to {}",
+        vu(&v, "generation"),
+        describe(&v),
+        a.to
+    );
+    let absent = vu(&v, "absent_chunks");
+    println!(
+        "{} written in {:.2} s: {:.1} MiB/s ({} data chunks, {} zero chunks{})",
+        human_bytes(vu(&v, "bytes_written")),
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["mibps"].as_f64().unwrap_or(0.0),
+        vu(&v, "data_chunks"),
+        vu(&v, "zero_chunks"),
+        if absent > 0 {
+            format!(", {absent} out-of-scope chunks left as they were")
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore_offline(a: &RestoreArgs) -> anyhow::Result<Value> {
     let repo_cfg =
         hotcopy_config::parse_spec(&a.repo).with_context(|| format!("--repo {}", a.repo))?;
     let to_cfg = hotcopy_config::parse_spec(&a.to).with_context(|| format!("--to {}", a.to))?;
@@ -1264,7 +1509,6 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let dst_desc = off.open("dest", true)?;
     let (dst_size, dst_bs) = (dst_desc.bdev().size_bytes(), dst_desc.bdev().block_size());
     let (spec, to, sel, source) = (a.repo.clone(), a.to.clone(), a.generation, a.source.clone());
-    let spec2 = a.repo.clone();
     let bar = progress_bar(0, "restore");
     let result = off.exec({
         move || {
@@ -1298,9 +1542,8 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     // up to 1 MiB in flight), checking every chunk's crc32c as it reads.
     let result = result.and_then(|g| {
         bar.set_length(g.source.size_bytes);
-        let started = Instant::now();
         let home = off.rt.reactor(0).clone();
-        let stats = hotcopy_cow::repo_bdev::restore_to(
+        let report = hotcopy_cow::repo_bdev::restore_to(
             &off.reg,
             "repo",
             g.id,
@@ -1309,64 +1552,32 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
             0,
             |done, _| bar.set_position(done),
         )
-        .with_context(|| format!("restoring generation {} from {spec2}", g.id))?;
-        Ok((g, stats, started.elapsed()))
+        .with_context(|| format!("restoring generation {} from {}", g.id, a.repo))?;
+        Ok(restore_json(&g, &a.to, &report))
     });
     bar.finish_and_clear();
-    let (g, stats, elapsed) = result?;
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    let mibps = stats.bytes_written as f64 / secs / (1 << 20) as f64;
-    if a.json {
-        let v = json!({
-            "generation": g.id,
-            "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
-            "consistency_point": rfc3339_us(g.consistency_point_us),
-            "consistency_point_us": g.consistency_point_us,
-            "to": a.to,
-            "bytes_written": stats.bytes_written,
-            "data_chunks": stats.data_chunks,
-            "zero_chunks": stats.zero_chunks,
-            "absent_chunks": stats.absent_chunks,
-            "seconds": secs,
-            "mibps": mibps,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "restored generation {} ({}) to {}",
-        g.id,
-        describe(&g),
-        a.to
-    );
-    println!(
-        "{} written in {secs:.2} s: {mibps:.1} MiB/s ({} data chunks, {} zero chunks{})",
-        human_bytes(stats.bytes_written),
-        stats.data_chunks,
-        stats.zero_chunks,
-        if stats.absent_chunks > 0 {
-            format!(
-                ", {} out-of-scope chunks left as they were",
-                stats.absent_chunks
-            )
-        } else {
-            String::new()
-        }
-    );
-    Ok(ExitCode::SUCCESS)
+    result
 }
 
+// ---- mount ------------------------------------------------------------------
+
+/// The NBD address mount serves on without `--nbd` (offline; the daemon
+/// uses the address of its first export, else this one).
+const DEFAULT_NBD: &str = "127.0.0.1:10809";
+
 fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
+    if let Some(sock) = &a.via.rpc_socket {
+        return mount_remote(sock, &a);
+    }
     use hotcopy_export::nbd::{Listen, NbdConfig, NbdExport, NbdServer};
-    let listen = match a.nbd.strip_prefix("unix:") {
+    let nbd = a.nbd.as_deref().unwrap_or(DEFAULT_NBD);
+    let listen = match nbd.strip_prefix("unix:") {
         Some(p) => Listen::Unix(PathBuf::from(p)),
         None => Listen::Tcp(
-            std::net::ToSocketAddrs::to_socket_addrs(a.nbd.as_str())
+            std::net::ToSocketAddrs::to_socket_addrs(nbd)
                 .ok()
                 .and_then(|mut x| x.next())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--nbd {:?}: expected HOST:PORT or unix:PATH", a.nbd)
-                })?,
+                .ok_or_else(|| anyhow!("--nbd {nbd:?}: expected HOST:PORT or unix:PATH"))?,
         ),
     };
     let off = Offline::start(&[("repo", "--repo", a.repo.as_str())])?;
@@ -1415,22 +1626,38 @@ fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
             }],
         },
     )
-    .with_context(|| format!("serving NBD on {}", a.nbd))?;
-    let at = server
-        .tcp_addr()
-        .map(|x| format!("nbd://{x}/{}", a.name))
-        .unwrap_or_else(|| format!("{} (export {})", a.nbd, a.name));
-    println!(
-        "generation {} of {:?} ({}, {}) served at {at}; Ctrl-C to stop",
-        g.id,
-        g.source.name,
-        human_bytes(g.source.size_bytes),
-        if a.writable {
-            "writable, private overlay"
-        } else {
-            "read-only"
-        }
-    );
+    .with_context(|| format!("serving NBD on {nbd}"))?;
+    let uri = match server.tcp_addr() {
+        Some(x) => format!("nbd://{x}/{}", a.name),
+        None => format!(
+            "nbd+unix:///{}?socket={}",
+            a.name,
+            nbd.strip_prefix("unix:").unwrap_or(nbd)
+        ),
+    };
+    if a.json {
+        print_json(&json!({
+            "generation": g.id,
+            "source": { "name": g.source.name, "size_bytes": g.source.size_bytes },
+            "name": a.name,
+            "uri": uri,
+            "writable": a.writable,
+        }))?;
+    } else {
+        println!(
+            "generation {} of {:?} ({}, {}) served at {uri}; Ctrl-C to stop",
+            g.id,
+            g.source.name,
+            human_bytes(g.source.size_bytes),
+            if a.writable {
+                "writable, private overlay"
+            } else {
+                "read-only"
+            }
+        );
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
@@ -1438,11 +1665,93 @@ fn mount(a: MountArgs) -> anyhow::Result<ExitCode> {
     .context("catching SIGINT and SIGTERM")?;
     let _ = signals.forever().next();
     let st = server.stop().context("stopping the NBD server")?;
-    println!(
+    eprintln!(
         "stopped: {} requests, {} read, {} written into the overlay",
         st.requests,
         human_bytes(st.bytes_read),
         human_bytes(st.bytes_written)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mount --rpc-socket`: the daemon serves the generation as bdev NAME
+/// (`hotcopy_snapshot_create`) and exports it as NAME (`nbd_start_disk`);
+/// the mount outlives this command, until `repo unmount`.
+fn mount_remote(sock: &Path, a: &MountArgs) -> anyhow::Result<ExitCode> {
+    let mut c = crate::rpc_cmd::Client::connect(sock)?;
+    let mut p = json!({
+        "name": a.name,
+        "repo": a.repo,
+        "generation": gen_param(a.generation),
+        "writable": a.writable,
+    });
+    if let Some(s) = &a.source {
+        p["source"] = json!(s);
+    }
+    if let Some(o) = &a.overlay {
+        p["overlay"] = json!(o);
+    }
+    let snap = call(&mut c, "hotcopy_snapshot_create", p)?;
+    let mut e = json!({ "bdev_name": a.name, "name": a.name, "read_only": !a.writable });
+    if let Some(l) = &a.nbd {
+        e["listen"] = json!(l);
+    }
+    let disk = match call(&mut c, "nbd_start_disk", e) {
+        Ok(d) => d,
+        Err(err) => {
+            // Leave nothing behind: the snapshot goes with the failed export.
+            if let Err(e2) = call(&mut c, "hotcopy_snapshot_delete", json!({ "name": a.name })) {
+                eprintln!("hotcopy: removing snapshot {:?} again: {e2}", a.name);
+            }
+            return Err(err);
+        }
+    };
+    if a.json {
+        print_json(&json!({
+            "generation": snap["generation"],
+            "name": a.name,
+            "uri": disk["uri"],
+            "writable": a.writable,
+            "size_bytes": snap["size_bytes"],
+            "snapshot": snap,
+            "export": disk,
+        }))?;
+    } else {
+        println!(
+            "generation {} ({}, {}) served by the daemon as bdev {:?} at {}",
+            vu(&snap, "generation"),
+            human_bytes(vu(&snap, "size_bytes")),
+            if a.writable {
+                "writable, private overlay"
+            } else {
+                "read-only"
+            },
+            a.name,
+            vs(&disk, "uri"),
+        );
+        println!(
+            "stop it with: hotcopy repo unmount --rpc-socket {} --name {}",
+            sock.display(),
+            a.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unmount(a: UnmountArgs) -> anyhow::Result<ExitCode> {
+    let mut c = crate::rpc_cmd::Client::connect(&a.rpc_socket)?;
+    // The export first: a bdev that is exported cannot be deleted.
+    let exported = match c.call("nbd_stop_disk", json!({ "name": a.name }))? {
+        Ok(_) => true,
+        // -32001: not exported (any more); the snapshot may still be there.
+        Err(e) if e.code == -32001 => false,
+        Err(e) => bail!("nbd_stop_disk: {} (JSON-RPC error {})", e.message, e.code),
+    };
+    call(&mut c, "hotcopy_snapshot_delete", json!({ "name": a.name }))?;
+    println!(
+        "unmounted {}: {}snapshot deleted",
+        a.name,
+        if exported { "export stopped, " } else { "" }
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -44,6 +44,7 @@ pub const METHODS: &[(&str, Handler)] = &[
     ("hotcopy_backup_view_create", jobs::view_create),
     ("hotcopy_repo_format", repo::format),
     ("hotcopy_repo_list", repo::list),
+    ("hotcopy_repo_info", repo::info),
     ("hotcopy_repo_verify", repo::verify),
     ("hotcopy_repo_prune", repo::prune),
     ("hotcopy_repo_restore", repo::restore),

@@ -57,13 +57,14 @@
 //! | `hotcopy_backup_set_rate` | `volume`?, `rate` |
 //! | `hotcopy_repo_format` | `repo`, `force`? |
 //! | `hotcopy_repo_list` | `repo` |
+//! | `hotcopy_repo_info` | `repo`, `generation`? |
 //! | `hotcopy_repo_verify` | `repo`, `generation`? |
 //! | `hotcopy_repo_prune` | `repo`, one of `keep`, `older_than`, `remove` |
 //! | `hotcopy_repo_restore` | `repo`, `generation`? (id or `latest`), `to`, `source`? |
 //! | `hotcopy_instant_restore_start` | `name`, `repo`, `generation`?, `target`, `source`? |
 //! | `hotcopy_instant_restore_status` | `name`? |
 //! | `hotcopy_instant_restore_cancel` | `name` |
-//! | `hotcopy_snapshot_create` | `name`, `repo`, `generation`?, `source`?, `overlay`?, `overlay_offset`?, `overlay_slots`? |
+//! | `hotcopy_snapshot_create` | `name`, `repo`, `generation`?, `source`?, `writable`?, `overlay`? (a bdev, or a spec made for it), `overlay_offset`?, `overlay_slots`? |
 //! | `nbd_start_disk` | `bdev_name`, `name`?, `listen`?, `read_only`? |
 //! | `nbd_stop_disk` | `name` |
 //! | `nbd_get_disks` | `name`? |
@@ -88,12 +89,26 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::Args;
-use hotcopy_config::{BdevConfig, Config, ExportConfig, IdleMode, NamedBdev};
+use hotcopy_config::{BdevConfig, Config, ExportConfig, IdleMode, NamedBdev, ReactorsConfig};
 use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use daemon::{Daemon, Origin};
+
+/// The reactors a config's `reactors:` section asks for; `pin` pins each
+/// to its core (the daemon does; a process that shares its cores with other
+/// threads, like a fuzzer, should not).
+pub fn runtime_config(r: &ReactorsConfig, pin: bool) -> RuntimeConfig {
+    RuntimeConfig {
+        cores: r.cores.cpus(),
+        idle: match r.idle {
+            IdleMode::Poll => IdlePolicy::Poll,
+            IdleMode::Sleep => IdlePolicy::SLEEP,
+        },
+        pin,
+    }
+}
 
 /// How long the stop waits for RPC connections busy in a method. Most
 /// methods answer in milliseconds; one still running after this (a long
@@ -191,15 +206,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let _socket_file = RemoveOnDrop(socket.clone());
     // Before anything that must be undone: a signal from now on stops cleanly.
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("catching SIGINT and SIGTERM")?;
-    let rt = Runtime::start(RuntimeConfig {
-        cores: cfg.reactors.cores.cpus(),
-        idle: match cfg.reactors.idle {
-            IdleMode::Poll => IdlePolicy::Poll,
-            IdleMode::Sleep => IdlePolicy::SLEEP,
-        },
-        pin: true,
-    })
-    .context("starting the reactors")?;
+    let rt =
+        Runtime::start(runtime_config(&cfg.reactors, true)).context("starting the reactors")?;
     let base = Config {
         reactors: cfg.reactors.clone(),
         buffer_pool: cfg.buffer_pool.clone(),

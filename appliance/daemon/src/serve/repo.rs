@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use hotcopy_cow::repo::{GenState, Repo};
+use hotcopy_cow::repo::{GenState, Generation, Repo, RepoError};
 use hotcopy_cow::repo_bdev::{
     create_snapshot, restore_to, start_instant_restore, InstantRestore, InstantStatus,
     InstantTuning, OverlayConfig, SnapshotHandle,
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::daemon::{with_io, Daemon, Origin};
 use super::error::{Result, ServeError};
 use super::params::Params;
-use crate::repo_cmd::{gen_json, info_json, verify_json};
+use crate::repo_cmd::{info_json, info_value, list_json, prune_json, restore_json, verify_value};
 
 /// A snapshot bdev of a generation.
 pub struct SnapRecord {
@@ -128,48 +128,62 @@ pub fn format(d: &Daemon, params: Option<Value>) -> Result<Value> {
     Ok(v)
 }
 
-/// `hotcopy_repo_list`: the repository and its generations, as
-/// `hotcopy repo list --json` prints them (plus `repo` and `info`).
+/// `hotcopy_repo_list`: the repository and its generations, as `hotcopy
+/// repo list --json` prints them (plus `repo`).
 pub fn list(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let mut p = Params::new(params, &["repo"])?;
     let repo = p.str("repo")?;
     p.done()?;
     let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
-    with_repo(d, &name, false, |_, r| {
-        Ok(json!({
-            "repo": name,
-            "uuid": r.uuid(),
-            "info": info_json(&r.info()),
-            "generations": r
-                .generations()
-                .iter()
-                .map(|g| gen_json(g, r.damage(g.id)))
-                .collect::<Vec<_>>(),
-        }))
-    })
+    let mut v = with_repo(d, &name, false, |_, r| Ok(list_json(r)))?;
+    v["repo"] = json!(name);
+    Ok(v)
+}
+
+/// The error for a generation that is not in repository `repo`.
+fn no_generation(repo: &str, e: RepoError) -> ServeError {
+    match e {
+        RepoError::NoSuchGeneration(g) => ServeError::NotFound(format!(
+            "generation: no generation {g} in repository {repo}"
+        )),
+        e => ServeError::from(e).context(&format!("repo {repo}")),
+    }
+}
+
+/// `hotcopy_repo_info`: the repository's identity and space, and with
+/// `generation` that generation in detail, as `hotcopy repo info --json`
+/// prints them (plus `repo`).
+pub fn info(d: &Daemon, params: Option<Value>) -> Result<Value> {
+    let mut p = Params::new(params, &["repo", "generation"])?;
+    let repo = p.str("repo")?;
+    let only = p.opt_u64("generation")?;
+    p.done()?;
+    let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
+    let mut v = with_repo(d, &name, false, |io, r| {
+        info_value(io, r, only).map_err(|e| no_generation(&name, e))
+    })?;
+    v["repo"] = json!(name);
+    Ok(v)
 }
 
 /// `hotcopy_repo_verify`: re-reads every chunk (of one generation, or all)
 /// and checks every checksum. The result's `ok` says whether all is well;
-/// damage is a result, not an error.
+/// damage, even a repository that cannot be opened (`opened: false`), is a
+/// result, not an error.
 pub fn verify(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let mut p = Params::new(params, &["repo", "generation"])?;
     let repo = p.str("repo")?;
     let only = p.opt_u64("generation")?;
     p.done()?;
     let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
-    let started = std::time::Instant::now();
-    let report = with_repo(d, &name, false, |io, r| {
-        if let Some(g) = only {
-            if r.generation(g).is_none() {
-                return Err(ServeError::NotFound(format!(
-                    "generation: no generation {g} in repository {name}"
-                )));
-            }
-        }
-        r.verify(io, only).map_err(ServeError::from)
+    let desc = d
+        .reg
+        .open(&name, false)
+        .map_err(|e| ServeError::from(e).context("repo"))?;
+    let mut v = with_io(desc, |io| {
+        verify_value(io, only, &indicatif::ProgressBar::hidden())
+            .map_err(|e| no_generation(&name, e))
     })?;
-    let mut v = verify_json(&report, started.elapsed().as_secs_f64());
     v["repo"] = json!(name);
     Ok(v)
 }
@@ -202,8 +216,9 @@ pub fn prune(d: &Daemon, params: Option<Value>) -> Result<Value> {
         }
     };
     let name = d.resolve("repo", &repo, "repo", Origin::Spec)?;
-    let (report, info) = writing(d, &name, "a prune", || {
+    let (mut v, removed) = writing(d, &name, "a prune", || {
         with_repo(d, &name, true, |io, r| {
+            let before = r.generations().to_vec();
             let report = match rule {
                 Rule::Keep(n) => r.prune_keep(io, n),
                 Rule::Older(age) => r.prune_older_than(io, age),
@@ -217,23 +232,22 @@ pub fn prune(d: &Daemon, params: Option<Value>) -> Result<Value> {
                 }
             }
             .map_err(ServeError::from)?;
-            Ok((report, r.info()))
+            Ok((prune_json(&report, &before, &r.info()), report.removed))
         })
     })?;
-    tracing::info!(repo = %name, removed = ?report.removed, "repository pruned");
-    Ok(json!({
-        "repo": name,
-        "removed": report.removed,
-        "kept_in_use": report.kept_in_use,
-        "freed_bytes": report.freed_bytes,
-        "remaining": info.generations,
-        "free_bytes": info.free_bytes,
-    }))
+    tracing::info!(repo = %name, removed = ?removed, "repository pruned");
+    v["repo"] = json!(name);
+    Ok(v)
 }
 
 /// The generation a `generation` parameter names: an id, or `"latest"`
 /// (the newest complete one, of `source` if given); it must be complete.
-fn pick_generation(d: &Daemon, repo: &str, sel: &Value, source: Option<&str>) -> Result<u64> {
+fn pick_generation(
+    d: &Daemon,
+    repo: &str,
+    sel: &Value,
+    source: Option<&str>,
+) -> Result<Generation> {
     let want = match sel {
         Value::String(s) if s == "latest" => None,
         v => Some(super::params::as_u64("generation", v).map_err(|_| {
@@ -282,7 +296,7 @@ fn pick_generation(d: &Daemon, repo: &str, sel: &Value, source: Option<&str>) ->
                 g.id
             )));
         }
-        Ok(g.id)
+        Ok(g.clone())
     })
 }
 
@@ -329,18 +343,18 @@ pub fn restore(d: &Daemon, params: Option<Value>) -> Result<Value> {
         if let Some(why) = d.state().in_use(&dest) {
             return Err(ServeError::Busy(format!("to: {why}")));
         }
-        let report = restore_to(&d.reg, &ns, gen, &dest, d.home(), 0, |_, _| {})?;
+        let report = restore_to(&d.reg, &ns, gen.id, &dest, d.home(), 0, |_, _| {})?;
         Ok(report)
     })();
     if temporary {
         d.remove_internal(&dest);
     }
     let report = result?;
-    tracing::info!(repo = %ns, generation = gen, to = %to, mibps = report.mibps, "restore done");
-    let mut v = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    tracing::info!(repo = %ns, generation = gen.id, to = %to, mibps = report.mibps, "restore done");
+    let mut v = restore_json(&gen, &to, &report);
     v["repo"] = json!(ns);
-    v["to"] = json!(to);
-    v["seconds"] = json!(report.elapsed.as_secs_f64());
+    v["bytes_total"] = json!(report.bytes_total);
+    v["gathered_runs"] = json!(report.gathered_runs);
     Ok(v)
 }
 
@@ -362,7 +376,7 @@ pub fn instant_start(d: &Daemon, params: Option<Value>) -> Result<Value> {
         )));
     }
     let ns = d.resolve("repo", &repo, "repo", Origin::Spec)?;
-    let gen = pick_generation(d, &ns, &sel, source.as_deref())?;
+    let gen = pick_generation(d, &ns, &sel, source.as_deref())?.id;
     let (tgt, owned) = if target.contains(':') {
         let cfg =
             hotcopy_config::parse_spec(&target).map_err(|e| ServeError::param("target", e))?;
@@ -475,8 +489,11 @@ pub fn instant_cancel(d: &Daemon, params: Option<Value>) -> Result<Value> {
 }
 
 /// `hotcopy_snapshot_create`: bdev `name` showing a generation, read-only,
-/// or writable through an overlay (`overlay`: a bdev; `overlay_offset`
-/// bytes into it; `overlay_slots` chunks, default as many as fit).
+/// or writable (`writable: true`) through an overlay: `overlay` names a bdev
+/// (`overlay_offset` bytes into it; `overlay_slots` chunks, default as many
+/// as fit), or is a spec for one made with the snapshot and deleted with
+/// it; a writable snapshot without `overlay` gets one in RAM as large as
+/// the generation's source.
 pub fn snapshot_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let mut p = Params::new(
         params,
@@ -485,6 +502,7 @@ pub fn snapshot_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
             "repo",
             "generation",
             "source",
+            "writable",
             "overlay",
             "overlay_offset",
             "overlay_slots",
@@ -494,11 +512,19 @@ pub fn snapshot_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let repo = p.str("repo")?;
     let sel = p.opt_value("generation").unwrap_or_else(|| json!("latest"));
     let source = p.opt_str("source")?;
+    let writable = p.opt_bool("writable")?;
     let overlay = p.opt_str("overlay")?;
     let offset = p.opt_size("overlay_offset")?.unwrap_or(0);
     let slots = p.opt_u64("overlay_slots")?;
     p.done()?;
     d.check_running()?;
+    if writable == Some(false) && overlay.is_some() {
+        return Err(ServeError::param(
+            "writable",
+            "an overlay makes the snapshot writable: drop writable: false or the overlay",
+        ));
+    }
+    let writable = writable.unwrap_or(overlay.is_some());
     if overlay.is_none() && (slots.is_some() || offset != 0) {
         return Err(ServeError::param(
             "overlay",
@@ -512,62 +538,96 @@ pub fn snapshot_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
     }
     let ns = d.resolve("repo", &repo, "repo", Origin::Spec)?;
     let gen = pick_generation(d, &ns, &sel, source.as_deref())?;
-    let ov = match &overlay {
-        None => None,
-        Some(o) => {
-            if o == &ns {
-                return Err(ServeError::param(
-                    "overlay",
-                    "the overlay is the repository itself",
-                ));
+    // The overlay: a bdev of the daemon's, or one made for this snapshot.
+    let owned_spec = match &overlay {
+        None if writable => Some(format!("malloc:{}", gen.source.size_bytes)),
+        Some(o) if o.contains(':') => Some(o.clone()),
+        _ => None,
+    };
+    let ov_name = match &owned_spec {
+        Some(spec) => {
+            let cfg =
+                hotcopy_config::parse_spec(spec).map_err(|e| ServeError::param("overlay", e))?;
+            let n = format!("{name}.overlay");
+            d.create_bdev(&n, &cfg, None, Origin::Internal)
+                .map_err(|e| e.context("overlay"))?;
+            Some(n)
+        }
+        None => overlay.clone(),
+    };
+    let made = (|| {
+        let ov = match &ov_name {
+            None => None,
+            Some(o) => {
+                if o == &ns {
+                    return Err(ServeError::param(
+                        "overlay",
+                        "the overlay is the repository itself",
+                    ));
+                }
+                if let Some(why) = d.state().in_use(o) {
+                    return Err(ServeError::Busy(format!("overlay: {why}")));
+                }
+                let desc = d
+                    .reg
+                    .open(o, true)
+                    .map_err(|e| ServeError::from(e).context("overlay"))?;
+                let bs = desc.bdev().block_size() as u64;
+                if !offset.is_multiple_of(bs) {
+                    return Err(ServeError::param(
+                        "overlay_offset",
+                        format!("{offset} is not a multiple of the overlay's block size {bs}"),
+                    ));
+                }
+                let cs = (gen.chunk_size as u64).max(1);
+                let fit = desc.bdev().size_bytes().saturating_sub(offset) / cs;
+                Some(OverlayConfig {
+                    desc,
+                    offset_blocks: offset / bs,
+                    slots: u32::try_from(slots.unwrap_or(fit))
+                        .map_err(|_| ServeError::param("overlay_slots", "too large"))?,
+                })
             }
-            if let Some(why) = d.state().in_use(o) {
-                return Err(ServeError::Busy(format!("overlay: {why}")));
+        };
+        Ok(create_snapshot(&d.reg, &name, &ns, gen.id, ov)?)
+    })();
+    let (bdev, handle) = match made {
+        Ok(x) => x,
+        Err(e) => {
+            if let (Some(n), Some(_)) = (&ov_name, &owned_spec) {
+                d.remove_internal(n);
             }
-            let desc = d
-                .reg
-                .open(o, true)
-                .map_err(|e| ServeError::from(e).context("overlay"))?;
-            let bs = desc.bdev().block_size() as u64;
-            if !offset.is_multiple_of(bs) {
-                return Err(ServeError::param(
-                    "overlay_offset",
-                    format!("{offset} is not a multiple of the overlay's block size {bs}"),
-                ));
-            }
-            let cs = with_repo(d, &ns, false, |_, r| {
-                Ok(r.generation(gen).map_or(0, |g| g.chunk_size as u64))
-            })?
-            .max(1);
-            let fit = desc.bdev().size_bytes().saturating_sub(offset) / cs;
-            let slots = match slots {
-                Some(s) => s,
-                None => fit,
-            };
-            Some(OverlayConfig {
-                desc,
-                offset_blocks: offset / bs,
-                slots: u32::try_from(slots)
-                    .map_err(|_| ServeError::param("overlay_slots", "too large"))?,
-            })
+            return Err(e);
         }
     };
-    let (bdev, handle) = create_snapshot(&d.reg, &name, &ns, gen, ov)?;
-    d.record(&name, Origin::Rpc, Vec::new());
+    let owned: Vec<String> = match (&ov_name, &owned_spec) {
+        (Some(n), Some(_)) => {
+            // The overlay goes with the snapshot, not on its own.
+            let mut st = d.state();
+            if let Some(i) = st.defs.iter().position(|x| &x.name == n) {
+                st.defs.remove(i);
+            }
+            vec![n.clone()]
+        }
+        _ => Vec::new(),
+    };
+    d.record(&name, Origin::Rpc, owned);
     d.state().snapshots.insert(
         name.clone(),
         SnapRecord {
             repo: ns.clone(),
-            overlay: overlay.clone(),
+            overlay: ov_name.clone(),
             handle: handle.clone(),
         },
     );
-    tracing::info!(bdev = %name, repo = %ns, generation = gen, writable = handle.is_writable(), "snapshot created");
+    tracing::info!(bdev = %name, repo = %ns, generation = gen.id, writable = handle.is_writable(), "snapshot created");
     Ok(json!({
         "name": name,
         "repo": ns,
-        "generation": gen,
+        "generation": gen.id,
+        "source": gen.source.name,
         "writable": handle.is_writable(),
+        "overlay": ov_name,
         "size_bytes": bdev.size_bytes(),
         "block_size": bdev.block_size(),
         "chunk_size": handle.chunk_size(),
