@@ -95,8 +95,8 @@ pub struct JobStatus {
     pub copy_mibps: f64,
     pub drain_mibps: f64,
     pub backup_mibps: f64,
-    /// The streams' budget in chunks in flight (below 1: the share of time
-    /// one chunk is in flight).
+    /// The streams' budget in units of 64 KiB (or of a chunk, if larger) in
+    /// flight (below 1: the share of time one unit is in flight).
     pub stream_budget: f64,
     /// Hosts' mean I/O latency on the source in the scheduler's last window,
     /// and the no-backup reference it holds them to (µs; 0: not measured).

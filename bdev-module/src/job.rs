@@ -16,11 +16,15 @@
 //!
 //! * above `ref` × [`JobTuning::fg_tolerance`] ([`FG_TOLERANCE`] by default): the budget shrinks by a third
 //!   (multiplicative decrease), never below the floor that guarantees
-//!   progress: one chunk in flight for [`JobTuning::min_share`] of the time
-//!   (a quarter by default; below one chunk the streams keep one op in flight
+//!   progress: one unit in flight for [`JobTuning::min_share`] of the time
+//!   (a quarter by default; below one unit the streams keep one op in flight
 //!   and then idle for the rest of the duty cycle);
-//! * otherwise it grows by a sixteenth (at least one chunk) up to
-//!   `max_queue_depth` copy runs; with no host I/O at all it doubles.
+//! * otherwise it grows by a sixteenth (at least a sixteenth of a unit) up
+//!   to `max_queue_depth` copy runs; with no host I/O at all it doubles.
+//!
+//! The unit is [`BUDGET_UNIT_BYTES`] (64 KiB), or one chunk when chunks are
+//! larger, so that the budget means the same bytes in flight whatever the
+//! chunk size.
 //!
 //! A host at a fixed queue depth gets IOPS inversely proportional to its
 //! latency, so holding latency within 1.1× of the no-backup level holds
@@ -175,7 +179,8 @@ pub struct JobCounters {
     pub freeze_us: AtomicU64,
     pub start_tick: AtomicU64,
     pub end_tick: AtomicU64,
-    /// The streams' budget, in sixteenths of a chunk in flight.
+    /// The streams' budget, in sixteenths of a [`BUDGET_UNIT_BYTES`] unit
+    /// (or a chunk, if larger) in flight.
     pub budget: AtomicU64,
     /// Hosts' latency in the last window, and the no-backup reference (ticks; 0: unknown).
     pub fg_lat_ticks: AtomicU64,
@@ -357,6 +362,12 @@ struct Op {
 /// Largest copy I/O: consecutive pending chunks are copied together up to this.
 pub const COPY_RUN_BYTES: u64 = 1 << 20;
 
+/// The streams' budget is counted in units of this many bytes (or of one
+/// chunk, when chunks are larger), so that the controller's floor, its
+/// steps and its ceiling mean the same bytes in flight whatever the chunk
+/// size: with 16 KiB chunks one unit is four chunks.
+pub const BUDGET_UNIT_BYTES: u64 = 64 << 10;
+
 /// Ticks between AIMD/pacing updates.
 const WINDOW: Duration = Duration::from_millis(5);
 
@@ -390,14 +401,16 @@ pub(crate) struct Streams {
     phase: Phase,
     /// The source flush of the consistency point is still to be submitted.
     flush_source: bool,
-    /// Budget in sixteenths of a chunk in flight (below 16: one chunk at a
-    /// time, idle between ops for the rest of the duty cycle), the largest
-    /// budget, use in chunks, and the most a copy run may cover.
+    /// Budget in sixteenths of a unit ([`BUDGET_UNIT_BYTES`], `unit_chunks`
+    /// chunks) in flight (below 16: one unit at a time, idle between ops for
+    /// the rest of the duty cycle), the largest budget, use in chunks, and
+    /// the most a copy run may cover.
     budget_q: u32,
     max_budget_q: u32,
     paused_until: u64,
     inflight_chunks: u32,
     run_chunks: u32,
+    unit_chunks: u32,
     /// Foreground meter reading at the start of the window, the no-backup
     /// reference latency (ticks; 0: not known yet), and how many windows in a
     /// row the hosts were above it with the budget at its floor.
@@ -432,7 +445,8 @@ impl Streams {
         } else {
             1
         };
-        let max_budget_q = qd as u32 * run_chunks * 16;
+        let unit_chunks = (BUDGET_UNIT_BYTES / chunk_bytes).max(1) as u32;
+        let max_budget_q = qd as u32 * (run_chunks / unit_chunks).max(1) * 16;
         let now = clock::ticks();
         let fg_ref = job.counters.fg_ref_ticks.load(Ordering::Relaxed);
         Ok(Streams {
@@ -447,6 +461,7 @@ impl Streams {
             paused_until: 0,
             inflight_chunks: 0,
             run_chunks,
+            unit_chunks,
             ops: (0..qd + 2).map(|_| None).collect(),
             free_ops: (0..qd + 2).rev().collect(),
             completed: Vec::with_capacity(qd + 2),
@@ -514,7 +529,7 @@ impl Streams {
         if now < self.paused_until {
             0
         } else {
-            (self.budget_q / 16).max(1)
+            (self.budget_q / 16).max(1) * self.unit_chunks
         }
     }
 

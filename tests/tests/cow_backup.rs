@@ -58,6 +58,8 @@ struct Case {
     writes_before_ms: u64,
     /// Source and target are files through the uring bdev instead of RAM.
     uring: bool,
+    /// `JobTuning::pressed_drain_depth`.
+    pressed_drain_depth: u32,
 }
 
 fn run_case(case: &Case, rt: &Runtime) {
@@ -133,6 +135,7 @@ fn run_case(case: &Case, rt: &Runtime) {
         tuning: JobTuning {
             max_queue_depth: 4,
             soft_watermark: case.soft_watermark,
+            pressed_drain_depth: case.pressed_drain_depth,
             ..JobTuning::default()
         },
         changed_since: None,
@@ -242,6 +245,7 @@ fn base_case() -> Case {
         soft_watermark: 0.5,
         writes_before_ms: 20,
         uring: false,
+        pressed_drain_depth: 16,
     }
 }
 
@@ -314,6 +318,23 @@ fn include_exclude_and_prioritize_keep_the_backup_exact() {
     );
 }
 
+/// A one-slot container drained one I/O at a time while it is full, under
+/// a slow target: the paced writers wait longest, and the backup is exact.
+#[test]
+fn a_shallow_pressed_drain_keeps_the_backup_exact() {
+    let rt = runtime();
+    run_case(
+        &Case {
+            slots: 1,
+            chunk_kib: 16,
+            pressed_drain_depth: 1,
+            target_latency_us: 200,
+            ..base_case()
+        },
+        &rt,
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -331,12 +352,13 @@ proptest! {
         prioritize in prop::option::weighted(0.4, (0u64..BLOCKS - 1, 1u64..512)),
         soft_watermark in prop::sample::select(vec![0.0f64, 0.5, 1.0]),
         uring in prop::bool::weighted(0.5),
+        pressed_drain_depth in prop::sample::select(vec![1u32, 4, 16]),
     ) {
         let rt = runtime();
         run_case(&Case {
             chunk_kib, slots, writers, qd, max_write_blocks, target_latency_us,
             fail_target_after: fail, include, exclude, prioritize, soft_watermark,
-            writes_before_ms: 5, uring,
+            writes_before_ms: 5, uring, pressed_drain_depth,
         }, &rt);
     }
 }
