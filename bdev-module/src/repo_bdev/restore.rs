@@ -722,9 +722,9 @@ pub fn restore_to(
 ) -> Result<RestoreReport, RepoBdevError> {
     let qd = if qd == 0 { RESTORE_QD } else { qd };
     let ns = reg.open(namespace, false)?;
-    // Mapping and faulting in the buffers takes about as long as loading
-    // the index (opening the repository reads every generation's index):
-    // both at once, on this thread and a helper, never on the reactor. The
+    // Mapping and faulting in the buffers takes longer than opening the
+    // repository for reading and loading the index: both at once, on this
+    // thread and a helper, never on the reactor. The
     // buffers are made for the default chunk size, and again if the
     // generation's differs.
     let (index, guess) = std::thread::scope(|s| {
