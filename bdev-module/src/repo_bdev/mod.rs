@@ -19,11 +19,13 @@
 //! ([`Repo::open_reader`]: the superblocks and the catalog, not every
 //! generation's index, so creating one costs the same however many
 //! generations the repository holds) and loads the generation's complete
-//! [`GenIndex`] once, when it is created, on the calling thread through a
-//! [`ChannelIo`] of its own (control path: it blocks until the index is
-//! read and checked; a damaged index fails the creation with
-//! [`RepoError::CorruptIndex`] inside [`RepoBdevError::Repo`]). From then on, resolving a chunk is one array lookup:
-//! `Data(byte offset)`, `Zero` or `Absent` (outside the backup's scope).
+//! [`GenIndex`] once, when it is created, through a [`ChannelIo`] of its
+//! own, on the calling thread (on a helper thread it waits for, for
+//! [`restore_to`]). This is control path: it blocks until the index is read
+//! and checked; a damaged index fails the creation with
+//! [`RepoError::CorruptIndex`] inside [`RepoBdevError::Repo`]. From then
+//! on, resolving a chunk is one array lookup: `Data(byte offset)`, `Zero`
+//! or `Absent` (outside the backup's scope).
 //! The namespace is only ever opened **read-only**: none of these can write
 //! to it, whatever their hosts do.
 //!
