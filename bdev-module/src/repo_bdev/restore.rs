@@ -60,10 +60,11 @@
 //! maps the one-chunk staging buffers (8 MiB of them, at most one per read
 //! in flight) and `qd / 2` run-sized staging buffers. Mapping them (all
 //! faulted in: 40 MiB at the defaults) is most of a restore's fixed cost,
-//! hence the two threads. They come back to the calling thread with the
-//! outcome and are unmapped there. The run and
-//! read slot tables, and each run's list of its data chunks, are allocated
-//! on `home` when the restore starts.
+//! hence the two threads. They come back to the calling thread once the
+//! last data I/O is done, which hands them to a short-lived thread to
+//! unmap, so that neither the reactor nor the restore's return waits for
+//! it. The run and read slot tables, and each run's list of its data
+//! chunks, are allocated on `home` when the restore starts.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,7 +228,7 @@ struct Read {
 type Outcome = Result<RestoreReport, RepoBdevError>;
 
 /// What the poller sends the waiting caller: the buffers once the last
-/// data I/O is done (to unmap while the flush runs), then the outcome.
+/// data I/O is done (to unmap off the reactor), then the outcome.
 enum Msg {
     Buffers(Buffers),
     Done(Outcome),
@@ -890,8 +891,16 @@ pub fn restore_to(
     let mut last = u64::MAX;
     loop {
         match rx.recv_timeout(PROGRESS_EVERY) {
-            // Unmapped here, not on the reactor, while the flush runs.
-            Ok(Msg::Buffers(bufs)) => drop(bufs),
+            // Unmapped on a thread of their own (a few ms for 40 MiB), not
+            // on the reactor, and not here: a flush that completes first
+            // would wait for it.
+            Ok(Msg::Buffers(bufs)) => {
+                // When the thread cannot start, the closure and the
+                // buffers are dropped here.
+                let _ = std::thread::Builder::new()
+                    .name("restore-unmap".into())
+                    .spawn(move || drop(bufs));
+            }
             Ok(Msg::Done(outcome)) => {
                 let d = done.load(Ordering::Relaxed);
                 if d != last {
