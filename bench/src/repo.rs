@@ -6,12 +6,12 @@
 //! * a full online backup, then incrementals after changing a given fraction
 //!   of the chunks (time against the fraction changed);
 //! * more small incrementals up to generation 50, then the cost of opening
-//!   the repository, loading generation 1's and generation 50's index and
-//!   resolving every chunk, and the time to restore each of them (they
-//!   should match: every index is complete, so a chain's length costs
-//!   nothing, and the restore gathers a fragmented generation's chunks into
-//!   1 MiB writes), with each restore's wall time, copy time, reads and
-//!   writes;
+//!   the repository (in full, and for reading as a restore does), loading
+//!   generation 1's and generation 50's index and resolving every chunk,
+//!   and the time to restore each of them (they should match: every index
+//!   is complete, so a chain's length costs nothing, and the restore
+//!   gathers a fragmented generation's chunks into 1 MiB writes), with each
+//!   restore's wall time, copy time, reads and writes;
 //! * restore MiB/s against the destination's sequential-write ceiling
 //!   (1 MiB writes at QD16), measured in the same run;
 //! * instant restore: the latency of first reads of chunks not yet hydrated,
@@ -64,9 +64,13 @@ pub struct BackupTiming {
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationCost {
     pub generation: u64,
-    /// Opening the repository (which reads every generation's index), on
-    /// its own; `restore_to` does it before loading the index.
+    /// Opening the repository for reading (`Repo::open_reader`: the
+    /// superblocks and the catalog), on its own, as `restore_to` does
+    /// before loading the index.
     pub repo_open_ms: f64,
+    /// Opening it in full (`Repo::open`, which reads every generation's
+    /// index), as the tools that change or verify it do.
+    pub repo_open_full_ms: f64,
     pub index_load_ms: f64,
     pub resolve_ns_per_chunk: f64,
     /// Median of the restores' wall times (`restore_to`, from opening the
@@ -267,11 +271,14 @@ pub fn run_repo(
     }
     let cost = |gen: u64| -> Result<GenerationCost, String> {
         let ns = ns.clone();
-        let (open_ms, load_ms, per_chunk) = rt
-            .exec(0, move || -> Result<(f64, f64, f64), String> {
+        let (open_ms, open_full_ms, load_ms, per_chunk) = rt
+            .exec(0, move || -> Result<(f64, f64, f64, f64), String> {
                 let mut io = ChannelIo::new(ns.channel().map_err(|x| x.to_string())?);
                 let t = Instant::now();
-                let r = Repo::open(&mut io).map_err(|x| x.to_string())?;
+                Repo::open(&mut io).map_err(|x| x.to_string())?;
+                let open_full = t.elapsed().as_secs_f64() * 1e3;
+                let t = Instant::now();
+                let r = Repo::open_reader(&mut io).map_err(|x| x.to_string())?;
                 let open = t.elapsed().as_secs_f64() * 1e3;
                 let t = Instant::now();
                 let idx = r.index(&mut io, gen).map_err(|x| x.to_string())?;
@@ -287,12 +294,13 @@ pub fn run_repo(
                 }
                 std::hint::black_box(data);
                 let ns_per = t.elapsed().as_nanos() as f64 / (10 * idx.chunks()) as f64;
-                Ok((open, load, ns_per))
+                Ok((open, open_full, load, ns_per))
             })
             .map_err(|x| e(&x))??;
         Ok(GenerationCost {
             generation: gen,
             repo_open_ms: open_ms,
+            repo_open_full_ms: open_full_ms,
             index_load_ms: load_ms,
             resolve_ns_per_chunk: per_chunk,
             restore_s: 0.0,

@@ -8,7 +8,9 @@
 //! backup's scope (absent), and runs of chunks stored back to back. Every
 //! check compares with the generation's content as the test wrote it:
 //! absent chunks read as zeros through a snapshot, and keep the
-//! destination's own bytes in a restore.
+//! destination's own bytes in a restore. All three open the repository for
+//! reading only: a damaged index fails the one that serves its generation,
+//! with the error a full open gives, and nothing writes to the namespace.
 //!
 //! The pipelined restore also runs on a long chain of incrementals with
 //! scattered changes stored out of chunk order, so that a late
@@ -22,7 +24,9 @@ use std::time::{Duration, Instant};
 use hotcopy_bdev::modules::fault::{self, FaultControl, FaultOptions};
 use hotcopy_bdev::modules::{malloc, uring};
 use hotcopy_bdev::{BdevChannel, BdevIo, BdevRegistry, IoError, IoStatus};
-use hotcopy_cow::repo::{BlockIo, ChannelIo, ChunkLoc, GenSpec, GenWriter, Repo, SourceIdent};
+use hotcopy_cow::repo::{
+    BlockIo, ChannelIo, ChunkLoc, GenSpec, GenWriter, Repo, RepoError, SourceIdent,
+};
 use hotcopy_cow::repo_bdev::{
     create_snapshot, restore_to, start_instant_restore, HydState, InstantTuning, OverlayConfig,
     RepoBdevError, RestoreState, ENOSPC,
@@ -848,6 +852,114 @@ fn restore_to_detects_a_corrupt_chunk() {
     let st = ir.status();
     assert!(st.error.unwrap().contains(&format!("chunk {chunk}")));
     assert_eq!(st.checksum_errors, 1);
+    rt.shutdown();
+}
+
+/// Restore, snapshot and instant restore open the repository for reading
+/// only (`Repo::open_reader`): they read no other generation's index, so
+/// damage there does not concern them, but the index of the generation they
+/// serve is checked as before, and its damage fails them with the error a
+/// full open gives. None of them writes to the namespace (every write to it
+/// would fail here, and none is attempted).
+#[test]
+fn restore_snapshot_and_instant_restore_check_their_own_index_and_never_write() {
+    let fx = fixture(true);
+    let ctl = fx.ns_fault.clone().unwrap();
+    let (bad, good) = (&fx.gens[1], &fx.gens[2]);
+    // Flip a bit in the entries of the first block of the bad generation's
+    // index.
+    let expected = {
+        let mut io = ChannelIo::new(fx.reg.open("ns", true).unwrap().channel().unwrap());
+        let repo = Repo::open(&mut io).unwrap();
+        let at = repo.generation(bad.id).unwrap().index.unwrap().offset + 100;
+        let mut block = vec![0u8; BS as usize];
+        io.read(at / BS * BS, &mut block).unwrap();
+        block[(at % BS) as usize] ^= 0x10;
+        io.write(at / BS * BS, &block).unwrap();
+        let repo = Repo::open(&mut io).unwrap();
+        assert!(repo.damage(good.id).is_none());
+        let why = repo.damage(bad.id).expect("a full open finds the damage");
+        assert!(why.contains("index block 0"), "{why}");
+        repo.index(&mut io, bad.id).unwrap_err().to_string()
+    };
+    let ns_before = read_all(&fx.reg, "ns", NS_BYTES);
+    ctl.set_write_error_rate(1.0);
+    let rt = runtime();
+    let check = |err: RepoBdevError, what: &str| match &err {
+        RepoBdevError::Repo {
+            namespace,
+            source: RepoError::CorruptIndex { generation, .. },
+        } => {
+            assert_eq!((namespace.as_str(), *generation), ("ns", bad.id), "{what}");
+            assert!(err.to_string().ends_with(&expected), "{what}: {err}");
+        }
+        other => panic!("{what}: expected a corrupt index, got {other}"),
+    };
+
+    // Restore: the damaged generation fails before the destination is
+    // touched; the intact one restores byte for byte.
+    malloc::create(&fx.reg, "dest", SRC + CS, BS as u32).unwrap();
+    let before = pattern(901, (SRC + CS) as usize);
+    fill(&fx.reg, "dest", before.clone());
+    let err = restore_to(&fx.reg, "ns", bad.id, "dest", rt.reactor(0), 4, |_, _| {}).unwrap_err();
+    check(err, "restore_to");
+    assert_same(&read_all(&fx.reg, "dest", SRC + CS), &before, "untouched");
+    restore_to(&fx.reg, "ns", good.id, "dest", rt.reactor(0), 4, |_, _| {}).unwrap();
+    let got = read_all(&fx.reg, "dest", SRC + CS);
+    assert_same(
+        &got[..SRC as usize],
+        &good.restored_over(&before),
+        "restore",
+    );
+
+    // Snapshot.
+    let err = create_snapshot(&fx.reg, "snap_bad", "ns", bad.id, None).unwrap_err();
+    check(err, "create_snapshot");
+    assert!(fx.reg.lookup("snap_bad").is_err(), "no bdev left behind");
+    create_snapshot(&fx.reg, "snap_good", "ns", good.id, None).unwrap();
+    assert_same(
+        &read_all(&fx.reg, "snap_good", SRC),
+        &good.image,
+        "snapshot",
+    );
+
+    // Instant restore.
+    let (_, tgt_before) = target(&fx.reg, 0);
+    let err = start_instant_restore(
+        &fx.reg,
+        "ir_bad",
+        "ns",
+        bad.id,
+        "tgt",
+        rt.reactor(1),
+        InstantTuning::default(),
+    )
+    .unwrap_err();
+    check(err, "start_instant_restore");
+    let (_, ir) = start_instant_restore(
+        &fx.reg,
+        "ir_good",
+        "ns",
+        good.id,
+        "tgt",
+        rt.reactor(1),
+        InstantTuning::default(),
+    )
+    .unwrap();
+    assert_eq!(ir.wait(Duration::from_secs(20)), RestoreState::Complete);
+    let got = read_all(&fx.reg, "tgt_base", SRC + CS);
+    assert_same(
+        &got[..SRC as usize],
+        &good.restored_over(&tgt_before),
+        "instant restore",
+    );
+
+    assert_eq!(ctl.injected_errors(), 0, "no write reached the namespace");
+    ctl.set_write_error_rate(0.0);
+    assert!(
+        read_all(&fx.reg, "ns", NS_BYTES) == ns_before,
+        "namespace unchanged"
+    );
     rt.shutdown();
 }
 

@@ -360,6 +360,14 @@ impl Catalog {
             .map(|i| &self.gens[i])
     }
 
+    /// The newest complete generation of `source` (any source when `None`).
+    pub fn latest(&self, source: Option<&str>) -> Option<&Generation> {
+        self.gens
+            .iter()
+            .rev()
+            .find(|g| g.state == GenState::Complete && source.is_none_or(|s| g.source.name == s))
+    }
+
     pub fn encode(&self, uuid: &[u8; 16]) -> Vec<u8> {
         let mut b = vec![0u8; CATALOG_HEADER_BYTES];
         b[0..8].copy_from_slice(CATALOG_MAGIC);

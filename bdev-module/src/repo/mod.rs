@@ -38,6 +38,12 @@
 //! # Ok::<(), hotcopy_cow::repo::RepoError>(())
 //! ```
 //!
+//! A tool that only reads one generation (a restore, a snapshot) opens the
+//! repository with [`Repo::open_reader`] instead: a [`RepoReader`] reads the
+//! superblocks and the current catalog, not every index (see "Free space and
+//! crash safety" for why [`Repo::open`] reads them all), and has no way to
+//! change the repository. The index it loads is checked all the same.
+//!
 //! An incremental names its parent: chunks the job copies go through
 //! `place_run`, the others are [`GenWriter::inherit`]ed (they share the
 //! parent's data). Without change tracking, `compare_with_parent` makes
@@ -158,12 +164,15 @@
 //!
 //! ## Free space and crash safety
 //!
-//! Free space is not written anywhere. At open, the library marks, in an
-//! in-memory bitmap of 4 KiB units, the superblocks and everything the
-//! catalogs of **both** valid superblock slots reference: the catalogs, the
-//! indexes of their complete generations, and every chunk those indexes
-//! point to. Everything else is free. New structures only ever go to free
+//! Free space is not written anywhere. At [`Repo::open`], the library
+//! marks, in an in-memory bitmap of 4 KiB units, the superblocks and
+//! everything the catalogs of **both** valid superblock slots reference: the
+//! catalogs, the indexes of their complete generations, and every chunk
+//! those indexes point to. Everything else is free. New structures only ever go to free
 //! space (copy-on-write), so nothing either slot references is overwritten.
+//! Reading every index is also how open finds damaged generations
+//! ([`Repo::damage`]). [`Repo::open_reader`] does none of this: it never
+//! allocates, and checks only the index it is asked for.
 //!
 //! Every change to the catalog is committed the same way:
 //!
@@ -209,7 +218,9 @@ pub use format::{
     MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, MIN_NAMESPACE_BYTES,
 };
 pub use io::{BlockIo, ChannelIo, MemIo, MAX_IO_BYTES};
-pub use read::{BadChunk, ChunkLoc, Entry, GenIndex, GenVerify, RestoreStats, VerifyReport};
+pub use read::{
+    BadChunk, ChunkLoc, Entry, GenIndex, GenVerify, RepoReader, RestoreStats, VerifyReport,
+};
 pub use writer::{DataExtent, GenSpec, GenWriter, Placement};
 
 use format::{
@@ -386,6 +397,104 @@ fn read_catalog(io: &mut dyn BlockIo, loc: &Extent, uuid: &[u8; 16], ns: u64) ->
     Catalog::decode(body, uuid, ns).map_err(corrupt)
 }
 
+/// What opening finds before any index is read: the current superblock's
+/// state and, when asked for, the other slot's catalog.
+struct Opened {
+    uuid: [u8; 16],
+    ns_size: u64,
+    seq: u64,
+    slot: usize,
+    cur: CatState,
+    other: Option<CatState>,
+}
+
+impl Opened {
+    /// Reads both superblock slots and the catalog of the current one
+    /// (falling back to the other slot's when that catalog is corrupt; see
+    /// the module docs). With `with_other`, also the other slot's catalog,
+    /// whose space a writer must keep.
+    fn read(io: &mut dyn BlockIo, with_other: bool) -> Result<Opened> {
+        check_device(io)?;
+        let mut slots = vec![0u8; 2 * SLOT_BYTES];
+        io.read(0, &mut slots)?;
+        let dev = io.size_bytes();
+        let decoded = [
+            Superblock::decode(&slots[..SLOT_BYTES], dev),
+            Superblock::decode(&slots[SLOT_BYTES..], dev),
+        ];
+        let (slot, sb) = match (&decoded[0], &decoded[1]) {
+            (Ok(a), Ok(b)) if b.seq > a.seq => (1, b.clone()),
+            (Ok(a), _) => (0, a.clone()),
+            (Err(_), Ok(b)) => (1, b.clone()),
+            (Err(p0), Err(p1)) => {
+                for p in [p0, p1] {
+                    if let SlotProblem::Version(found) = p {
+                        return Err(RepoError::UnsupportedVersion {
+                            found: *found,
+                            supported: FORMAT_VERSION,
+                        });
+                    }
+                }
+                if !p0.has_magic() && !p1.has_magic() {
+                    return Err(RepoError::NotARepository);
+                }
+                return Err(RepoError::CorruptSuperblock {
+                    slot0: p0.to_string(),
+                    slot1: p1.to_string(),
+                });
+            }
+        };
+        // The other slot, when valid and of the same repository: the state
+        // before the last commit, whose space is kept too.
+        let other_sb = decoded[1 - slot]
+            .as_ref()
+            .ok()
+            .filter(|s| s.uuid == sb.uuid && s.ns_size == sb.ns_size)
+            .map(|s| (1 - slot, s.clone()));
+        let ns_size = sb.ns_size;
+        let load = |io: &mut dyn BlockIo, s: &Superblock| -> Result<CatState> {
+            Ok(CatState {
+                loc: s.catalog,
+                catalog: read_catalog(io, &s.catalog, &s.uuid, ns_size)?,
+            })
+        };
+        let (slot, seq, cur, other) = match load(io, &sb) {
+            Ok(cur) => {
+                let other = match &other_sb {
+                    Some((_, o)) if with_other => match load(io, o) {
+                        Ok(c) => Some(c),
+                        Err(RepoError::CorruptCatalog { .. }) => None,
+                        Err(e) => return Err(e),
+                    },
+                    _ => None,
+                };
+                (slot, sb.seq, cur, other)
+            }
+            Err(e @ RepoError::CorruptCatalog { .. }) => match &other_sb {
+                // The newest catalog is unreadable; the previous state is
+                // still whole (nothing it references was overwritten).
+                Some((i, o)) => match load(io, o) {
+                    Ok(c) => {
+                        tracing::warn!("repository: {e}; using superblock slot {i} instead");
+                        (*i, o.seq, c, None)
+                    }
+                    Err(_) => return Err(e),
+                },
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
+        Ok(Opened {
+            uuid: sb.uuid,
+            ns_size,
+            seq,
+            slot,
+            cur,
+            other,
+        })
+    }
+}
+
 impl Repo {
     /// Writes an empty repository to the namespace. Without `force` it
     /// refuses unless the first [`FORMAT_PROBE_BYTES`] are all zero (a blank
@@ -476,88 +585,21 @@ impl Repo {
     }
 
     /// Opens the repository on the namespace (see the module docs for how
-    /// the superblock slot is chosen and how free space is found).
+    /// the superblock slot is chosen and how free space is found). This
+    /// reads the index of every complete generation; a reader of one
+    /// generation that changes nothing needs only [`Repo::open_reader`].
     pub fn open(io: &mut dyn BlockIo) -> Result<Repo> {
-        check_device(io)?;
-        let mut slots = vec![0u8; 2 * SLOT_BYTES];
-        io.read(0, &mut slots)?;
-        let dev = io.size_bytes();
-        let decoded = [
-            Superblock::decode(&slots[..SLOT_BYTES], dev),
-            Superblock::decode(&slots[SLOT_BYTES..], dev),
-        ];
-        let (slot, sb) = match (&decoded[0], &decoded[1]) {
-            (Ok(a), Ok(b)) if b.seq > a.seq => (1, b.clone()),
-            (Ok(a), _) => (0, a.clone()),
-            (Err(_), Ok(b)) => (1, b.clone()),
-            (Err(p0), Err(p1)) => {
-                for p in [p0, p1] {
-                    if let SlotProblem::Version(found) = p {
-                        return Err(RepoError::UnsupportedVersion {
-                            found: *found,
-                            supported: FORMAT_VERSION,
-                        });
-                    }
-                }
-                if !p0.has_magic() && !p1.has_magic() {
-                    return Err(RepoError::NotARepository);
-                }
-                return Err(RepoError::CorruptSuperblock {
-                    slot0: p0.to_string(),
-                    slot1: p1.to_string(),
-                });
-            }
-        };
-        // The other slot, when valid and of the same repository: the state
-        // before the last commit, whose space is kept too.
-        let other_sb = decoded[1 - slot]
-            .as_ref()
-            .ok()
-            .filter(|s| s.uuid == sb.uuid && s.ns_size == sb.ns_size)
-            .map(|s| (1 - slot, s.clone()));
-        let ns_size = sb.ns_size;
-        let load = |io: &mut dyn BlockIo, s: &Superblock| -> Result<CatState> {
-            Ok(CatState {
-                loc: s.catalog,
-                catalog: read_catalog(io, &s.catalog, &s.uuid, ns_size)?,
-            })
-        };
-        let (slot, seq, cur, other) = match load(io, &sb) {
-            Ok(cur) => {
-                let other = match &other_sb {
-                    Some((_, o)) => match load(io, o) {
-                        Ok(c) => Some(c),
-                        Err(RepoError::CorruptCatalog { .. }) => None,
-                        Err(e) => return Err(e),
-                    },
-                    None => None,
-                };
-                (slot, sb.seq, cur, other)
-            }
-            Err(e @ RepoError::CorruptCatalog { .. }) => match &other_sb {
-                // The newest catalog is unreadable; the previous state is
-                // still whole (nothing it references was overwritten).
-                Some((i, o)) => match load(io, o) {
-                    Ok(c) => {
-                        tracing::warn!("repository: {e}; using superblock slot {i} instead");
-                        (*i, o.seq, c, None)
-                    }
-                    Err(_) => return Err(e),
-                },
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
-        };
+        let o = Opened::read(io, true)?;
         let mut repo = Repo {
-            uuid: sb.uuid,
-            ns_size,
-            seq,
-            slot,
-            cur,
-            other,
+            uuid: o.uuid,
+            ns_size: o.ns_size,
+            seq: o.seq,
+            slot: o.slot,
+            cur: o.cur,
+            other: o.other,
             shared: Arc::new(Shared {
                 state: Mutex::new(SharedState {
-                    space: SpaceMap::new(ns_size),
+                    space: SpaceMap::new(o.ns_size),
                     writers: BTreeMap::new(),
                 }),
                 poisoned: AtomicBool::new(false),
@@ -566,6 +608,19 @@ impl Repo {
         };
         repo.rebuild_space(io)?;
         Ok(repo)
+    }
+
+    /// Opens the repository for reading only: the superblocks and the
+    /// current catalog, chosen as [`Repo::open`] chooses them, and no index.
+    /// See [`RepoReader`].
+    pub fn open_reader(io: &mut dyn BlockIo) -> Result<RepoReader> {
+        let o = Opened::read(io, false)?;
+        Ok(RepoReader {
+            uuid: o.uuid,
+            ns_size: o.ns_size,
+            seq: o.seq,
+            catalog: o.cur.catalog,
+        })
     }
 
     /// The repository uuid, formatted.
@@ -584,12 +639,7 @@ impl Repo {
 
     /// The newest complete generation of `source` (any source when `None`).
     pub fn latest(&self, source: Option<&str>) -> Option<&Generation> {
-        self.cur
-            .catalog
-            .gens
-            .iter()
-            .rev()
-            .find(|g| g.state == GenState::Complete && source.is_none_or(|s| g.source.name == s))
+        self.cur.catalog.latest(source)
     }
 
     /// Why a complete generation's index could not be read at open, if so.

@@ -1,13 +1,14 @@
 //! Reading generations back: the index ([`GenIndex`]), single chunks,
-//! [`Repo::verify`] and [`Repo::restore`].
+//! [`Repo::verify`] and [`Repo::restore`], and the read-only
+//! [`RepoReader`].
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use super::error::{RepoError, Result};
 use super::format::{
-    decode_index_block, GenState, Generation, IndexShape, RawEntry, SlotProblem, Superblock,
-    ENTRIES_PER_BLOCK, INDEX_BLOCK_BYTES, LOC_ABSENT, LOC_ZERO, SLOT_BYTES,
+    decode_index_block, Catalog, GenState, Generation, IndexShape, RawEntry, SlotProblem,
+    Superblock, ENTRIES_PER_BLOCK, INDEX_BLOCK_BYTES, LOC_ABSENT, LOC_ZERO, SLOT_BYTES,
 };
 use super::io::BlockIo;
 use super::{read_catalog, Repo};
@@ -308,37 +309,7 @@ impl Repo {
         chunk: u64,
         buf: &mut [u8],
     ) -> Result<ChunkLoc> {
-        if buf.len() != index.chunk_size as usize {
-            return Err(RepoError::Invalid(format!(
-                "read_chunk: a buffer of {} bytes for chunks of {}",
-                buf.len(),
-                index.chunk_size
-            )));
-        }
-        let e = index.resolve(chunk).ok_or_else(|| {
-            RepoError::Invalid(format!(
-                "read_chunk: generation {} has no chunk {chunk} ({} chunks)",
-                index.id,
-                index.chunks()
-            ))
-        })?;
-        match e.loc {
-            ChunkLoc::Data(offset) => {
-                io.read(offset, buf)?;
-                let found = crc32c::crc32c(buf);
-                if found != e.crc {
-                    return Err(RepoError::ChunkChecksum {
-                        generation: index.id,
-                        chunk,
-                        offset,
-                        expected: e.crc,
-                        found,
-                    });
-                }
-            }
-            ChunkLoc::Zero | ChunkLoc::Absent => buf.fill(0),
-        }
-        Ok(e.loc)
+        read_chunk(io, index, chunk, buf)
     }
 
     /// Re-reads the superblocks, the catalog, the index of every selected
@@ -529,102 +500,273 @@ impl Repo {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<RestoreStats> {
         let index = self.index(io, id)?;
-        let total = index.source_size;
-        if dst.size_bytes() < total {
-            return Err(RepoError::Invalid(format!(
-                "restore of generation {id}: the destination ({} bytes) is smaller than the source ({total} bytes)",
-                dst.size_bytes()
-            )));
-        }
-        if !total.is_multiple_of(dst.block_size() as u64) {
-            return Err(RepoError::Invalid(format!(
-                "restore of generation {id}: the source size {total} is not a multiple of the destination's {}-byte blocks",
-                dst.block_size()
-            )));
-        }
-        let cs = index.chunk_size as u64;
-        let per_batch = (BATCH_BYTES / cs).max(1);
-        let mut buf = vec![0u8; (per_batch * cs) as usize];
-        let mut stats = RestoreStats::default();
-        let n = index.chunks();
-        let mut chunk = 0;
-        while chunk < n {
-            if let Some(Entry {
-                loc: ChunkLoc::Absent,
-                ..
-            }) = index.resolve(chunk)
-            {
-                stats.absent_chunks += 1;
-                chunk += 1;
-                progress((chunk * cs).min(total), total);
-                continue;
-            }
-            // A batch: consecutive chunks up to the next absent one.
-            let first = chunk;
-            while chunk < n
-                && chunk - first < per_batch
-                && !matches!(index.resolve(chunk).map(|e| e.loc), Some(ChunkLoc::Absent))
-            {
-                chunk += 1;
-            }
-            self.fill_batch(io, &index, first, chunk, &mut buf, &mut stats)?;
-            let len = (chunk * cs).min(total) - first * cs;
-            dst.write(first * cs, &buf[..len as usize])?;
-            stats.bytes_written += len;
-            progress(first * cs + len, total);
-        }
-        dst.flush()?;
-        Ok(stats)
+        restore(io, &index, dst, progress)
+    }
+}
+
+/// A repository opened for reading only, by [`Repo::open_reader`]: the
+/// current catalog and nothing else.
+///
+/// It is what a reader of one generation needs (a restore, a snapshot, an
+/// instant restore): opening reads the two superblock slots and one
+/// catalog, not the index of every generation, so its cost does not grow
+/// with the number of generations. It has no space map and no writer: it
+/// offers no way to change the repository, and never writes to the
+/// namespace. It does not know which generations are damaged (that takes
+/// reading every index, as [`Repo::open`] does for [`Repo::damage`]);
+/// [`RepoReader::index`] checks the index it reads exactly as
+/// [`Repo::index`] does, and fails with the same
+/// [`RepoError::CorruptIndex`] when it is damaged.
+///
+/// ```
+/// use hotcopy_cow::repo::{now_us, GenSpec, MemIo, Repo, SourceIdent};
+///
+/// let mut ns = MemIo::new(4 << 20, 512);
+/// let mut repo = Repo::format(&mut ns, false)?;
+/// let spec = GenSpec {
+///     source: SourceIdent { name: "vol0".into(), size_bytes: 64 << 10 },
+///     chunk_size: 64 << 10,
+///     parent: None,
+///     compare_with_parent: false,
+/// };
+/// let w = repo.begin(&mut ns, &spec)?;
+/// w.mark_zero(0, 1)?;
+/// let g = repo.commit(&mut ns, w, now_us())?;
+///
+/// let reader = Repo::open_reader(&mut ns)?;
+/// let index = reader.index(&mut ns, g.id)?;
+/// assert_eq!(index.chunks(), 1);
+/// # Ok::<(), hotcopy_cow::repo::RepoError>(())
+/// ```
+///
+/// Changing the repository through it does not compile:
+///
+/// ```compile_fail
+/// use hotcopy_cow::repo::{MemIo, Repo};
+///
+/// let mut ns = MemIo::new(4 << 20, 512);
+/// Repo::format(&mut ns, false).unwrap();
+/// let mut reader = Repo::open_reader(&mut ns).unwrap();
+/// reader.remove(&mut ns, 1).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct RepoReader {
+    pub(super) uuid: [u8; 16],
+    pub(super) ns_size: u64,
+    pub(super) seq: u64,
+    pub(super) catalog: Catalog,
+}
+
+impl fmt::Debug for RepoReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RepoReader")
+            .field("uuid", &self.uuid())
+            .field("ns_size", &self.ns_size)
+            .field("seq", &self.seq)
+            .field("generations", &self.catalog.gens.len())
+            .finish()
+    }
+}
+
+impl RepoReader {
+    /// The repository uuid, formatted.
+    pub fn uuid(&self) -> String {
+        hotcopy_bdev::format_uuid(u128::from_be_bytes(self.uuid))
     }
 
-    /// Fills `buf` with chunks `first..end`, reading runs of chunks stored
-    /// back to back with one request each, and checks their crcs.
-    fn fill_batch(
+    /// Superblock sequence number of the state read.
+    pub fn sequence(&self) -> u64 {
+        self.seq
+    }
+
+    /// Every generation, oldest first.
+    pub fn generations(&self) -> &[Generation] {
+        &self.catalog.gens
+    }
+
+    pub fn generation(&self, id: u64) -> Option<&Generation> {
+        self.catalog.find(id)
+    }
+
+    /// The newest complete generation of `source` (any source when `None`).
+    pub fn latest(&self, source: Option<&str>) -> Option<&Generation> {
+        self.catalog.latest(source)
+    }
+
+    /// Reads and checks the complete index of generation `id` (see
+    /// [`Repo::index`]).
+    pub fn index(&self, io: &mut dyn BlockIo, id: u64) -> Result<GenIndex> {
+        let g = self.generation(id).ok_or(RepoError::NoSuchGeneration(id))?;
+        GenIndex::load(io, self.ns_size, g)
+    }
+
+    /// See [`Repo::read_chunk`].
+    pub fn read_chunk(
         &self,
         io: &mut dyn BlockIo,
         index: &GenIndex,
-        first: u64,
-        end: u64,
+        chunk: u64,
         buf: &mut [u8],
-        stats: &mut RestoreStats,
-    ) -> Result<()> {
-        let cs = index.chunk_size as usize;
-        let mut c = first;
-        while c < end {
-            let at = ((c - first) as usize) * cs;
-            let Some(e) = index.resolve(c) else { break };
-            let ChunkLoc::Data(offset) = e.loc else {
-                buf[at..at + cs].fill(0);
-                stats.zero_chunks += 1;
-                c += 1;
-                continue;
-            };
-            let mut run = 1;
-            while c + run < end
-                && index.resolve(c + run).map(|e| e.loc)
-                    == Some(ChunkLoc::Data(offset + run * cs as u64))
-            {
-                run += 1;
-            }
-            let piece = &mut buf[at..at + run as usize * cs];
-            io.read(offset, piece)?;
-            for k in 0..run {
-                let bytes = &piece[k as usize * cs..(k as usize + 1) * cs];
-                let found = crc32c::crc32c(bytes);
-                let expected = index.raw(c + k).map(|e| e.crc).unwrap_or_default();
-                if found != expected {
-                    return Err(RepoError::ChunkChecksum {
-                        generation: index.id,
-                        chunk: c + k,
-                        offset: offset + k * cs as u64,
-                        expected,
-                        found,
-                    });
-                }
-            }
-            stats.data_chunks += run;
-            c += run;
-        }
-        Ok(())
+    ) -> Result<ChunkLoc> {
+        read_chunk(io, index, chunk, buf)
     }
+
+    /// See [`Repo::restore`].
+    pub fn restore(
+        &self,
+        io: &mut dyn BlockIo,
+        id: u64,
+        dst: &mut dyn BlockIo,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RestoreStats> {
+        let index = self.index(io, id)?;
+        restore(io, &index, dst, progress)
+    }
+}
+
+/// [`Repo::read_chunk`] and [`RepoReader::read_chunk`].
+fn read_chunk(
+    io: &mut dyn BlockIo,
+    index: &GenIndex,
+    chunk: u64,
+    buf: &mut [u8],
+) -> Result<ChunkLoc> {
+    if buf.len() != index.chunk_size as usize {
+        return Err(RepoError::Invalid(format!(
+            "read_chunk: a buffer of {} bytes for chunks of {}",
+            buf.len(),
+            index.chunk_size
+        )));
+    }
+    let e = index.resolve(chunk).ok_or_else(|| {
+        RepoError::Invalid(format!(
+            "read_chunk: generation {} has no chunk {chunk} ({} chunks)",
+            index.id,
+            index.chunks()
+        ))
+    })?;
+    match e.loc {
+        ChunkLoc::Data(offset) => {
+            io.read(offset, buf)?;
+            let found = crc32c::crc32c(buf);
+            if found != e.crc {
+                return Err(RepoError::ChunkChecksum {
+                    generation: index.id,
+                    chunk,
+                    offset,
+                    expected: e.crc,
+                    found,
+                });
+            }
+        }
+        ChunkLoc::Zero | ChunkLoc::Absent => buf.fill(0),
+    }
+    Ok(e.loc)
+}
+
+/// [`Repo::restore`] and [`RepoReader::restore`] of the generation
+/// `index` belongs to.
+fn restore(
+    io: &mut dyn BlockIo,
+    index: &GenIndex,
+    dst: &mut dyn BlockIo,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<RestoreStats> {
+    let id = index.id;
+    let total = index.source_size;
+    if dst.size_bytes() < total {
+        return Err(RepoError::Invalid(format!(
+            "restore of generation {id}: the destination ({} bytes) is smaller than the source ({total} bytes)",
+            dst.size_bytes()
+        )));
+    }
+    if !total.is_multiple_of(dst.block_size() as u64) {
+        return Err(RepoError::Invalid(format!(
+            "restore of generation {id}: the source size {total} is not a multiple of the destination's {}-byte blocks",
+            dst.block_size()
+        )));
+    }
+    let cs = index.chunk_size as u64;
+    let per_batch = (BATCH_BYTES / cs).max(1);
+    let mut buf = vec![0u8; (per_batch * cs) as usize];
+    let mut stats = RestoreStats::default();
+    let n = index.chunks();
+    let mut chunk = 0;
+    while chunk < n {
+        if let Some(Entry {
+            loc: ChunkLoc::Absent,
+            ..
+        }) = index.resolve(chunk)
+        {
+            stats.absent_chunks += 1;
+            chunk += 1;
+            progress((chunk * cs).min(total), total);
+            continue;
+        }
+        // A batch: consecutive chunks up to the next absent one.
+        let first = chunk;
+        while chunk < n
+            && chunk - first < per_batch
+            && !matches!(index.resolve(chunk).map(|e| e.loc), Some(ChunkLoc::Absent))
+        {
+            chunk += 1;
+        }
+        fill_batch(io, index, first, chunk, &mut buf, &mut stats)?;
+        let len = (chunk * cs).min(total) - first * cs;
+        dst.write(first * cs, &buf[..len as usize])?;
+        stats.bytes_written += len;
+        progress(first * cs + len, total);
+    }
+    dst.flush()?;
+    Ok(stats)
+}
+
+/// Fills `buf` with chunks `first..end`, reading runs of chunks stored
+/// back to back with one request each, and checks their crcs.
+fn fill_batch(
+    io: &mut dyn BlockIo,
+    index: &GenIndex,
+    first: u64,
+    end: u64,
+    buf: &mut [u8],
+    stats: &mut RestoreStats,
+) -> Result<()> {
+    let cs = index.chunk_size as usize;
+    let mut c = first;
+    while c < end {
+        let at = ((c - first) as usize) * cs;
+        let Some(e) = index.resolve(c) else { break };
+        let ChunkLoc::Data(offset) = e.loc else {
+            buf[at..at + cs].fill(0);
+            stats.zero_chunks += 1;
+            c += 1;
+            continue;
+        };
+        let mut run = 1;
+        while c + run < end
+            && index.resolve(c + run).map(|e| e.loc)
+                == Some(ChunkLoc::Data(offset + run * cs as u64))
+        {
+            run += 1;
+        }
+        let piece = &mut buf[at..at + run as usize * cs];
+        io.read(offset, piece)?;
+        for k in 0..run {
+            let bytes = &piece[k as usize * cs..(k as usize + 1) * cs];
+            let found = crc32c::crc32c(bytes);
+            let expected = index.raw(c + k).map(|e| e.crc).unwrap_or_default();
+            if found != expected {
+                return Err(RepoError::ChunkChecksum {
+                    generation: index.id,
+                    chunk: c + k,
+                    offset: offset + k * cs as u64,
+                    expected,
+                    found,
+                });
+            }
+        }
+        stats.data_chunks += run;
+        c += run;
+    }
+    Ok(())
 }

@@ -431,6 +431,12 @@ fn damaged_metadata_never_panics() {
                 let _ = r.restore(&mut io, g.id, &mut dst, &mut |_, _| {});
             }
         }
+        if let Ok(r) = Repo::open_reader(&mut io) {
+            for g in r.generations() {
+                let mut dst = MemIo::new(size.next_multiple_of(4096), 512);
+                let _ = r.restore(&mut io, g.id, &mut dst, &mut |_, _| {});
+            }
+        }
     }
     assert!(opened > 0);
 }
@@ -618,4 +624,231 @@ fn a_superblock_sequence_at_its_maximum_refuses_changes() {
     };
     let err = err.to_string();
     assert!(err.contains("sequence number is at its maximum"), "{err}");
+}
+
+/// A [`MemIo`] that records what is read and refuses every write and flush.
+struct ReadOnlyIo<'a> {
+    mem: &'a mut MemIo,
+    reads: Vec<(u64, u64)>,
+    refused: u64,
+}
+
+impl<'a> ReadOnlyIo<'a> {
+    fn new(mem: &'a mut MemIo) -> Self {
+        ReadOnlyIo {
+            mem,
+            reads: Vec::new(),
+            refused: 0,
+        }
+    }
+
+    /// Whether any read touched `len` bytes at `offset`.
+    fn touched(&self, offset: u64, len: u64) -> bool {
+        self.reads
+            .iter()
+            .any(|&(o, l)| o < offset + len && offset < o + l)
+    }
+}
+
+impl BlockIo for ReadOnlyIo<'_> {
+    fn block_size(&self) -> u32 {
+        self.mem.block_size()
+    }
+    fn size_bytes(&self) -> u64 {
+        self.mem.size_bytes()
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.reads.push((offset, buf.len() as u64));
+        self.mem.read(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.refused += 1;
+        Err(RepoError::Io {
+            op: "write",
+            offset,
+            len: data.len() as u64,
+            source: hotcopy_bdev::IoError::Device(30), // EROFS
+        })
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.refused += 1;
+        Err(RepoError::Io {
+            op: "flush",
+            offset: 0,
+            len: 0,
+            source: hotcopy_bdev::IoError::Device(30),
+        })
+    }
+}
+
+/// A full generation and `n` incrementals of `size` bytes, each changing a
+/// few chunks; returns each generation with its source.
+fn chain(repo: &mut Repo, io: &mut MemIo, size: u64, n: u64) -> Vec<(Generation, Vec<u8>)> {
+    let mut src = source(21, size as usize);
+    let g1 = full(repo, io, "vol", &src, 5);
+    let mut out = vec![(g1.clone(), src.clone())];
+    let mut parent = g1.id;
+    let chunks = size.div_ceil(CS as u64);
+    for round in 0..n {
+        let changed = [(round * 5 + 1) % chunks, (round * 3 + 7) % chunks];
+        let w = repo.begin(io, &spec("vol", size, Some(parent))).unwrap();
+        for c in 0..w.chunks() {
+            if changed.contains(&c) {
+                let start = (c * CS as u64) as usize;
+                let end = (start + CS as usize).min(src.len());
+                src[start..end].copy_from_slice(&pattern(round * 1000 + c, end - start));
+                let mut buf = vec![0u8; CS as usize];
+                buf[..end - start].copy_from_slice(&src[start..end]);
+                w.write_run(io, c, 1, &mut buf).unwrap();
+            } else {
+                w.mark_unchanged(c).unwrap();
+            }
+        }
+        let g = repo.commit(io, w, now_us()).unwrap();
+        out.push((g.clone(), src.clone()));
+        parent = g.id;
+    }
+    out
+}
+
+/// Flips a bit in the entries of the first block of `g`'s index.
+fn damage_index(io: &mut MemIo, g: &Generation) {
+    let idx = g.index.expect("a complete generation has an index");
+    io.data[idx.offset as usize + 100] ^= 0x10;
+}
+
+#[test]
+fn a_reader_restores_the_same_bytes_reading_only_its_generation_and_never_writing() {
+    let mut mem = MemIo::new(8 << 20, 512);
+    let mut repo = Repo::format(&mut mem, false).unwrap();
+    let size = 24 * CS as u64 - 512;
+    let gens = chain(&mut repo, &mut mem, size, 5);
+    let before = mem.data.clone();
+    let mut io = ReadOnlyIo::new(&mut mem);
+    let reader = Repo::open_reader(&mut io).unwrap();
+    assert_eq!(reader.uuid(), repo.uuid());
+    assert_eq!(reader.sequence(), repo.info().sequence);
+    assert_eq!(reader.generations(), repo.generations());
+    assert_eq!(reader.latest(Some("vol")), repo.latest(Some("vol")));
+    assert_eq!(reader.latest(Some("other")), None);
+    // Opening read the superblocks and the catalog, and no index.
+    for (g, _) in &gens {
+        let idx = g.index.unwrap();
+        assert!(
+            !io.touched(idx.offset, idx.len),
+            "opening a reader read generation {}'s index",
+            g.id
+        );
+    }
+    for (g, want) in &gens {
+        let mut dst = MemIo::new(size.next_multiple_of(4096), 512);
+        let stats = reader
+            .restore(&mut io, g.id, &mut dst, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(stats.bytes_written, size);
+        assert!(dst.data[..size as usize] == want[..], "generation {}", g.id);
+        let mut full = MemIo::new(size.next_multiple_of(4096), 512);
+        repo.restore(io.mem, g.id, &mut full, &mut |_, _| {})
+            .unwrap();
+        assert!(full.data == dst.data, "generation {}", g.id);
+        // Chunk by chunk too.
+        let index = reader.index(&mut io, g.id).unwrap();
+        let mut chunk = vec![0u8; CS as usize];
+        for c in 0..index.chunks() {
+            reader.read_chunk(&mut io, &index, c, &mut chunk).unwrap();
+            let at = (c * CS as u64) as usize;
+            let len = index.chunk_len(c) as usize;
+            assert!(chunk[..len] == want[at..at + len], "chunk {c}");
+        }
+    }
+    assert_eq!(io.refused, 0, "a reader never writes nor flushes");
+    drop(io);
+    assert!(mem.data == before, "the namespace is unchanged");
+    assert!(matches!(
+        reader.index(&mut mem, 999),
+        Err(RepoError::NoSuchGeneration(999))
+    ));
+}
+
+#[test]
+fn a_reader_reports_damage_to_the_index_it_reads_and_ignores_the_others() {
+    let mut io = MemIo::new(8 << 20, 512);
+    let mut repo = Repo::format(&mut io, false).unwrap();
+    let size = 12 * CS as u64;
+    let gens = chain(&mut repo, &mut io, size, 3);
+    let (bad, _) = &gens[1];
+    let (good, want) = &gens[3];
+    damage_index(&mut io, bad);
+    // The full open finds the damage; the reader does not look.
+    let full = Repo::open(&mut io).unwrap();
+    let found = full
+        .damage(bad.id)
+        .expect("open finds the damage")
+        .to_string();
+    assert!(full.damage(good.id).is_none());
+    let reader = Repo::open_reader(&mut io).unwrap();
+    let mut dst = MemIo::new(size, 512);
+    reader
+        .restore(&mut io, good.id, &mut dst, &mut |_, _| {})
+        .unwrap();
+    assert!(dst.data == *want, "an intact generation restores");
+    // Reading the damaged generation fails with the error a full open
+    // gives, naming the generation and the block.
+    let err = reader.index(&mut io, bad.id).unwrap_err();
+    let RepoError::CorruptIndex { generation, why } = &err else {
+        panic!("not a corrupt index: {err}");
+    };
+    assert_eq!(*generation, bad.id);
+    assert_eq!(*why, found);
+    assert!(why.contains("index block 0"), "{why}");
+    assert_eq!(
+        err.to_string(),
+        full.index(&mut io, bad.id).unwrap_err().to_string()
+    );
+    let mut dst = MemIo::new(size, 512);
+    let err = reader
+        .restore(&mut io, bad.id, &mut dst, &mut |_, _| {})
+        .unwrap_err();
+    assert!(
+        matches!(err, RepoError::CorruptIndex { generation, .. } if generation == bad.id),
+        "{err}"
+    );
+    assert!(dst.data.iter().all(|&b| b == 0), "nothing restored");
+}
+
+#[test]
+fn a_reader_refuses_incomplete_generations_and_falls_back_like_open() {
+    let mut io = MemIo::new(8 << 20, 512);
+    let mut repo = Repo::format(&mut io, false).unwrap();
+    let size = 8 * CS as u64;
+    let src = source(31, size as usize);
+    let g1 = full(&mut repo, &mut io, "v", &src, 8);
+    let w = repo.begin(&mut io, &spec("v", size, None)).unwrap();
+    let pending = w.id();
+    let reader = Repo::open_reader(&mut io).unwrap();
+    assert!(matches!(
+        reader.index(&mut io, pending),
+        Err(RepoError::Incomplete(id)) if id == pending
+    ));
+    drop(w);
+    // The newest catalog corrupt: both opens use the other slot's.
+    let loc = repo.cur.loc;
+    io.data[loc.offset as usize + 70] ^= 1;
+    let full = Repo::open(&mut io).unwrap();
+    let reader = Repo::open_reader(&mut io).unwrap();
+    assert_eq!(reader.generations(), full.generations());
+    assert_eq!(reader.sequence(), full.info().sequence);
+    assert!(reader.generation(pending).is_none(), "the previous state");
+    let mut dst = MemIo::new(size, 512);
+    reader
+        .restore(&mut io, g1.id, &mut dst, &mut |_, _| {})
+        .unwrap();
+    assert!(dst.data == src);
+    // Neither slot usable: the same error as open.
+    io.data[SLOT_BYTES + 100] ^= 0xFF;
+    io.data[100] ^= 0xFF;
+    assert_eq!(
+        Repo::open_reader(&mut io).unwrap_err().to_string(),
+        Repo::open(&mut io).unwrap_err().to_string()
+    );
 }

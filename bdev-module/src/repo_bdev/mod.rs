@@ -15,11 +15,17 @@
 //!
 //! ## The generation's index, once
 //!
-//! Each of them opens the repository and loads the generation's complete
-//! [`GenIndex`] once, when it is created, on the calling thread through a
-//! [`ChannelIo`] of its own (control path: it blocks until the index is
-//! read and checked). From then on, resolving a chunk is one array lookup:
-//! `Data(byte offset)`, `Zero` or `Absent` (outside the backup's scope).
+//! Each of them opens the repository for reading only
+//! ([`Repo::open_reader`]: the superblocks and the catalog, not every
+//! generation's index, so creating one costs the same however many
+//! generations the repository holds) and loads the generation's complete
+//! [`GenIndex`] once, when it is created, through a [`ChannelIo`] of its
+//! own, on the calling thread (on a helper thread it waits for, for
+//! [`restore_to`]). This is control path: it blocks until the index is read
+//! and checked; a damaged index fails the creation with
+//! [`RepoError::CorruptIndex`] inside [`RepoBdevError::Repo`]. From then
+//! on, resolving a chunk is one array lookup: `Data(byte offset)`, `Zero`
+//! or `Absent` (outside the backup's scope).
 //! The namespace is only ever opened **read-only**: none of these can write
 //! to it, whatever their hosts do.
 //!
@@ -113,15 +119,15 @@ pub enum RepoBdevError {
     },
 }
 
-/// Opens the repository on `ns` and loads the complete index of
-/// `generation` (control path: synchronous I/O on the calling thread).
+/// Opens the repository on `ns` for reading and loads the complete index
+/// of `generation` (control path: synchronous I/O on the calling thread).
 pub(crate) fn load_index(ns: &BdevDesc, generation: u64) -> Result<GenIndex, RepoBdevError> {
     let repo_err = |source| RepoBdevError::Repo {
         namespace: ns.bdev().name().to_string(),
         source,
     };
     let mut io = ChannelIo::new(ns.channel()?);
-    let repo = Repo::open(&mut io).map_err(repo_err)?;
+    let repo = Repo::open_reader(&mut io).map_err(repo_err)?;
     repo.index(&mut io, generation).map_err(repo_err)
 }
 

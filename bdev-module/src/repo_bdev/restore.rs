@@ -53,14 +53,18 @@
 //!
 //! ## Buffers
 //!
-//! Nothing is allocated per I/O. The buffers are mapped on the calling
-//! thread while the index loads, never on the reactor: `qd + qd / 2` run
-//! buffers of one run (fewer, at least 4, when a chunk is larger than 1
-//! MiB), one-chunk staging buffers (8 MiB of them, at most one per read in
-//! flight) and `qd / 2` run-sized staging buffers; they come back to the
-//! calling thread with the outcome and are unmapped there. The run and
-//! read slot tables, and each run's list of its data chunks, are allocated
-//! on `home` when the restore starts.
+//! Nothing is allocated per I/O. The buffers are mapped before the restore
+//! starts, never on the reactor: `qd + qd / 2` run buffers of one run
+//! (fewer, at least 4, when a chunk is larger than 1 MiB) on the calling
+//! thread, while a helper thread opens the repository, loads the index and
+//! maps the one-chunk staging buffers (8 MiB of them, at most one per read
+//! in flight) and `qd / 2` run-sized staging buffers. Mapping them (all
+//! faulted in: 40 MiB at the defaults) is most of a restore's fixed cost,
+//! hence the two threads. They come back to the calling thread once the
+//! last data I/O is done, which hands them to a short-lived thread to
+//! unmap, so that neither the reactor nor the restore's return waits for
+//! it. The run and read slot tables, and each run's list of its data
+//! chunks, are allocated on `home` when the restore starts.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,7 +120,6 @@ pub struct RestoreReport {
 
 /// The restore's buffers (see the module docs).
 struct Buffers {
-    cs: u64,
     /// Chunks per run.
     run_max: u64,
     run_bufs: usize,
@@ -128,36 +131,68 @@ struct Buffers {
     large: Option<BufferPool>,
 }
 
+/// The one-chunk and the run-sized staging buffers of [`Buffers`].
+type Staging = (Option<BufferPool>, Option<BufferPool>);
+
+fn pool(size: u64, count: usize, what: &str) -> Result<BufferPool, String> {
+    BufferPool::new(size as usize, count, HugepageMode::Auto)
+        .map_err(|e| format!("restore {what} buffers: {e}"))
+}
+
 impl Buffers {
-    /// Maps the buffers of a restore of `cs`-byte chunks at queue depth
-    /// `qd` (control path).
-    fn new(cs: u64, qd: usize) -> Result<Buffers, String> {
-        let pool = |size: u64, count: usize, what: &str| {
-            BufferPool::new(size as usize, count, HugepageMode::Auto)
-                .map_err(|e| format!("restore {what} buffers: {e}"))
-        };
+    /// Chunks per run, and run buffers, of a restore of `cs`-byte chunks at
+    /// queue depth `qd`: `qd` writes in flight and half as many runs
+    /// gathering, in 1 MiB runs; fewer (at least 4) when a chunk is larger
+    /// than that.
+    fn shape(cs: u64, qd: usize) -> (u64, usize) {
         let run_max = (RESTORE_IO_BYTES / cs).max(1);
         let run_bytes = run_max * cs;
-        // qd writes in flight and half as many runs gathering, in 1 MiB
-        // runs; fewer (at least 4) when a chunk is larger than that.
         let full = qd + qd.div_ceil(2);
         let run_bufs = full.min(((full as u64 * RESTORE_IO_BYTES / run_bytes) as usize).max(4));
-        let reads_max = qd * READS_PER_QD;
-        let (small, large) = if run_max > 1 {
-            let n = ((SMALL_STAGING_BYTES / cs) as usize).clamp(1, reads_max);
-            (
-                Some(pool(cs, n, "staging")?),
-                Some(pool(run_bytes, qd.div_ceil(2), "staging")?),
-            )
-        } else {
-            (None, None)
+        (run_max, run_bufs)
+    }
+
+    /// Maps the run buffers (control path). They depend on the chunk size
+    /// only through the run's size, which is 1 MiB for every chunk size up
+    /// to 1 MiB.
+    fn map_runs(cs: u64, qd: usize) -> Result<BufferPool, String> {
+        let (run_max, run_bufs) = Buffers::shape(cs, qd);
+        pool(run_max * cs, run_bufs, "run")
+    }
+
+    /// Maps the staging buffers (control path): none when a run is one
+    /// chunk (every read is then direct).
+    fn map_staging(cs: u64, qd: usize) -> Result<Staging, String> {
+        let (run_max, _) = Buffers::shape(cs, qd);
+        if run_max == 1 {
+            return Ok((None, None));
+        }
+        let n = ((SMALL_STAGING_BYTES / cs) as usize).clamp(1, qd * READS_PER_QD);
+        Ok((
+            Some(pool(cs, n, "staging")?),
+            Some(pool(run_max * cs, qd.div_ceil(2), "staging")?),
+        ))
+    }
+
+    /// The buffers of a restore of `cs`-byte chunks at queue depth `qd`,
+    /// from run buffers mapped for another chunk size (`runs`, used when
+    /// they fit) and staging buffers mapped for this one.
+    fn assemble(
+        cs: u64,
+        qd: usize,
+        runs: Result<BufferPool, String>,
+        (small, large): Staging,
+    ) -> Result<Buffers, String> {
+        let (run_max, run_bufs) = Buffers::shape(cs, qd);
+        let runs = match runs {
+            Ok(p) if p.buf_size() as u64 == run_max * cs && p.count() == run_bufs => p,
+            _ => Buffers::map_runs(cs, qd)?,
         };
         Ok(Buffers {
-            cs,
             run_max,
             run_bufs,
-            reads_max,
-            runs: pool(run_bytes, run_bufs, "run")?,
+            reads_max: qd * READS_PER_QD,
+            runs,
             small,
             large,
         })
@@ -193,7 +228,7 @@ struct Read {
 type Outcome = Result<RestoreReport, RepoBdevError>;
 
 /// What the poller sends the waiting caller: the buffers once the last
-/// data I/O is done (to unmap while the flush runs), then the outcome.
+/// data I/O is done (to unmap off the reactor), then the outcome.
 enum Msg {
     Buffers(Buffers),
     Done(Outcome),
@@ -722,16 +757,26 @@ pub fn restore_to(
 ) -> Result<RestoreReport, RepoBdevError> {
     let qd = if qd == 0 { RESTORE_QD } else { qd };
     let ns = reg.open(namespace, false)?;
-    // Mapping and faulting in the buffers takes about as long as loading
-    // the index (opening the repository reads every generation's index):
-    // both at once, on this thread and a helper, never on the reactor. The
-    // buffers are made for the default chunk size, and again if the
-    // generation's differs.
-    let (index, guess) = std::thread::scope(|s| {
-        let guess = s.spawn(|| Buffers::new(crate::DEFAULT_CHUNK_SIZE, qd));
-        (load_index(&ns, generation), guess.join())
+    // Mapping and faulting in the buffers (tens of MiB) takes longer than
+    // opening the repository for reading and loading the index (about a
+    // millisecond), so the work is split between this thread and a helper,
+    // never the reactor: this thread maps the run buffers at once, for the
+    // default chunk size (they are the same for any chunk size up to 1 MiB,
+    // and mapped again otherwise); the helper loads the index, then maps
+    // the staging buffers for the generation's chunk size.
+    let (loaded, runs) = std::thread::scope(|s| {
+        let loaded = s.spawn(|| {
+            let index = load_index(&ns, generation)?;
+            let staging = Buffers::map_staging(index.chunk_size() as u64, qd);
+            Ok::<_, RepoBdevError>((index, staging))
+        });
+        let runs = Buffers::map_runs(crate::DEFAULT_CHUNK_SIZE, qd);
+        (loaded.join(), runs)
     });
-    let index = index?;
+    let (index, staging) = match loaded {
+        Ok(loaded) => loaded?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
     let dst = reg.open(dest, true)?;
     let what = format!("restore of generation {generation} to {dest}");
     let total = index.source_size();
@@ -750,13 +795,12 @@ pub fn restore_to(
         &[ns.bdev().block_size(), dst.bdev().block_size()],
     )?;
     let cs = index.chunk_size() as u64;
-    let bufs = match guess {
-        Ok(Ok(b)) if b.cs == cs => b,
-        _ => Buffers::new(cs, qd).map_err(|why| RepoBdevError::Reactor {
+    let bufs = staging
+        .and_then(|staging| Buffers::assemble(cs, qd, runs, staging))
+        .map_err(|why| RepoBdevError::Reactor {
             core: home.core(),
             why,
-        })?,
-    };
+        })?;
     let run_max = bufs.run_max;
     let write_zeroes = dst.bdev().supports(IoType::WriteZeroes);
     let can_flush = dst.bdev().supports(IoType::Flush);
@@ -847,8 +891,16 @@ pub fn restore_to(
     let mut last = u64::MAX;
     loop {
         match rx.recv_timeout(PROGRESS_EVERY) {
-            // Unmapped here, not on the reactor, while the flush runs.
-            Ok(Msg::Buffers(bufs)) => drop(bufs),
+            // Unmapped on a thread of their own (a few ms for 40 MiB), not
+            // on the reactor, and not here: a flush that completes first
+            // would wait for it.
+            Ok(Msg::Buffers(bufs)) => {
+                // When the thread cannot start, the closure and the
+                // buffers are dropped here.
+                let _ = std::thread::Builder::new()
+                    .name("restore-unmap".into())
+                    .spawn(move || drop(bufs));
+            }
             Ok(Msg::Done(outcome)) => {
                 let d = done.load(Ordering::Relaxed);
                 if d != last {
@@ -870,5 +922,44 @@ pub fn restore_to(
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run buffers mapped ahead for the default chunk size serve every
+    /// chunk size up to 1 MiB and are mapped again for larger ones; the
+    /// staging buffers are the generation's.
+    #[test]
+    fn buffers_mapped_ahead_fit_every_chunk_size() {
+        let qd = 4;
+        let ahead = || Buffers::map_runs(crate::DEFAULT_CHUNK_SIZE, qd);
+        let ahead_size = ahead().unwrap().buf_size();
+        for cs in [4 << 10, 64 << 10, 1 << 20, 2 << 20, 4 << 20] {
+            let b =
+                Buffers::assemble(cs, qd, ahead(), Buffers::map_staging(cs, qd).unwrap()).unwrap();
+            let run_bytes = (b.run_max * cs) as usize;
+            assert_eq!(run_bytes as u64, RESTORE_IO_BYTES.max(cs), "chunks of {cs}");
+            assert_eq!(b.runs.buf_size(), run_bytes, "chunks of {cs}");
+            assert_eq!(b.runs.count(), b.run_bufs, "chunks of {cs}");
+            assert_eq!(b.run_bufs, if cs <= 1 << 20 { 6 } else { 4 });
+            assert_eq!(cs > 1 << 20, b.runs.buf_size() != ahead_size);
+            match (&b.small, &b.large) {
+                (Some(s), Some(l)) => {
+                    assert!(cs < 1 << 20, "chunks of {cs}");
+                    assert_eq!(s.buf_size() as u64, cs);
+                    assert_eq!(s.count(), qd * READS_PER_QD);
+                    assert_eq!(l.buf_size(), run_bytes);
+                    assert_eq!(l.count(), qd / 2);
+                }
+                (None, None) => assert!(cs >= 1 << 20, "chunks of {cs}"),
+                _ => panic!("chunks of {cs}: one staging pool without the other"),
+            }
+        }
+        // A failed mapping ahead is made up for.
+        let b = Buffers::assemble(64 << 10, qd, Err("no".into()), (None, None)).unwrap();
+        assert_eq!(b.runs.count(), 6);
     }
 }
