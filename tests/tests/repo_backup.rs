@@ -411,7 +411,13 @@ fn power_cuts_during_online_backups_never_lose_a_committed_generation() {
     let mut committed: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut cut_mid_job, mut completed) = (0, 0);
     let mut history: Vec<String> = Vec::new();
-    for round in 0..200u64 {
+    // At least 200 rounds, and more (up to 800) until at least 20 cuts
+    // landed inside jobs and 20 after: on a loaded machine the sleep before
+    // a cut overshoots and more jobs finish first.
+    for round in 0..800u64 {
+        if round >= 200 && cut_mid_job >= 20 && completed >= 20 {
+            break;
+        }
         // Change a few chunks (no job runs: the image is the consistency point).
         let mut touched = Vec::new();
         for _ in 0..1 + xorshift(&mut rng) % 4 {
