@@ -13,7 +13,9 @@
 //!   gathers a fragmented generation's chunks into 1 MiB writes), with each
 //!   restore's wall time, copy time, reads and writes;
 //! * restore MiB/s against the destination's sequential-write ceiling
-//!   (1 MiB writes at QD16), measured in the same run;
+//!   (1 MiB writes at QD16), measured in the same run around each pair of
+//!   restores (before the first pair and after each), each pair's ratio
+//!   taken to the mean of the two runs that bracket it;
 //! * instant restore: the latency of first reads of chunks not yet hydrated,
 //!   at QD1, while the hydrator runs.
 
@@ -109,8 +111,16 @@ pub struct RepoBenchReport {
     pub last: GenerationCost,
     /// Last generation's restore time over the first's.
     pub restore_ratio: f64,
+    /// The median of `ceiling_runs_mibps`.
     pub dest_write_ceiling_mibps: f64,
-    /// The better restore's MiB/s over the ceiling.
+    /// The destination's sequential-write ceiling, measured before the
+    /// first pair of restores and after each pair (2 s each).
+    pub ceiling_runs_mibps: Vec<f64>,
+    /// Each pair's better restore MiB/s over the ceiling that brackets it
+    /// (the mean of the runs just before and just after the pair); the
+    /// median over the pairs. The disk's speed drifts by tens of per cent
+    /// over seconds, so a ceiling measured once, away from the restores,
+    /// can move the ratio more than the restore does.
     pub restore_to_ceiling: f64,
     /// The same for the copy alone (see `GenerationCost::restore_copy_s`).
     pub restore_copy_to_ceiling: f64,
@@ -328,10 +338,34 @@ pub fn run_repo(
     // One restore to warm the destination (its first writes allocate the
     // file's blocks), then alternate, three each; medians.
     restore_secs(last, &mut lastc.clone(), &mut Vec::new())?;
+    // The destination's sequential-write ceiling, before the pairs and
+    // after each, so that each pair's ratio is to the ceiling around it.
+    let ceiling_run = || -> Result<f64, String> {
+        Ok(crate::run(
+            rt,
+            reg,
+            &crate::BenchParams {
+                bdev: b.dest.clone(),
+                queue_depth: 16usize.div_ceil(rt.num_reactors()),
+                io_size: 1 << 20,
+                workload: crate::Workload::Write,
+                read_pct: 0,
+                duration: Duration::from_secs(2),
+                verify: false,
+                seed: 1,
+                hugepages: hotcopy_runtime::HugepageMode::Auto,
+            },
+        )
+        .map_err(|x| format!("measuring {}: {x}", b.dest))?
+        .mibps)
+    };
+    say("restoring, with the destination's write ceiling measured around each pair");
+    let mut ceilings = vec![ceiling_run()?];
     let (mut c1, mut c2) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         restore_secs(g1, &mut first, &mut c1)?;
         restore_secs(last, &mut lastc, &mut c2)?;
+        ceilings.push(ceiling_run()?);
     }
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
@@ -344,24 +378,20 @@ pub fn run_repo(
         c.restore_mibps = mib / c.restore_s.max(1e-9);
         c.restore_copy_s = median(copy);
     }
-    say("measuring the destination's write ceiling");
-    let ceiling = crate::run(
-        rt,
-        reg,
-        &crate::BenchParams {
-            bdev: b.dest.clone(),
-            queue_depth: 16usize.div_ceil(rt.num_reactors()),
-            io_size: 1 << 20,
-            workload: crate::Workload::Write,
-            read_pct: 0,
-            duration: Duration::from_secs(3),
-            verify: false,
-            seed: 1,
-            hugepages: hotcopy_runtime::HugepageMode::Auto,
-        },
-    )
-    .map_err(|x| format!("measuring {}: {x}", b.dest))?
-    .mibps;
+    // Per pair: the better restore (wall, and copy alone) over the mean
+    // of the ceilings before and after it.
+    let pair_ratio = |a: &[f64], b: &[f64]| -> f64 {
+        let r: Vec<f64> = (0..a.len().min(b.len()))
+            .map(|i| {
+                let bracket = (ceilings[i] + ceilings[i + 1]) / 2.0;
+                mib / a[i].min(b[i]).max(1e-9) / bracket.max(1e-9)
+            })
+            .collect();
+        median(&r)
+    };
+    let restore_to_ceiling = pair_ratio(&first.restore_runs_s, &lastc.restore_runs_s);
+    let restore_copy_to_ceiling = pair_ratio(&c1, &c2);
+    let ceiling = median(&ceilings);
     say("instant restore: first reads");
     let instant = first_reads(rt, reg, b, p, last, &home)?;
     Ok(RepoBenchReport {
@@ -370,13 +400,12 @@ pub fn run_repo(
         full,
         incrementals,
         restore_ratio: lastc.restore_s / first.restore_s.max(1e-9),
-        restore_to_ceiling: first.restore_mibps.max(lastc.restore_mibps) / ceiling.max(1e-9),
-        restore_copy_to_ceiling: mib
-            / first.restore_copy_s.min(lastc.restore_copy_s).max(1e-9)
-            / ceiling.max(1e-9),
+        restore_to_ceiling,
+        restore_copy_to_ceiling,
         first,
         last: lastc,
         dest_write_ceiling_mibps: ceiling,
+        ceiling_runs_mibps: ceilings,
         instant,
     })
 }

@@ -155,8 +155,16 @@ fn table(r: &RepoBenchReport) -> String {
     }
     let _ = writeln!(
         s,
-        "restore time, last over first: {:.2}; destination write ceiling {:.0} MiB/s, best restore {:.2} of it",
-        r.restore_ratio, r.dest_write_ceiling_mibps, r.restore_to_ceiling
+        "restore time, last over first: {:.2}; destination write ceiling {:.0} MiB/s (median of {}); restore over the ceiling around it {:.2} (the copy alone {:.2})",
+        r.restore_ratio,
+        r.dest_write_ceiling_mibps,
+        r.ceiling_runs_mibps
+            .iter()
+            .map(|c| format!("{c:.0}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.restore_to_ceiling,
+        r.restore_copy_to_ceiling
     );
     let i = &r.instant;
     let _ = writeln!(
