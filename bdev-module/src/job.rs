@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crossbeam::channel::{Receiver, TryRecvError};
 use crossbeam::queue::ArrayQueue;
 use hotcopy_bdev::{BdevChannel, BdevDesc, BdevIo, IoStatus};
 use hotcopy_runtime::{clock, BufferPool, DmaBuf};
@@ -60,7 +61,7 @@ use serde::Serialize;
 
 use crate::chunk_map::{ChunkMap, ChunkState};
 use crate::scope::ScopeSummary;
-use crate::target::{BackupTarget, CommitInfo};
+use crate::target::{BackupTarget, CommitInfo, TargetError};
 use crate::vbdev::FgMeter;
 
 /// Where a job is in its life.
@@ -380,6 +381,11 @@ const FG_MIN_SAMPLES: u64 = 8;
 enum Phase {
     Running,
     Flushing,
+    /// The target's commit runs on a thread of its own (its metadata I/O
+    /// is synchronous: the index, the catalog, the superblock and their
+    /// flushes would hold the reactor, and every host I/O on it, for that
+    /// long); the streams poll for its outcome.
+    Committing(Receiver<Result<Option<u64>, TargetError>>),
     Done,
 }
 
@@ -560,12 +566,13 @@ impl Streams {
             self.complete(io, now);
         }
         self.completed = completed;
-        if self.job.cancel.load(Ordering::Relaxed) {
+        // Once the commit has begun the job's outcome is the commit's.
+        if self.job.cancel.load(Ordering::Relaxed) && !matches!(self.phase, Phase::Committing(_)) {
             self.job
                 .finish(JobState::Cancelled, Some("cancelled".into()));
         }
         self.adapt(now);
-        match self.phase {
+        match &self.phase {
             Phase::Running => {
                 if self.job.state().is_finished() {
                     if self.inflight() == 0 {
@@ -596,6 +603,20 @@ impl Streams {
                 }
             }
             Phase::Flushing => {}
+            Phase::Committing(rx) => match rx.try_recv() {
+                Ok(r) => {
+                    self.committed(r);
+                    work += 1;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => {
+                    // The commit thread ended without an answer (it panicked).
+                    self.committed(Err(TargetError::Commit {
+                        target: self.job.target.describe(),
+                        why: "the commit thread stopped without an outcome".into(),
+                    }));
+                }
+            },
             Phase::Done => {}
         }
         work
@@ -683,6 +704,14 @@ impl Streams {
                     self.phase = Phase::Done;
                     return;
                 }
+                if job.state().is_finished() {
+                    // Cancelled (or failed) while the target flushed: the
+                    // generation is not committed.
+                    let why = job.error().unwrap_or_else(|| "ended".into());
+                    job.target.abort(&why);
+                    self.phase = Phase::Done;
+                    return;
+                }
                 let info = CommitInfo {
                     source: job.source.clone(),
                     chunk_bytes: job.chunk_blocks * job.block_size,
@@ -690,21 +719,44 @@ impl Streams {
                     chunks_copied: job.counters.chunks_done.load(Ordering::Relaxed),
                     consistency_point_us: job.consistency_point_us.load(Ordering::Relaxed),
                 };
-                match job.target.commit(&info) {
-                    Ok(gen) => {
-                        if let Some(g) = gen {
-                            job.generation.store(g, Ordering::Relaxed);
-                        }
-                        job.finish(JobState::Complete, None);
-                    }
-                    Err(e) => {
-                        self.fail(e.to_string());
-                        job.target.abort(&e.to_string());
+                // Once per job, not per I/O: a thread for the commit.
+                let (tx, rx) = crossbeam::channel::bounded(1);
+                let target = job.target.clone();
+                let commit_info = info.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("hotcopy-commit-{}", job.id))
+                    .spawn(move || {
+                        let _ = tx.send(target.commit(&commit_info));
+                    });
+                match spawned {
+                    Ok(_) => self.phase = Phase::Committing(rx),
+                    // No thread to be had: commit here, holding the reactor.
+                    Err(_) => {
+                        let r = job.target.commit(&info);
+                        self.committed(r);
                     }
                 }
-                self.phase = Phase::Done;
             }
         }
+    }
+
+    /// The target's commit ended: the job completes, or fails and the
+    /// target drops the generation.
+    fn committed(&mut self, r: Result<Option<u64>, TargetError>) {
+        let job = self.job.clone();
+        match r {
+            Ok(gen) => {
+                if let Some(g) = gen {
+                    job.generation.store(g, Ordering::Relaxed);
+                }
+                job.finish(JobState::Complete, None);
+            }
+            Err(e) => {
+                self.fail(e.to_string());
+                job.target.abort(&e.to_string());
+            }
+        }
+        self.phase = Phase::Done;
     }
 
     /// Writes what `op` read (`blocks` source blocks in `buf`) to the target,

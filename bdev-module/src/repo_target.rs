@@ -12,8 +12,11 @@
 //! [`BackupTarget::commit`] writes the generation's index and catalog and
 //! flips the superblock. A job that fails removes its generation.
 //!
-//! Metadata I/O (begin, commit, abort) is synchronous on a reactor, once per
-//! job; `place` takes one uncontended mutex and checksums the run once per
+//! Metadata I/O is synchronous, once per job: begin on the home reactor
+//! (from the control thread that starts the job), commit on a thread the
+//! streams start for it, so that writing the index, the catalog and the
+//! superblock never holds a reactor's host I/O, and abort where the job
+//! ends. `place` takes one uncontended mutex and checksums the run once per
 //! run, never per host I/O.
 
 use std::sync::{Arc, Mutex};
@@ -115,7 +118,8 @@ impl RepoTarget {
         }
     }
 
-    /// Runs `f` with the repository on a channel of the current reactor.
+    /// Runs `f` with the repository on a channel opened on the current
+    /// thread (a reactor, or the commit's thread).
     fn with_repo<T>(
         &self,
         f: impl FnOnce(&mut State, &mut ChannelIo) -> Result<T, RepoError>,

@@ -92,8 +92,10 @@ pub trait BackupTarget: Send + Sync + 'static {
         false
     }
 
-    /// Called after every chunk is on the target and the target is flushed.
-    /// Returns the generation id when the target keeps generations.
+    /// Called after every chunk is on the target and the target is flushed,
+    /// on a thread of its own (not a reactor: it may block on I/O through a
+    /// channel it opens there). Returns the generation id when the target
+    /// keeps generations.
     fn commit(&self, info: &CommitInfo) -> Result<Option<u64>, TargetError>;
 
     /// The uuid of the repository generations are committed to, if any.

@@ -554,6 +554,62 @@ fn power_cuts_during_online_backups_never_lose_a_committed_generation() {
     rt.shutdown();
 }
 
+/// The commit's metadata I/O (the index, the catalog, the superblock and
+/// their flushes) runs off the job's reactor: on a namespace that takes
+/// 100 ms per I/O, reads of the volume on that reactor keep answering
+/// while the commit takes several of those I/Os. Before, the commit ran on
+/// the reactor and held every host I/O there until it was done.
+#[test]
+fn the_commit_does_not_hold_the_jobs_reactor() {
+    let rt = runtime();
+    let reg = BdevRegistry::new();
+    malloc::create(&reg, "src", SOURCE_BYTES, BS as u32).unwrap();
+    malloc::create(&reg, "ns_base", 64 << 20, BS as u32).unwrap();
+    let (_, ctl) = hotcopy_bdev::modules::fault::create(
+        &reg,
+        "ns",
+        "ns_base",
+        hotcopy_bdev::modules::fault::FaultOptions::default(),
+    )
+    .unwrap();
+    let ns = reg.open("ns", true).unwrap();
+    format(&rt, &ns);
+    let image = pattern(0xC0DE, SOURCE_BYTES as usize);
+    write_at(&rt, &reg.open("src", true).unwrap(), 0, image.clone());
+    hotcopy_cow::create(&reg, "vol", "src").unwrap();
+    let vol = reg.open("vol", true).unwrap();
+    ctl.set_latency_us(100_000);
+    let (job, gen) = backup(&rt, &reg, "vol", &ns, None, "cont").unwrap();
+    // Host reads on the job's home reactor (1) until the job ends.
+    let started = std::time::Instant::now();
+    let (mut worst, mut samples) = (Duration::ZERO, 0);
+    while !job.state().is_finished() {
+        let t = std::time::Instant::now();
+        let v = vol.clone();
+        let ok = rt
+            .exec(1, move || {
+                let mut ch = v.channel().unwrap();
+                read(&mut ch, 0, 8).is_ok()
+            })
+            .unwrap();
+        assert!(ok, "a host read failed");
+        worst = worst.max(t.elapsed());
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let took = started.elapsed();
+    assert_eq!(job.state(), JobState::Complete, "{:?}", job.status());
+    // The commit alone is several namespace I/Os of 100 ms each.
+    assert!(took >= Duration::from_millis(300), "the job took {took:?}");
+    assert!(
+        worst < Duration::from_millis(150),
+        "a host read on the job's reactor waited {worst:?} ({samples} reads over {took:?})"
+    );
+    ctl.set_latency_us(0);
+    assert!(restore(&rt, &ns, gen) == image, "the generation differs");
+    rt.shutdown();
+}
+
 /// A namespace that stops answering fails the repository's operation with a
 /// clear error instead of hanging or panicking the reactor, and the channel
 /// keeps working once the device answers again (the late completion of the
