@@ -404,6 +404,10 @@ const MAX_READ_BYTES: u64 = 1 << 20;
 /// 64 KiB; switch 64 takes a new backup when the repository verifies clean;
 /// switch 128 also restores each small generation with [`Repo::restore`].
 ///
+/// [`Repo::open_reader`] runs on the same image: whatever opens in full
+/// opens for reading, with the same generations and the same outcome (and
+/// entries) for every index.
+///
 /// Never panics: open either fails with a message or gives a repository
 /// whose space adds up, whose generations' indexes load (or fail) and whose
 /// chunks read, restore and verify (or fail); a restore gives what reading
@@ -429,13 +433,47 @@ pub fn repo_open(data: &[u8]) {
         data: image,
         block_size: if switches & 8 != 0 { 4096 } else { 512 },
     };
+    // The reader (restores, snapshots, instant restores) reads the
+    // superblocks and the current catalog only.
+    let reader = Repo::open_reader(&mut io);
     let repo = match Repo::open(&mut io) {
         Ok(repo) => repo,
         Err(e) => {
             assert!(!e.to_string().is_empty());
+            // The reader may open what the full open refuses (it reads no
+            // index); its index loads fail or succeed, never panic.
+            if let Ok(r) = reader {
+                for g in r.generations() {
+                    let _ = r.index(&mut io, g.id);
+                }
+            }
             return;
         }
     };
+    // What opens in full opens for reading, with the same generations and
+    // the same outcome for each index.
+    let reader = match reader {
+        Ok(r) => r,
+        Err(e) => panic!("the full open succeeds, the reader's fails: {e}"),
+    };
+    assert_eq!(reader.generations(), repo.generations());
+    for g in repo.generations() {
+        match (repo.index(&mut io, g.id), reader.index(&mut io, g.id)) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.chunks(), b.chunks());
+                for c in 0..a.chunks() {
+                    assert_eq!(a.resolve(c), b.resolve(c), "generation {} chunk {c}", g.id);
+                }
+            }
+            (Err(_), Err(_)) => {}
+            (a, b) => panic!(
+                "generation {}: the full open's index {:?}, the reader's {:?}",
+                g.id,
+                a.err(),
+                b.err()
+            ),
+        }
+    }
     let info = repo.info();
     assert!(info.used_bytes <= info.size_bytes && info.size_bytes <= io.size_bytes());
     assert_eq!(info.generations, repo.generations().len() as u64);
