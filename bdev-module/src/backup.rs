@@ -535,15 +535,26 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
 /// How long the channels measure the hosts' latency before a job starts.
 pub const CALIBRATION: Duration = Duration::from_millis(30);
 
+/// How long the calibration watches before it concludes that hosts are
+/// idle (no host I/O completed and none in flight) and stops.
+pub const CALIBRATION_IDLE: Duration = Duration::from_millis(5);
+
 /// Measures the hosts' mean I/O latency on `cb` for [`CALIBRATION`] (ticks;
-/// 0 when they did too little I/O to tell).
+/// 0 when they did too little I/O to tell). Idle hosts are told apart
+/// after [`CALIBRATION_IDLE`], so that a job on an idle volume does not
+/// wait out the whole window.
 fn calibrate(cb: &CowBdev) -> u64 {
     let fg = cb.fg_meter();
     cb.set_measuring(true);
     // Channels start measuring at their next I/O or poll.
     std::thread::sleep(Duration::from_millis(2));
     let (a0, d0) = fg.read();
-    std::thread::sleep(CALIBRATION);
+    std::thread::sleep(CALIBRATION_IDLE);
+    if fg.read().1 == d0 && fg.busy.load(Ordering::Relaxed) == 0 {
+        cb.set_measuring(false);
+        return 0;
+    }
+    std::thread::sleep(CALIBRATION.saturating_sub(CALIBRATION_IDLE));
     let (a1, d1) = fg.read();
     cb.set_measuring(false);
     let done = d1 - d0;

@@ -797,8 +797,12 @@ fn backup_config(
 pub struct IdleBackupReport {
     pub backup_mibps: f64,
     pub backup_s: f64,
-    /// 1 MiB sequential writes to the target at the streams' queue depth.
+    /// 1 MiB sequential writes to the target at the streams' queue depth:
+    /// the mean of `target_write_ceiling_runs_mibps`.
     pub target_write_ceiling_mibps: f64,
+    /// That ceiling measured just before the backup and just after it (the
+    /// disk's speed drifts by tens of per cent between runs seconds apart).
+    pub target_write_ceiling_runs_mibps: Vec<f64>,
     /// 1 MiB sequential reads from the source at the streams' queue depth.
     pub source_read_ceiling_mibps: f64,
     /// Backup MiB/s over the target's write ceiling.
@@ -853,6 +857,7 @@ pub fn run_idle_backup(
 ) -> Result<IdleBackupReport, String> {
     let cow = reg.lookup(&b.cow).map_err(|e| e.to_string())?;
     let cfg = backup_config(reg, b, p, Scope::default())?;
+    let w0 = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
     let home = rt.reactor(rt.num_reactors() - 1);
     let job = hotcopy_cow::start_backup(&cow, home, cfg).map_err(|e| e.to_string())?;
     let state = job.wait(p.max_backup + Duration::from_secs(30));
@@ -864,12 +869,14 @@ pub fn run_idle_backup(
         ));
     }
     drop(job);
-    let w = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
+    let w1 = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
+    let w = (w0 + w1) / 2.0;
     let r = ceiling(rt, reg, &b.source, crate::Workload::Read, p.stream_qd)?;
     Ok(IdleBackupReport {
         backup_mibps: st.backup_mibps,
         backup_s: st.elapsed_s,
         target_write_ceiling_mibps: w,
+        target_write_ceiling_runs_mibps: vec![w0, w1],
         source_read_ceiling_mibps: r,
         ratio_to_target_ceiling: st.backup_mibps / w.max(1e-9),
         ratio_to_ceiling: st.backup_mibps / w.min(r).max(1e-9),

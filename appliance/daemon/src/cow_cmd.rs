@@ -341,9 +341,11 @@ pub fn table(r: &CowBenchReport) -> String {
     if let Some(i) = &r.idle_backup {
         let _ = writeln!(
             s,
-            "backup with no foreground load: {:.1} MiB/s; target seq-write ceiling {:.1} MiB/s (ratio {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
+            "backup with no foreground load: {:.1} MiB/s; target seq-write ceiling {:.1} MiB/s (before {:.0}, after {:.0}; ratio {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
             i.backup_mibps,
             i.target_write_ceiling_mibps,
+            i.target_write_ceiling_runs_mibps.first().copied().unwrap_or(0.0),
+            i.target_write_ceiling_runs_mibps.last().copied().unwrap_or(0.0),
             i.ratio_to_target_ceiling,
             i.source_read_ceiling_mibps,
             i.ratio_to_ceiling
