@@ -17,7 +17,7 @@ pub enum RepoError {
         source: IoError,
     },
     /// The namespace did not complete an I/O within the limit
-    /// ([`super::io::IO_TIMEOUT`] by default): the request is given up on
+    /// (60 s by default): the request is given up on
     /// (its completion, if it ever comes, is dropped) and the operation
     /// fails instead of waiting for ever.
     #[error("backup namespace: {op} of {len} bytes at byte {offset} did not complete in {ms} ms")]

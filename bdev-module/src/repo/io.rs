@@ -79,7 +79,7 @@ impl ChannelIo {
         Self::with_timeout(ch, IO_TIMEOUT)
     }
 
-    /// With another limit than [`IO_TIMEOUT`] on each request.
+    /// With another limit than the default (60 s) on each request.
     pub fn with_timeout(ch: BdevChannel, timeout: Duration) -> Self {
         ChannelIo {
             ch,
