@@ -67,6 +67,13 @@ impl Region {
     ///
     /// With `populate`, pages are faulted in now so that the data path never
     /// takes a page fault and RSS reflects the configured size at once.
+    ///
+    /// Without `MAP_HUGETLB`, a mapping of at least one huge page asks for
+    /// transparent huge pages (`MADV_HUGEPAGE`, honoured when THP is
+    /// `madvise` or `always`) before it is populated: faulting 40 MiB in 2 MiB
+    /// pages takes about half the time of 4 KiB pages and unmapping it a
+    /// twentieth (measured on the CI machine's kernel), which is most of a
+    /// restore's fixed cost, and the data path takes fewer TLB misses.
     pub fn map(len: usize, hugepages: bool, populate: bool) -> io::Result<Region> {
         let unit = if hugepages { HUGE_PAGE_SIZE } else { PAGE_SIZE };
         let len = len.max(1).div_ceil(unit) * unit;
@@ -74,7 +81,8 @@ impl Region {
         if hugepages {
             flags |= libc::MAP_HUGETLB;
         }
-        if populate {
+        let thp = !hugepages && len >= HUGE_PAGE_SIZE;
+        if populate && !thp {
             flags |= libc::MAP_POPULATE;
         }
         // SAFETY: an anonymous mapping with a null hint has no preconditions;
@@ -94,11 +102,44 @@ impl Region {
         }
         let ptr =
             NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
-        Ok(Region {
+        let region = Region {
             ptr,
             len,
             hugepages,
-        })
+        };
+        if thp {
+            // SAFETY: the whole range is our fresh private anonymous mapping;
+            // MADV_HUGEPAGE only changes how it is backed, and a kernel that
+            // does not know it (or has THP off) leaves it as it was.
+            unsafe {
+                libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
+            }
+            if populate {
+                region.populate();
+            }
+        }
+        Ok(region)
+    }
+
+    /// Faults every page in for writing: `MADV_POPULATE_WRITE` (Linux 5.14),
+    /// or one write per page on older kernels.
+    fn populate(&self) {
+        // SAFETY: the range is this region's own mapping, read-write.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            for off in (0..self.len).step_by(PAGE_SIZE) {
+                // SAFETY: `off` < len, inside the mapping; the memory is
+                // still zero (fresh anonymous pages), so writing zero keeps
+                // the "starts zeroed" invariant and only faults the page in.
+                unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(off), 0) };
+            }
+        }
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -328,6 +369,30 @@ mod tests {
         s[5000] = 7;
         r.discard(4096, 4096).unwrap();
         assert_eq!(s[5000], 0, "discarded page reads back as zero");
+    }
+
+    /// A large mapping goes the transparent-huge-page way (advice, then
+    /// populate): it must come back zeroed, resident and writable, and a
+    /// discard inside a huge page must still read back as zero.
+    #[test]
+    fn large_region_is_resident_zeroed_and_discardable() {
+        let len = 4 * HUGE_PAGE_SIZE + 3 * PAGE_SIZE;
+        let r = Region::map(len, false, true).unwrap();
+        assert_eq!(r.len(), len);
+        let mut vec = vec![0u8; len / PAGE_SIZE];
+        // SAFETY: mincore writes one byte per page of the region into `vec`,
+        // which has that many bytes.
+        let rc = unsafe { libc::mincore(r.as_ptr().cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        assert!(vec.iter().all(|v| v & 1 == 1), "every page populated");
+        // SAFETY: the region is `len` bytes long and owned by this test.
+        let s = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len()) };
+        assert!(s.iter().all(|b| *b == 0));
+        s[HUGE_PAGE_SIZE + 100] = 9;
+        s[HUGE_PAGE_SIZE + PAGE_SIZE + 1] = 8;
+        r.discard(HUGE_PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(s[HUGE_PAGE_SIZE + 100], 0, "discarded page reads as zero");
+        assert_eq!(s[HUGE_PAGE_SIZE + PAGE_SIZE + 1], 8, "its neighbour kept");
     }
 
     #[test]
