@@ -102,6 +102,12 @@ pub struct JobStatus {
     /// and the no-backup reference it holds them to (µs; 0: not measured).
     pub fg_latency_us: f64,
     pub fg_reference_us: f64,
+    /// Bystanders' latency (hosts with no write held for 20 ms) over their
+    /// own no-backup level, in the last window that measured it (0: none
+    /// measured), and the drain depth the streams allow while the
+    /// container is pressed (see [`crate::job`]).
+    pub bystander_latency_ratio: f64,
+    pub pressed_drain_depth: u64,
     /// The generation committed, when the target is a repository.
     pub generation: Option<u64>,
     pub submitters: Vec<SubmitterStats>,
@@ -208,6 +214,8 @@ impl BackupJob {
             stream_budget: c.budget.load(Ordering::Relaxed) as f64 / 16.0,
             fg_latency_us: c.fg_lat_ticks.load(Ordering::Relaxed) as f64 / tpu,
             fg_reference_us: c.fg_ref_ticks.load(Ordering::Relaxed) as f64 / tpu,
+            bystander_latency_ratio: c.bystander_milli.load(Ordering::Relaxed) as f64 / 1000.0,
+            pressed_drain_depth: c.drain_depth.load(Ordering::Relaxed),
             generation: match j.generation.load(Ordering::Relaxed) {
                 0 => None,
                 g => Some(g),

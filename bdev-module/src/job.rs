@@ -37,16 +37,18 @@
 //!
 //! Drain shares the budget and goes first. Once the container passes its
 //! soft watermark, writers that need a slot are being paced, and drain
-//! keeps up to [`JobTuning::pressed_drain_depth`] chunks in flight (the
-//! full queue depth by default) regardless of the budget: the credits slow
-//! the writers that fill the container, and draining it is what frees them.
-//! On a device shared with writers outside the backup's scope, each drain
-//! is a chunk-sized write they queue behind: on one virtio disk, at depth
-//! 16 an out-of-scope writer kept 0.70 of its IOPS, at 4 about 0.87, while
-//! the writers filling the container were paced twice as often and their
-//! p99 doubled (docs/BENCHMARKS.md). The default favours the writers'
-//! tail; a deployment with out-of-scope tenants on the same device lowers
-//! it.
+//! keeps chunks in flight regardless of the budget: the credits slow the
+//! writers that fill the container, and draining it is what frees them.
+//! How many is a second controller's: on a device shared with hosts that
+//! do not fill the container (bystanders, see [`crate::vbdev`]: writers
+//! outside the scope, or whose chunks are saved), each drain is a
+//! chunk-sized write they queue behind, so every window the pressed drain
+//! depth shrinks by a third (to one) while the bystanders' latency is over
+//! [`JobTuning::fg_tolerance`] × their own no-backup level, and grows by one
+//! (to [`JobTuning::pressed_drain_depth`], 16 by default) while it is not,
+//! or at once when there are no bystanders. The writers that fill the
+//! container are then the ones paced harder, which is the point of per
+//! submitter pacing: the writer causing the pressure is the one slowed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -186,6 +188,11 @@ pub struct JobCounters {
     /// Hosts' latency in the last window, and the no-backup reference (ticks; 0: unknown).
     pub fg_lat_ticks: AtomicU64,
     pub fg_ref_ticks: AtomicU64,
+    /// Bystanders' latency over their own no-backup level in the last
+    /// window that measured it, in thousandths (0: none measured), and the
+    /// drain depth while pressed.
+    pub bystander_milli: AtomicU64,
+    pub drain_depth: AtomicU64,
 }
 
 /// Requests from the control path to the streams.
@@ -212,12 +219,14 @@ pub struct JobTuning {
     /// Hosts' latency, relative to their no-backup level, above which the
     /// streams back off (default [`FG_TOLERANCE`]).
     pub fg_tolerance: f64,
-    /// Drain I/Os kept in flight, whatever the budget, while the container
-    /// is past its soft watermark (default 16, the streams' full depth).
-    /// Draining is what frees the paced writers, but every drain is a
-    /// chunk-sized write on a device that other hosts may share: a smaller
-    /// depth protects writers outside the backup's scope and paces the
-    /// writers that fill the container harder (see the module docs).
+    /// Most drain I/Os kept in flight, whatever the budget, while the
+    /// container is past its soft watermark (default 16, the streams' full
+    /// depth). Draining is what frees the paced writers, but every drain is
+    /// a chunk-sized write on a device that other hosts may share: the
+    /// streams go below this while bystanders' latency is over the
+    /// tolerance (see the module docs), and a smaller maximum protects them
+    /// further at the price of pacing the writers that fill the container
+    /// harder.
     pub pressed_drain_depth: u32,
 }
 
@@ -424,6 +433,12 @@ pub(crate) struct Streams {
     fg_ref: u64,
     ref_calibrated: bool,
     floor_windows: u32,
+    /// Bystanders' meter reading at the start of their window, windows in a
+    /// row without a bystander completion, and the drain depth while
+    /// pressed.
+    by_prev: (u64, u64, u64),
+    by_idle_windows: u32,
+    drain_depth: u32,
     win_start: u64,
     /// Drain rate measurement for pacing.
     drained_in_window: u64,
@@ -481,6 +496,9 @@ impl Streams {
             fg_ref,
             ref_calibrated: fg_ref > 0,
             floor_windows: 0,
+            by_prev: job.fg.read_bystanders(),
+            by_idle_windows: 0,
+            drain_depth: job.tuning.pressed_drain_depth.max(1),
             win_start: now,
             drained_in_window: 0,
             rate_start: now,
@@ -838,7 +856,7 @@ impl Streams {
         let pressed = fill >= job.soft_slots;
         let cap = self.cap_chunks(now);
         let drain_cap = if pressed {
-            cap.max(job.tuning.pressed_drain_depth.max(1))
+            cap.max(self.drain_depth)
         } else {
             cap
         };
@@ -971,7 +989,45 @@ impl Streams {
             self.max_budget_q
         };
         self.fg_prev = self.job.fg.read();
+        self.by_prev = self.job.fg.read_bystanders();
+        self.job
+            .counters
+            .drain_depth
+            .store(self.drain_depth as u64, Ordering::Relaxed);
         self.win_start = clock::ticks();
+    }
+
+    /// The pressed drain depth, from the bystanders' latency against their
+    /// own no-backup levels (see the module docs).
+    fn adapt_drain(&mut self) {
+        let now = self.job.fg.read_bystanders();
+        let window = (
+            now.0 - self.by_prev.0,
+            now.1 - self.by_prev.1,
+            now.2 - self.by_prev.2,
+        );
+        let step = drain_step(
+            self.drain_depth,
+            self.job.tuning.pressed_drain_depth.max(1),
+            self.job.tuning.fg_tolerance,
+            window,
+            self.by_idle_windows,
+        );
+        if step.consumed {
+            self.by_prev = now;
+        }
+        self.drain_depth = step.depth;
+        self.by_idle_windows = step.idle_windows;
+        if let Some(milli) = step.milli {
+            self.job
+                .counters
+                .bystander_milli
+                .store(milli.max(1), Ordering::Relaxed);
+        }
+        self.job
+            .counters
+            .drain_depth
+            .store(self.drain_depth as u64, Ordering::Relaxed);
     }
 
     /// AIMD on the hosts' latency (see the module docs), and the drain rate
@@ -986,6 +1042,7 @@ impl Streams {
         let (d_area, d_done) = (area - self.fg_prev.0, done - self.fg_prev.1);
         let floor = ((self.job.tuning.min_share.clamp(0.0, 1.0) * 16.0).round() as u32).max(1);
         if self.job.tuning.adaptive {
+            self.adapt_drain();
             if d_done < FG_MIN_SAMPLES {
                 let fg = &self.job.fg;
                 if fg.held.load(Ordering::Relaxed) == 0 && fg.busy.load(Ordering::Relaxed) == 0 {
@@ -1040,5 +1097,114 @@ impl Streams {
         self.job.admit_interval.store(interval, Ordering::Relaxed);
         self.win_start = now;
         self.drained_in_window = 0;
+    }
+}
+
+/// One window of the pressed-drain controller (see the module docs).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DrainStep {
+    pub depth: u32,
+    pub idle_windows: u32,
+    /// The window's samples were used (otherwise they carry over).
+    pub consumed: bool,
+    /// Bystanders' latency over their reference, in thousandths, when measured.
+    pub milli: Option<u64>,
+}
+
+/// The pressed drain depth after a window in which bystanders completed
+/// `done` I/Os with latency area `area` against a reference area
+/// `ref_area`: a third less (never below one) when they were over
+/// `tolerance`, one more (up to `max`) when not; back to `max` after four
+/// windows without a bystander completion; unchanged, keeping the samples,
+/// when there were too few to tell.
+pub(crate) fn drain_step(
+    depth: u32,
+    max: u32,
+    tolerance: f64,
+    (area, ref_area, done): (u64, u64, u64),
+    idle_windows: u32,
+) -> DrainStep {
+    if done == 0 {
+        let idle_windows = idle_windows + 1;
+        return DrainStep {
+            depth: if idle_windows >= 4 { max } else { depth },
+            idle_windows,
+            consumed: true,
+            milli: None,
+        };
+    }
+    if done < FG_MIN_SAMPLES || ref_area == 0 {
+        return DrainStep {
+            depth,
+            idle_windows,
+            consumed: false,
+            milli: None,
+        };
+    }
+    let milli = area.saturating_mul(1000) / ref_area;
+    let depth = if milli as f64 > 1000.0 * tolerance.max(1.0) {
+        (depth * 2 / 3).max(1)
+    } else {
+        (depth + 1).min(max)
+    };
+    DrainStep {
+        depth,
+        idle_windows: 0,
+        consumed: true,
+        milli: Some(milli),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_narrows_while_bystanders_suffer_and_widens_back() {
+        // 20% over their own level at tolerance 1.1: a third less each window, down to one.
+        let over = (1200, 1000, 50);
+        let mut d = 16;
+        let mut seen = vec![];
+        for _ in 0..10 {
+            let s = drain_step(d, 16, 1.1, over, 0);
+            assert!(s.consumed);
+            assert_eq!(s.milli, Some(1200));
+            d = s.depth;
+            seen.push(d);
+        }
+        assert_eq!(seen[..6], [10, 6, 4, 2, 1, 1]);
+        // Within tolerance: one more per window, up to the maximum.
+        let fine = (1050, 1000, 50);
+        for want in 2..=16 {
+            d = drain_step(d, 16, 1.1, fine, 0).depth;
+            assert_eq!(d, want);
+        }
+        assert_eq!(drain_step(d, 16, 1.1, fine, 0).depth, 16);
+    }
+
+    #[test]
+    fn no_bystanders_means_full_depth_and_few_samples_carry_over() {
+        // Too few completions to tell: nothing changes, the samples are kept.
+        let s = drain_step(3, 16, 1.1, (900, 100, FG_MIN_SAMPLES - 1), 2);
+        assert_eq!(
+            s,
+            DrainStep {
+                depth: 3,
+                idle_windows: 2,
+                consumed: false,
+                milli: None
+            }
+        );
+        // No bystander completion: after four such windows, full depth.
+        let mut d = 2;
+        let mut idle = 0;
+        for w in 1..=4 {
+            let s = drain_step(d, 16, 1.1, (0, 0, 0), idle);
+            (d, idle) = (s.depth, s.idle_windows);
+            assert_eq!(d, if w < 4 { 2 } else { 16 });
+        }
+        // A bystander's sample resets the count.
+        let s = drain_step(d, 16, 1.1, (2000, 1000, 20), idle);
+        assert_eq!((s.depth, s.idle_windows), (10, 0));
     }
 }

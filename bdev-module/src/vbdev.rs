@@ -59,6 +59,18 @@
 //! the meter sees what the device does to hosts, which is what the backup
 //! streams must not degrade. An idle channel does none of this.
 //!
+//! # Bystanders
+//! A channel that has had no write held for [`BYSTANDER_QUIET`] is a
+//! bystander: its hosts do not fill the container (they write outside the
+//! scope, or to chunks already saved, or only read), so the backup should
+//! not slow them. Each channel learns its own no-backup latency while the
+//! job is being started (the calibration window), and while it is a
+//! bystander it also publishes its latency area against that reference
+//! (`completions × own reference`), so the scheduler can tell how much the
+//! backup's forced I/O costs the hosts that are not causing it, whatever
+//! each one's own latency level is. The streams bound the drain by it
+//! while the container is pressed (see [`crate::job`]).
+//!
 //! Internal I/O uses tokens with the top bit set; submitters of a cow bdev
 //! must keep that bit clear in their own tokens.
 
@@ -118,6 +130,12 @@ pub struct FgMeter {
     /// hosts. Channels update it only when their in-flight count leaves or
     /// reaches zero.
     pub busy: AtomicU64,
+    /// Bystanders (see the module docs): the latency area of their
+    /// completed I/O, the same completions weighted by each channel's own
+    /// no-backup latency, and the completions.
+    pub by_area: AtomicU64,
+    pub by_ref_area: AtomicU64,
+    pub by_done: AtomicU64,
 }
 
 impl FgMeter {
@@ -128,7 +146,22 @@ impl FgMeter {
             self.done.load(Ordering::Relaxed),
         )
     }
+
+    /// Bystanders' (area, reference area, completions) so far.
+    pub fn read_bystanders(&self) -> (u64, u64, u64) {
+        (
+            self.by_area.load(Ordering::Relaxed),
+            self.by_ref_area.load(Ordering::Relaxed),
+            self.by_done.load(Ordering::Relaxed),
+        )
+    }
 }
+
+/// A channel with no write held for this long is a bystander.
+pub const BYSTANDER_QUIET: Duration = Duration::from_millis(20);
+
+/// Fewest completions in a channel's calibration for its own reference to count.
+const OWN_REF_MIN_SAMPLES: u64 = 8;
 
 pub(crate) struct CowShared {
     pub name: String,
@@ -379,6 +412,10 @@ impl BdevBackend for CowBdev {
             measure: false,
             m_last: 0,
             m_area: 0,
+            cal: (0, 0),
+            own_ref: 0,
+            last_wait: 0,
+            quiet_ticks: clock::duration_to_ticks(BYSTANDER_QUIET),
             gen: u64::MAX,
             job: None,
             jc: None,
@@ -434,6 +471,14 @@ struct CowChannel {
     measure: bool,
     m_last: u64,
     m_area: u64,
+    /// Area and completions measured with no job installed (the
+    /// calibration), this channel's own no-backup latency once a job is
+    /// (ticks; 0: unknown), the last tick a write of it was held, and
+    /// [`BYSTANDER_QUIET`] in ticks.
+    cal: (u64, u64),
+    own_ref: u64,
+    last_wait: u64,
+    quiet_ticks: u64,
     gen: u64,
     job: Option<Arc<JobShared>>,
     jc: Option<JobChannel>,
@@ -470,13 +515,25 @@ impl CowChannel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let had_job = self.job.is_some();
         self.job = job.filter(|j| j.state() == JobState::Running);
         let measure = self.job.is_some() || self.shared.fg.measuring.load(Ordering::Acquire);
         if measure && !self.measure {
             self.m_last = clock::ticks();
             self.m_area = 0;
+            self.cal = (0, 0);
         }
         self.measure = measure;
+        if self.job.is_some() && !had_job {
+            // What this channel measured before the job is its no-backup level.
+            let (area, done) = self.cal;
+            self.own_ref = if done >= OWN_REF_MIN_SAMPLES {
+                area / done
+            } else {
+                0
+            };
+            self.cal = (0, 0);
+        }
         // A new job needs a container channel; an old one's is kept until its
         // captures have finished.
         let stale = match (&self.jc, &self.job) {
@@ -884,6 +941,7 @@ impl BackendChannel for CowChannel {
                 if let Some(j) = &self.job {
                     j.counters.held_writes.fetch_add(1, Ordering::Relaxed);
                 }
+                self.last_wait = now;
                 self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
                 self.held.push_back(io);
                 self.held_since.push_back(now);
@@ -930,15 +988,21 @@ impl BackendChannel for CowChannel {
             }
             return n;
         }
+        let waiting = !self.held.is_empty();
         let CowChannel {
             base,
             jc,
+            job,
             inflight,
             counters,
             out,
             measure,
             m_last,
             m_area,
+            cal,
+            own_ref,
+            last_wait,
+            quiet_ticks,
             shared,
             tracked,
             big,
@@ -970,6 +1034,30 @@ impl BackendChannel for CowChannel {
                 *m_area = 0;
                 shared.fg.area.fetch_add(area, Ordering::Relaxed);
                 shared.fg.done.fetch_add(user, Ordering::Relaxed);
+                match job {
+                    None => {
+                        cal.0 += area;
+                        cal.1 += user;
+                    }
+                    Some(j) => {
+                        if waiting {
+                            *last_wait = now;
+                        } else if now.saturating_sub(*last_wait) > *quiet_ticks {
+                            // A bystander: against its own no-backup level,
+                            // or the job's when it had none.
+                            let r = match *own_ref {
+                                0 => j.counters.fg_ref_ticks.load(Ordering::Relaxed),
+                                r => r,
+                            };
+                            if r > 0 {
+                                let fg = &shared.fg;
+                                fg.by_area.fetch_add(area, Ordering::Relaxed);
+                                fg.by_ref_area.fetch_add(user * r, Ordering::Relaxed);
+                                fg.by_done.fetch_add(user, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
             }
             *inflight -= user;
             if *inflight == 0 {

@@ -1295,9 +1295,22 @@ pub fn timeline_table(trace: &CowRunTrace) -> String {
             }
         }
     }
+    // The out-of-scope writer's IOPS per slot, when there is one.
+    let fair: Vec<(f64, f64)> = trace
+        .during
+        .iter()
+        .find(|w| w.seq_base & (0xFF << 40) == 0xFF << 40)
+        .map(|w| {
+            w.timeline
+                .points(trace.during_offset_s)
+                .into_iter()
+                .map(|(t, _, _, iops)| (t, iops))
+                .collect()
+        })
+        .unwrap_or_default();
     let _ = writeln!(
         s,
-        "{:>7} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8}",
+        "{:>7} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>6} {:>6} {:>9}",
         "t s",
         "IOPS",
         "p50 us",
@@ -1308,7 +1321,10 @@ pub fn timeline_table(trace: &CowRunTrace) -> String {
         "saved",
         "budget",
         "fg us",
-        "ref us"
+        "ref us",
+        "by x",
+        "drain",
+        if fair.is_empty() { "" } else { "oos IOPS" }
     );
     let mut prev: Option<&JobStatus> = None;
     for (t, p50, p99, iops) in merged.points(trace.during_offset_s) {
@@ -1332,7 +1348,7 @@ pub fn timeline_table(trace: &CowRunTrace) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "{:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>7.1} {:>9} {:>9.1} {:>9} {:>7.2} {:>8.0} {:>8.0}",
+                    "{:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>7.1} {:>9} {:>9.1} {:>9} {:>7.2} {:>8.0} {:>8.0} {:>6.2} {:>6} {:>9}",
                     t,
                     iops,
                     p50,
@@ -1343,7 +1359,13 @@ pub fn timeline_table(trace: &CowRunTrace) -> String {
                     saved,
                     js.stream_budget,
                     js.fg_latency_us,
-                    js.fg_reference_us
+                    js.fg_reference_us,
+                    js.bystander_latency_ratio,
+                    js.pressed_drain_depth,
+                    fair.iter()
+                        .find(|(ft, _)| (ft - t).abs() < 1e-6)
+                        .map(|(_, i)| format!("{i:.0}"))
+                        .unwrap_or_default()
                 );
                 prev = Some(js);
             }

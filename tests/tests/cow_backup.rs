@@ -416,3 +416,96 @@ fn regression_small_chunks_spanning_writes_and_a_full_container() {
         );
     }
 }
+
+/// Bystanders (see `hotcopy_cow::vbdev`): a writer that never waits for the
+/// backup (here, out of scope) is measured against its own no-backup
+/// latency; a writer held for captures is not. Writer 0 writes in the first
+/// half of the source (the job's scope) while a one-slot container drains
+/// to a slow target, so it waits for a slot nearly all the time; writer 1
+/// writes in the excluded second half and never waits. Every bystander
+/// completion the meter counted during the job must then be writer 1's.
+#[test]
+fn only_writers_that_never_wait_are_measured_as_bystanders() {
+    const BYTES: u64 = 16 << 20;
+    let rt = runtime();
+    let reg = BdevRegistry::new();
+    let chunk = 64 << 10;
+    malloc::create(&reg, "src", BYTES, BS as u32).unwrap();
+    malloc::create(&reg, "tgt_base", BYTES, BS as u32).unwrap();
+    malloc::create(&reg, "cont", chunk, BS as u32).unwrap();
+    let (_, tctl) = fault::create(&reg, "tgt", "tgt_base", fault::FaultOptions::default()).unwrap();
+    // Slow: one drain every 10 ms, and the copy stream limited to 1 MiB/s,
+    // so that the job lasts about two seconds.
+    tctl.set_latency_us(10_000);
+    let cow = hotcopy_cow::create(&reg, "vol", "src").unwrap();
+    let desc = reg.open("vol", true).unwrap();
+    let writers = Writers::start(
+        &rt,
+        &desc,
+        WriterSpec {
+            rng_seeds: vec![0x1234_5678, 0x8765_4321],
+            qd: 4,
+            max_blocks: 8,
+            skip: |_, _| false,
+        },
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let half = BYTES / BS / 2;
+    let cfg = BackupConfig {
+        target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
+        container: ContainerConfig {
+            desc: reg.open("cont", true).unwrap(),
+            offset_blocks: 0,
+            slots: 1,
+        },
+        chunk_size: chunk,
+        scope: Scope {
+            include: vec![],
+            exclude: vec![BlockRange::new(half, half)],
+            skip_unallocated: false,
+        },
+        tuning: JobTuning {
+            max_queue_depth: 2,
+            rate_limit: 1 << 20,
+            ..JobTuning::default()
+        },
+        changed_since: None,
+    };
+    let fg = cow
+        .backend::<hotcopy_cow::CowBdev>()
+        .expect("a cow bdev")
+        .fg_meter()
+        .clone();
+    let count = |w: &Writers| -> Vec<u64> { w.logs().iter().map(|l| l.len() as u64).collect() };
+    let job = start_backup(&cow, rt.reactor(1), cfg).expect("job starts");
+    let (by0, n0) = (fg.read_bystanders(), count(&writers));
+    // Measure while the job is well under way, not to its end: once the
+    // last in-scope chunks are done, writer 0 stops waiting and becomes a
+    // bystander too, as it should.
+    std::thread::sleep(Duration::from_millis(300));
+    let (by1, n1) = (fg.read_bystanders(), count(&writers));
+    let mid = job.status();
+    assert_eq!(job.wait(Duration::from_secs(180)), JobState::Complete);
+    let outcomes = writers.stop();
+    assert!(outcomes.iter().all(|o| o.errors == 0));
+    assert!(
+        mid.chunks_pending > 0,
+        "the job must still have been running while measured: {mid:?}"
+    );
+    let by_done = by1.2 - by0.2;
+    let (w0, w1) = (n1[0] - n0[0], n1[1] - n0[1]);
+    assert!(w0 > 0 && w1 > 0, "both writers wrote: {w0} {w1}");
+    // Writer 1's completions, give or take the writes in flight at each
+    // reading (and a reactor stall that let writer 0 go 20 ms unheld).
+    assert!(
+        by_done <= w1 + 8 + w0 / 10,
+        "bystander completions {by_done}, writer 1 wrote {w1}, writer 0 {w0}"
+    );
+    assert!(
+        by_done >= w1 / 2,
+        "bystander completions {by_done}, writer 1 wrote {w1}"
+    );
+    // Measured against a reference: its reference area is nonzero.
+    assert!(by1.1 > by0.1);
+    assert!((1..=16).contains(&mid.pressed_drain_depth));
+}
