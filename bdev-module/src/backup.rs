@@ -108,6 +108,9 @@ pub struct JobStatus {
     /// container is pressed (see [`crate::job`]).
     pub bystander_latency_ratio: f64,
     pub pressed_drain_depth: u64,
+    /// How long the target's final flush took (ms; 0 until it completes):
+    /// part of `elapsed_s`, the price of a durable backup.
+    pub target_flush_ms: f64,
     /// The generation committed, when the target is a repository.
     pub generation: Option<u64>,
     pub submitters: Vec<SubmitterStats>,
@@ -216,6 +219,7 @@ impl BackupJob {
             fg_reference_us: c.fg_ref_ticks.load(Ordering::Relaxed) as f64 / tpu,
             bystander_latency_ratio: c.bystander_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             pressed_drain_depth: c.drain_depth.load(Ordering::Relaxed),
+            target_flush_ms: c.target_flush_ticks.load(Ordering::Relaxed) as f64 / tpu / 1000.0,
             generation: match j.generation.load(Ordering::Relaxed) {
                 0 => None,
                 g => Some(g),

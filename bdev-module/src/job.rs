@@ -193,6 +193,8 @@ pub struct JobCounters {
     /// drain depth while pressed.
     pub bystander_milli: AtomicU64,
     pub drain_depth: AtomicU64,
+    /// Ticks the target's final flush took (0 until it completes).
+    pub target_flush_ticks: AtomicU64,
 }
 
 /// Requests from the control path to the streams.
@@ -713,6 +715,9 @@ impl Streams {
                 self.drained(&op, now);
             }
             OpKind::FlushTarget => {
+                job.counters
+                    .target_flush_ticks
+                    .store(now.saturating_sub(op.start).max(1), Ordering::Relaxed);
                 if !ok {
                     // The last op: end here, or the streams would wait in
                     // `Flushing` for ever and the job never be uninstalled.

@@ -805,6 +805,8 @@ pub struct IdleBackupReport {
     pub target_write_ceiling_runs_mibps: Vec<f64>,
     /// 1 MiB sequential reads from the source at the streams' queue depth.
     pub source_read_ceiling_mibps: f64,
+    /// The target's final flush, part of `backup_s` (ms).
+    pub target_flush_ms: f64,
     /// Backup MiB/s over the target's write ceiling.
     pub ratio_to_target_ceiling: f64,
     /// Backup MiB/s over the lower of the two ceilings (the backup reads the
@@ -875,6 +877,7 @@ pub fn run_idle_backup(
     Ok(IdleBackupReport {
         backup_mibps: st.backup_mibps,
         backup_s: st.elapsed_s,
+        target_flush_ms: st.target_flush_ms,
         target_write_ceiling_mibps: w,
         target_write_ceiling_runs_mibps: vec![w0, w1],
         source_read_ceiling_mibps: r,

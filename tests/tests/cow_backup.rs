@@ -179,6 +179,11 @@ fn run_case(case: &Case, rt: &Runtime) {
         JobState::Complete,
         "job did not complete: {status:?}"
     );
+    // A complete job flushed its target, and says how long that took.
+    assert!(
+        status.target_flush_ms > 0.0,
+        "the target's flush time: {status:?}"
+    );
 
     // Rebuild the source at the consistency point.
     let t0 = job.shared().t0_writes.lock().unwrap().clone();
