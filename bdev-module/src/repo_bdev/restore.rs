@@ -1088,7 +1088,7 @@ pub fn restore_to_on(
         }
     }
     let d = done.load(Ordering::Relaxed);
-    if d != last {
+    if d != last && started > 0 {
         progress(d, total);
     }
     if let Some((core, why)) = start_error {
