@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use hotcopy_bdev::{testing, BdevIo, BdevRegistry, IoStatus};
 use hotcopy_cow::repo::{ChannelIo, GenSpec, Repo, SourceIdent};
-use hotcopy_cow::repo_bdev::{restore_to, start_instant_restore, InstantTuning};
+use hotcopy_cow::repo_bdev::{restore_to_on, start_instant_restore, InstantTuning};
 use hotcopy_cow::{BackupConfig, ContainerConfig, JobState, JobTuning, RepoTarget, Scope};
 use hotcopy_runtime::{clock, DmaBuf, Runtime};
 use serde::Serialize;
@@ -75,8 +75,8 @@ pub struct GenerationCost {
     pub repo_open_full_ms: f64,
     pub index_load_ms: f64,
     pub resolve_ns_per_chunk: f64,
-    /// Median of the restores' wall times (`restore_to`, from opening the
-    /// repository to the destination's flush).
+    /// Median of the restores' wall times (`restore_to_on` over every
+    /// reactor, from opening the repository to the destination's flush).
     pub restore_s: f64,
     pub restore_mibps: f64,
     /// Each restore's wall time, in the order they ran.
@@ -324,7 +324,7 @@ pub fn run_repo(
     };
     let restore_secs = |gen: u64, c: &mut GenerationCost, copy: &mut Vec<f64>| {
         let t = Instant::now();
-        let r = restore_to(reg, &b.namespace, gen, &b.dest, &home, 0, |_, _| {})
+        let r = restore_to_on(reg, &b.namespace, gen, &b.dest, rt.reactors(), 0, |_, _| {})
             .map_err(|x| format!("restoring generation {gen}: {x}"))?;
         c.restore_runs_s.push(t.elapsed().as_secs_f64());
         copy.push(r.elapsed.as_secs_f64());

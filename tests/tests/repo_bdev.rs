@@ -28,8 +28,8 @@ use hotcopy_cow::repo::{
     BlockIo, ChannelIo, ChunkLoc, GenSpec, GenWriter, Repo, RepoError, SourceIdent,
 };
 use hotcopy_cow::repo_bdev::{
-    create_snapshot, restore_to, start_instant_restore, HydState, InstantTuning, OverlayConfig,
-    RepoBdevError, RestoreState, ENOSPC,
+    create_snapshot, restore_to, restore_to_on, start_instant_restore, HydState, InstantTuning,
+    OverlayConfig, RepoBdevError, RestoreState, ENOSPC,
 };
 use hotcopy_runtime::{DmaBuf, IdlePolicy, Runtime, RuntimeConfig};
 use hotcopy_tests::*;
@@ -1451,5 +1451,204 @@ fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
             assert!(report.writes <= 14, "{what}: {report:?}");
         }
     }
+    rt.shutdown();
+}
+
+// ---- A restore spread over several reactors --------------------------------
+
+/// A restore over two (and three) reactors writes what one does: the
+/// fragmented chain's 600 chunks are ten runs of 64 (the last one short),
+/// cut into parts at chunk 320 (two reactors) or 192 and 384 (three), so
+/// that the full generation's stretch of zeros (200..400) and the last
+/// one's absent chunks (300..310) are near or across a part's end. The
+/// destination holds a pattern first, so a part that skips a chunk at its
+/// ends leaves it there; one that restores a chunk twice counts it twice in
+/// the report and in the progress.
+#[test]
+fn restore_to_on_two_reactors_writes_each_part_byte_for_byte() {
+    let reg = BdevRegistry::new();
+    let gens = fragmented_fixture(&reg);
+    let rt = runtime();
+    let dir = scratch_dir();
+    let size = FRAG_SRC + FRAG_CS;
+    let (r0, r1) = (rt.reactor(0).clone(), rt.reactor(1).clone());
+    let two = [r0.clone(), r1.clone()];
+    let three = [r0.clone(), r1.clone(), r0.clone()];
+    // (generation index, destination, reactors, queue depth)
+    let cases: [(usize, &str, &[_], usize); 6] = [
+        (0, "m16", &two, 16),
+        (40, "m16", &two, 16),
+        (20, "m16", &three, 16),
+        (40, "m1", &two, 1),
+        (0, "file", &two, 4),
+        (40, "file", &three, 0),
+    ];
+    for (i, &(gi, dest, homes, qd)) in cases.iter().enumerate() {
+        let g = &gens[gi];
+        if reg.open(dest, false).is_err() {
+            if dest == "file" {
+                let opts = uring::UringOptions {
+                    size: Some(size),
+                    ..uring::UringOptions::new(dir.path().join("dest.img"))
+                };
+                uring::create(&reg, dest, &opts).unwrap();
+            } else {
+                malloc::create(&reg, dest, size, BS as u32).unwrap();
+            }
+        }
+        let before = pattern(700 + i as u64, size as usize);
+        fill(&reg, dest, before.clone());
+        let mut calls: Vec<(u64, u64)> = Vec::new();
+        let report =
+            restore_to_on(&reg, "ns", g.id, dest, homes, qd, |d, t| calls.push((d, t))).unwrap();
+        let what = format!(
+            "generation {} onto {dest} over {} reactors at qd {qd}",
+            g.id,
+            homes.len()
+        );
+        let got = read_all(&reg, dest, size);
+        let mut want = g.image.clone();
+        for &c in &g.absent {
+            let r = frag_range(c);
+            want[r.clone()].copy_from_slice(&before[r]);
+        }
+        if let Some(b) = got[..FRAG_SRC as usize]
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+        {
+            panic!("{what}: differs at byte {b} (chunk {})", b as u64 / FRAG_CS);
+        }
+        assert_eq!(
+            got[FRAG_SRC as usize..],
+            before[FRAG_SRC as usize..],
+            "{what}: past the source"
+        );
+        // Every chunk counted once, every byte written once.
+        assert_eq!(
+            report.data_chunks + report.zero_chunks + report.absent_chunks,
+            FRAG_CHUNKS,
+            "{what}: {report:?}"
+        );
+        assert_eq!(report.absent_chunks, g.absent.len() as u64, "{what}");
+        assert_eq!(
+            report.bytes_written,
+            FRAG_SRC - g.absent.len() as u64 * FRAG_CS,
+            "{what}: {report:?}"
+        );
+        assert_eq!(report.bytes_total, FRAG_SRC, "{what}");
+        assert!(
+            calls.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{what}: {calls:?}"
+        );
+        assert_eq!(calls.last(), Some(&(FRAG_SRC, FRAG_SRC)), "{what}");
+        assert!(
+            report.mibps > 0.0 && report.elapsed > Duration::ZERO,
+            "{what}"
+        );
+        // At least one write per part: no run straddles two parts.
+        let parts = homes.len() as u64;
+        assert!(report.writes >= parts, "{what}: {report:?}");
+    }
+
+    // A generation of one run is one part, whatever the reactors.
+    let fx = fixture(false);
+    let g = &fx.gens[2];
+    malloc::create(&fx.reg, "dest", SRC + CS, BS as u32).unwrap();
+    let before = pattern(777, (SRC + CS) as usize);
+    fill(&fx.reg, "dest", before.clone());
+    let report = restore_to_on(&fx.reg, "ns", g.id, "dest", &three, 4, |_, _| {}).unwrap();
+    assert_eq!(
+        report.data_chunks + report.zero_chunks + report.absent_chunks,
+        CHUNKS
+    );
+    let got = read_all(&fx.reg, "dest", SRC + CS);
+    assert_same(&got[..SRC as usize], &g.restored_over(&before), "one run");
+    assert_eq!(
+        got[SRC as usize..],
+        before[SRC as usize..],
+        "past the source"
+    );
+    // No reactor at all is refused.
+    let err = restore_to_on(&fx.reg, "ns", g.id, "dest", &[], 4, |_, _| {}).unwrap_err();
+    assert!(matches!(err, RepoBdevError::Invalid { .. }), "{err}");
+    rt.shutdown();
+}
+
+/// A part that fails fails the restore with its own error (not the one
+/// the other parts stop with), once every part has ended: a corrupt chunk
+/// in the second part (and in the first), and a destination write that
+/// fails while the parts have writes in flight. The same devices then
+/// restore cleanly.
+#[test]
+fn restore_to_on_fails_with_the_error_of_the_part_that_failed() {
+    let reg = BdevRegistry::new();
+    let gens = fragmented_fixture(&reg);
+    let g = &gens[0];
+    let rt = runtime();
+    let (r0, r1) = (rt.reactor(0).clone(), rt.reactor(1).clone());
+    let two = [r0.clone(), r1.clone()];
+    let three = [r0.clone(), r1.clone(), r0.clone()];
+    let size = FRAG_SRC + FRAG_CS;
+    malloc::create(&reg, "dest_base", size, BS as u32).unwrap();
+    let (_, ctl) = fault::create(&reg, "dest", "dest_base", FaultOptions::default()).unwrap();
+
+    // Flips a bit of chunk `chunk` of generation 1 on the namespace;
+    // returns where the chunk is stored and how to undo it.
+    let corrupt = |chunk: u64| -> u64 {
+        let mut io = ChannelIo::new(reg.open("ns", true).unwrap().channel().unwrap());
+        let repo = Repo::open(&mut io).unwrap();
+        let index = repo.index(&mut io, g.id).unwrap();
+        let Some(ChunkLoc::Data(loc)) = index.resolve(chunk).map(|e| e.loc) else {
+            panic!("chunk {chunk} is stored");
+        };
+        let at = loc + 1000;
+        let mut block = vec![0u8; BS as usize];
+        io.read(at / BS * BS, &mut block).unwrap();
+        block[(at % BS) as usize] ^= 0x10;
+        io.write(at / BS * BS, &block).unwrap();
+        loc
+    };
+    // (corrupt chunk, reactors): in the second of two parts (320..600),
+    // and in the first of three (0..192).
+    for (chunk, homes) in [(550u64, &two[..]), (100, &three[..])] {
+        let loc = corrupt(chunk);
+        let err = restore_to_on(&reg, "ns", g.id, "dest", homes, 8, |_, _| {}).unwrap_err();
+        match &err {
+            RepoBdevError::Checksum {
+                chunk: c, offset, ..
+            } => assert_eq!((*c, *offset), (chunk, loc)),
+            other => panic!("chunk {chunk}: expected a checksum error, got {other}"),
+        }
+        assert_eq!(corrupt(chunk), loc, "undone");
+    }
+
+    // A destination write fails while both parts have writes in flight.
+    ctl.set_latency_us(2000);
+    ctl.fail_next_writes(1);
+    let err = restore_to_on(&reg, "ns", g.id, "dest", &two, 16, |_, _| {}).unwrap_err();
+    match &err {
+        RepoBdevError::Io {
+            device,
+            op,
+            source: IoError::Injected,
+            ..
+        } => assert_eq!((device.as_str(), *op), ("dest", "write"), "{err}"),
+        other => panic!("expected an injected write error, got {other}"),
+    }
+    // Every part had ended: nothing reaches the destination any more.
+    let seen = ctl.ios_seen();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(ctl.ios_seen(), seen, "I/O after the restore returned");
+    assert_eq!(ctl.injected_errors(), 1);
+
+    // The same devices restore cleanly.
+    ctl.clear();
+    let before = pattern(4321, size as usize);
+    fill(&reg, "dest", before.clone());
+    restore_to_on(&reg, "ns", g.id, "dest", &two, 16, |_, _| {}).unwrap();
+    let got = read_all(&reg, "dest", size);
+    assert!(got[..FRAG_SRC as usize] == g.image[..], "restored");
+    assert_eq!(got[FRAG_SRC as usize..], before[FRAG_SRC as usize..]);
     rt.shutdown();
 }

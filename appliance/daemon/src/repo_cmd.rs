@@ -380,17 +380,26 @@ impl Offline {
     /// Builds each `(name, option, spec)` bdev, then starts one reactor.
     /// Errors name the option and the spec.
     pub(crate) fn start(bdevs: &[(&str, &str, &str)]) -> anyhow::Result<Offline> {
+        Offline::start_with(bdevs, 1)
+    }
+
+    /// [`Offline::start`] with `reactors` reactors (at least one; reactor 0
+    /// runs [`Offline::exec`]).
+    pub(crate) fn start_with(
+        bdevs: &[(&str, &str, &str)],
+        reactors: usize,
+    ) -> anyhow::Result<Offline> {
         let reg = BdevRegistry::new();
         for &(name, opt, spec) in bdevs {
             let cfg = hotcopy_config::parse_spec(spec).with_context(|| format!("{opt} {spec}"))?;
             construct::create_one(&reg, name, &cfg).with_context(|| format!("{opt} {spec}"))?;
         }
         let rt = Runtime::start(RuntimeConfig {
-            cores: vec![0],
+            cores: (0..reactors.max(1)).collect(),
             idle: IdlePolicy::SLEEP,
             pin: false,
         })
-        .context("starting a reactor")?;
+        .context("starting the reactors")?;
         Ok(Offline { rt, reg })
     }
 
@@ -1444,6 +1453,10 @@ pub(crate) fn restore_json(g: &Generation, to: &str, r: &RestoreReport) -> Value
     })
 }
 
+/// Reactors an offline restore runs on, at most (as many CPUs as there
+/// are, up to this): two reach a fast local disk's write bandwidth.
+const RESTORE_REACTORS: usize = 2;
+
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let v = match &a.via.rpc_socket {
         Some(sock) => {
@@ -1501,10 +1514,17 @@ fn restore_offline(a: &RestoreArgs) -> anyhow::Result<Value> {
             );
         }
     }
-    let off = Offline::start(&[
-        ("repo", "--repo", a.repo.as_str()),
-        ("dest", "--to", a.to.as_str()),
-    ])?;
+    // Two reactors share the copy: one reactor's memcpy and crc32c fall
+    // short of a fast destination's write bandwidth.
+    let reactors =
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(RESTORE_REACTORS));
+    let off = Offline::start_with(
+        &[
+            ("repo", "--repo", a.repo.as_str()),
+            ("dest", "--to", a.to.as_str()),
+        ],
+        reactors,
+    )?;
     let repo_desc = off.open("repo", false)?;
     let dst_desc = off.open("dest", true)?;
     let (dst_size, dst_bs) = (dst_desc.bdev().size_bytes(), dst_desc.bdev().block_size());
@@ -1538,17 +1558,17 @@ fn restore_offline(a: &RestoreArgs) -> anyhow::Result<Value> {
             Ok(g)
         }
     });
-    // The copy: a pipelined engine on the reactor (16 reads and 16 writes of
-    // up to 1 MiB in flight), checking every chunk's crc32c as it reads.
+    // The copy: a pipelined engine on each reactor, over a part of the
+    // generation each (16 reads and 16 writes of up to 1 MiB in flight in
+    // all), checking every chunk's crc32c as it reads.
     let result = result.and_then(|g| {
         bar.set_length(g.source.size_bytes);
-        let home = off.rt.reactor(0).clone();
-        let report = hotcopy_cow::repo_bdev::restore_to(
+        let report = hotcopy_cow::repo_bdev::restore_to_on(
             &off.reg,
             "repo",
             g.id,
             "dest",
-            &home,
+            off.rt.reactors(),
             0,
             |done, _| bar.set_position(done),
         )

@@ -11,7 +11,7 @@
 //!   chunks the hosts touch first ([`instant`]);
 //! * [`restore_to`]: a pipelined copy of a generation onto a bdev, checking
 //!   every chunk's checksum, at the destination's sequential write speed
-//!   ([`restore`]).
+//!   ([`restore`]); [`restore_to_on`] spreads it over several reactors.
 //!
 //! ## The generation's index, once
 //!
@@ -66,7 +66,7 @@ pub use instant::{
     start_instant_restore, HydState, InstantBdev, InstantRestore, InstantStatus, InstantTuning,
     RestoreState,
 };
-pub use restore::{restore_to, RestoreReport};
+pub use restore::{restore_to, restore_to_on, RestoreReport};
 pub use snapshot::{create_snapshot, OverlayConfig, RepoSnapshot, SnapshotHandle, SnapshotStats};
 
 /// Linux `ENOSPC`: a write to a writable snapshot whose overlay is full

@@ -3,7 +3,9 @@
 //! [`restore_to`] is a control-path call: it loads the generation's index,
 //! opens the destination for writing, and runs a poller on the `home`
 //! reactor that copies the generation; the calling thread waits, reporting
-//! progress.
+//! progress. [`restore_to_on`] spreads the copy over several reactors (see
+//! "Parts" below): one reactor's memcpy and crc32c of the chunks it reads
+//! falls short of a fast destination's write bandwidth.
 //!
 //! ## Runs: the destination is written in large pieces
 //!
@@ -40,34 +42,54 @@
 //! as its last chunk is in place; runs are written in the order they are
 //! completed.
 //!
+//! ## Parts: one per reactor
+//!
+//! Over `n` reactors the generation's chunks are cut into `n` contiguous
+//! *parts* of whole runs' worth of chunks (1 MiB of them; fewer parts when
+//! the generation has fewer runs than that), so that no data run
+//! straddles two parts; a zero run ends at its part's end. Each part is
+//! restored by a poller of its own on its reactor, with its own namespace
+//! and destination channels and its own buffers, as below. They share the
+//! index (loaded once) and the progress count. The first part to fail
+//! stops the others (no new I/O); the restore returns once every part has
+//! ended: the first part's error, or the sum of the parts' reports, timed
+//! from the start to the end of the last part. With one reactor there is
+//! one part: the whole generation.
+//!
 //! ## Queue depth
 //!
-//! With queue depth `qd` the poller keeps up to `qd` destination writes in
-//! flight, and namespace reads of up to `qd` runs' worth of bytes — as
-//! many as `8 × qd` requests when the generation is fragmented, so that a
-//! late generation read in chunk-sized pieces keeps as many bytes in
-//! flight as a full one read in 1 MiB pieces.
+//! With queue depth `qd` over `n` parts each part's poller works at
+//! `qd / n` (at least 1; with one part, `qd`): with part queue depth `q`
+//! it keeps up to `q` destination writes in flight, and namespace reads
+//! of up to `q` runs' worth of bytes — as many as `8 × q` requests when
+//! the generation is fragmented, so that a late generation read in
+//! chunk-sized pieces keeps as many bytes in flight as a full one read in
+//! 1 MiB pieces.
 //!
-//! After the last write the destination is flushed. The first error stops
-//! new I/O; the restore returns it once the I/O in flight has completed.
+//! After its last write each part flushes the destination (a flush covers
+//! every write completed before it), so the restore succeeds only once
+//! every part's writes are flushed. The first error stops new I/O; the
+//! restore returns it once the I/O in flight has completed.
 //!
 //! ## Buffers
 //!
 //! Nothing is allocated per I/O. The buffers are mapped before the restore
-//! starts, never on the reactor: `qd + qd / 2` run buffers of one run
-//! (fewer, at least 4, when a chunk is larger than 1 MiB) on the calling
-//! thread, while a helper thread opens the repository, loads the index and
-//! maps the one-chunk staging buffers (8 MiB of them, at most one per read
-//! in flight) and `qd / 2` run-sized staging buffers. Mapping them (all
-//! faulted in: 40 MiB at the defaults) is most of a restore's fixed cost,
-//! hence the two threads. They come back to the calling thread once the
-//! last data I/O is done, which hands them to a short-lived thread to
-//! unmap, so that neither the reactor nor the restore's return waits for
-//! it. The run and read slot tables, and each run's list of its data
-//! chunks, are allocated on `home` when the restore starts.
+//! starts, never on a reactor, for each part at its queue depth `q`:
+//! `q + q / 2` run buffers of one run (fewer, at least 4, when a chunk is
+//! larger than 1 MiB) on the calling thread, while a helper thread opens
+//! the repository, loads the index and maps the one-chunk staging buffers
+//! (8 MiB of them shared by the parts, at most one per read in flight) and
+//! `q / 2` run-sized staging buffers. So `n` parts together map about what
+//! one restore at `qd` does. Mapping them (all faulted in: 40 MiB at the
+//! defaults) is most of a restore's fixed cost, hence the two threads. A
+//! part's buffers come back to the calling thread once its last data I/O
+//! is done, which hands them to a short-lived thread to unmap, so that
+//! neither a reactor nor the restore's return waits for it. A part's run
+//! and read slot tables, and each run's list of its data chunks, are
+//! allocated on its reactor when it starts.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,14 +182,16 @@ impl Buffers {
         pool(run_max * cs, run_bufs, "run")
     }
 
-    /// Maps the staging buffers (control path): none when a run is one
-    /// chunk (every read is then direct).
-    fn map_staging(cs: u64, qd: usize) -> Result<Staging, String> {
+    /// Maps the staging buffers of one of `parts` parts of a restore
+    /// (control path): none when a run is one chunk (every read is then
+    /// direct). The parts share [`SMALL_STAGING_BYTES`].
+    fn map_staging(cs: u64, qd: usize, parts: usize) -> Result<Staging, String> {
         let (run_max, _) = Buffers::shape(cs, qd);
         if run_max == 1 {
             return Ok((None, None));
         }
-        let n = ((SMALL_STAGING_BYTES / cs) as usize).clamp(1, qd * READS_PER_QD);
+        let small = SMALL_STAGING_BYTES / parts.max(1) as u64;
+        let n = ((small / cs) as usize).clamp(1, qd * READS_PER_QD);
         Ok((
             Some(pool(cs, n, "staging")?),
             Some(pool(run_max * cs, qd.div_ceil(2), "staging")?),
@@ -227,12 +251,21 @@ struct Read {
 
 type Outcome = Result<RestoreReport, RepoBdevError>;
 
-/// What the poller sends the waiting caller: the buffers once the last
-/// data I/O is done (to unmap off the reactor), then the outcome.
+/// What a part's poller sends the waiting caller: its buffers once its
+/// last data I/O is done (to unmap off the reactor), then its outcome.
 enum Msg {
     Buffers(Buffers),
-    Done(Outcome),
+    Done {
+        part: usize,
+        outcome: Outcome,
+        /// The part stopped because another one failed: its error is not
+        /// the restore's.
+        stopped: bool,
+    },
 }
+
+/// The value of the shared "first part to fail" before any has failed.
+const NO_FAILURE: usize = usize::MAX;
 
 /// How many zero chunks follow from `from` on (at most `max`).
 fn zeros_from(index: &GenIndex, from: u64, max: u64) -> u64 {
@@ -243,8 +276,17 @@ fn zeros_from(index: &GenIndex, from: u64, max: u64) -> u64 {
     n
 }
 
+/// One part of a restore: chunks `cursor..end` of the generation, on one
+/// reactor.
 struct Restorer {
-    index: GenIndex,
+    index: Arc<GenIndex>,
+    /// This part's number, and the first part that failed ([`NO_FAILURE`]
+    /// while none has; the number of parts when the caller gave up
+    /// starting them), shared by every part: a failure stops the others.
+    part: usize,
+    first_failed: Arc<AtomicUsize>,
+    /// The error is another part's failure, not this part's.
+    stopped: bool,
     namespace: String,
     dest: String,
     ns: BdevChannel,
@@ -273,10 +315,14 @@ struct Restorer {
     writes: usize,
     qd: usize,
     cursor: u64,
+    /// The end of this part's chunks (a run boundary, or the end of the
+    /// source).
+    end: u64,
     flush_sent: bool,
     flushed: bool,
     error: Option<RepoBdevError>,
     report: RestoreReport,
+    /// When the restore (every part) started.
     start: Instant,
     done: Arc<AtomicU64>,
     comp: Vec<BdevIo>,
@@ -322,12 +368,34 @@ impl Restorer {
     fn fail(&mut self, e: RepoBdevError) {
         if self.error.is_none() {
             self.error = Some(e);
+            let _ = self.first_failed.compare_exchange(
+                NO_FAILURE,
+                self.part,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Stops issuing I/O when another part has failed (this part's I/O in
+    /// flight still completes before it ends).
+    fn check_others(&mut self) {
+        if self.error.is_none() {
+            let f = self.first_failed.load(Ordering::Relaxed);
+            if f != NO_FAILURE && f != self.part {
+                self.stopped = true;
+                self.error = Some(RepoBdevError::Invalid {
+                    what: format!("restore of generation {}", self.index.generation()),
+                    why: "stopped: another part failed".into(),
+                });
+            }
         }
     }
 
     /// One pass; returns the work done and whether the restore has ended.
     fn poll(&mut self) -> (usize, bool) {
         let mut work = 0;
+        self.check_others();
         let mut comp = std::mem::take(&mut self.comp);
         comp.append(&mut self.kicked);
         if self.dst.inflight() > 0 {
@@ -363,7 +431,7 @@ impl Restorer {
             self.end(Err(e));
             return (work, true);
         }
-        if self.cursor < self.index.chunks() || self.free_runs.len() < self.runs.len() {
+        if self.cursor < self.end || self.free_runs.len() < self.runs.len() {
             return (work, false);
         }
         if !self.flush_sent {
@@ -409,7 +477,11 @@ impl Restorer {
     fn end(&mut self, outcome: Outcome) {
         self.give_back_buffers();
         if let Some(tx) = self.tx.take() {
-            let _ = tx.try_send(Msg::Done(outcome));
+            let _ = tx.try_send(Msg::Done {
+                part: self.part,
+                outcome,
+                stopped: self.stopped,
+            });
         }
     }
 
@@ -573,25 +645,27 @@ impl Restorer {
     /// Returns the write-zeroes issued.
     fn plan(&mut self) -> usize {
         let mut n = 0;
-        let chunks = self.index.chunks();
+        let end = self.end;
         let cs = self.cs;
         while self.error.is_none() {
-            while self.cursor < chunks && self.loc(self.cursor) == Some(ChunkLoc::Absent) {
+            while self.cursor < end && self.loc(self.cursor) == Some(ChunkLoc::Absent) {
                 self.report.absent_chunks += 1;
                 let len = self.run_len(self.cursor, 1);
                 self.done.fetch_add(len, Ordering::Relaxed);
                 self.cursor += 1;
             }
-            if self.cursor >= chunks {
+            if self.cursor >= end {
                 break;
             }
             let Some(&r) = self.free_runs.last() else {
                 break;
             };
             let first = self.cursor;
-            let zeros = zeros_from(&self.index, first, self.zero_max);
+            // The part's end is the end of the source to it.
+            let zeros = zeros_from(&self.index, first, self.zero_max.min(end - first));
             let zero_run = zeros > 0
                 && (zeros >= self.run_max
+                    || first + zeros == end
                     || !matches!(self.loc(first + zeros), Some(ChunkLoc::Data(_))));
             if zero_run && self.write_zeroes {
                 if self.writes >= self.qd {
@@ -629,7 +703,7 @@ impl Restorer {
                 // Zero chunks before this one were found in a stretch
                 // shorter than a run.
                 let mut short_zeros_until = 0;
-                while count < self.run_max && first + count < chunks {
+                while count < self.run_max && first + count < end {
                     let c = first + count;
                     match self.index.resolve(c).map(|e| e.loc) {
                         Some(ChunkLoc::Data(loc)) => run.order.push((loc, count as u32)),
@@ -637,7 +711,7 @@ impl Restorer {
                             if c >= short_zeros_until {
                                 // A stretch of a run or more is a zero run
                                 // of its own.
-                                let z = zeros_from(&self.index, c, self.run_max);
+                                let z = zeros_from(&self.index, c, self.run_max.min(end - c));
                                 if z >= self.run_max && count > 0 {
                                     break;
                                 }
@@ -739,7 +813,7 @@ impl Restorer {
 /// Restores generation `generation` of the repository on `namespace` onto
 /// the bdev `dest` (see the module docs), with a poller on `home` keeping
 /// `qd` writes and `qd` runs' worth of reads in flight (0 means
-/// [`RESTORE_QD`]).
+/// [`RESTORE_QD`]): [`restore_to_on`] with one reactor.
 /// `progress(done, total)` is called on the calling thread, in bytes of the
 /// source, as the restore goes and once at the end.
 ///
@@ -753,32 +827,90 @@ pub fn restore_to(
     dest: &str,
     home: &ReactorHandle,
     qd: usize,
+    progress: impl FnMut(u64, u64),
+) -> Result<RestoreReport, RepoBdevError> {
+    restore_to_on(
+        reg,
+        namespace,
+        generation,
+        dest,
+        std::slice::from_ref(home),
+        qd,
+        progress,
+    )
+}
+
+/// Chunks `bounds[i]..bounds[i + 1]` are part `i` of a restore of `chunks`
+/// chunks in runs of `run_max` chunks over at most `parts` parts: as many
+/// parts as there are runs, at most, each a contiguous range of whole runs
+/// (the last one may be short), and at least one part.
+fn part_bounds(chunks: u64, run_max: u64, parts: usize) -> Vec<u64> {
+    let runs = chunks.div_ceil(run_max);
+    let n = (parts.max(1) as u64).min(runs.max(1));
+    (0..=n)
+        .map(|i| (runs * i / n * run_max).min(chunks))
+        .collect()
+}
+
+/// [`restore_to`] spread over the reactors `homes`: the generation's
+/// chunks are cut into `homes.len()` contiguous parts of whole runs (fewer
+/// when it has fewer runs), each restored by a poller of its own on its
+/// reactor, with its own channels and buffers, at queue depth
+/// `qd / parts` (at least 1), so that together they keep about `qd`
+/// writes in flight. The first part to fail stops the others; the call
+/// returns once every part has ended: the first error, or the parts'
+/// reports summed (`elapsed` from the start to the end of the last part).
+/// Every part flushes the destination after its own last write.
+pub fn restore_to_on(
+    reg: &BdevRegistry,
+    namespace: &str,
+    generation: u64,
+    dest: &str,
+    homes: &[ReactorHandle],
+    qd: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RestoreReport, RepoBdevError> {
+    let what = format!("restore of generation {generation} to {dest}");
+    let Some(home0) = homes.first() else {
+        return Err(RepoBdevError::Invalid {
+            what,
+            why: "no reactor to run it on".into(),
+        });
+    };
     let qd = if qd == 0 { RESTORE_QD } else { qd };
+    let part_qd = |parts: usize| (qd / parts.max(1)).max(1);
     let ns = reg.open(namespace, false)?;
     // Mapping and faulting in the buffers (tens of MiB) takes longer than
     // opening the repository for reading and loading the index (about a
     // millisecond), so the work is split between this thread and a helper,
-    // never the reactor: this thread maps the run buffers at once, for the
-    // default chunk size (they are the same for any chunk size up to 1 MiB,
-    // and mapped again otherwise); the helper loads the index, then maps
-    // the staging buffers for the generation's chunk size.
-    let (loaded, runs) = std::thread::scope(|s| {
+    // never a reactor: this thread maps the run buffers of every part at
+    // once, for the default chunk size (they are the same for any chunk
+    // size up to 1 MiB, and mapped again otherwise, or when the generation
+    // has fewer runs than there are reactors); the helper loads the index,
+    // then maps the staging buffers of each part for the generation's chunk
+    // size.
+    let (loaded, mut runs) = std::thread::scope(|s| {
         let loaded = s.spawn(|| {
             let index = load_index(&ns, generation)?;
-            let staging = Buffers::map_staging(index.chunk_size() as u64, qd);
-            Ok::<_, RepoBdevError>((index, staging))
+            let cs = index.chunk_size() as u64;
+            let (run_max, _) = Buffers::shape(cs, qd);
+            let bounds = part_bounds(index.chunks(), run_max, homes.len());
+            let parts = bounds.len() - 1;
+            let staging = (0..parts)
+                .map(|_| Buffers::map_staging(cs, part_qd(parts), parts))
+                .collect::<Result<Vec<_>, _>>();
+            Ok::<_, RepoBdevError>((index, bounds, staging))
         });
-        let runs = Buffers::map_runs(crate::DEFAULT_CHUNK_SIZE, qd);
+        let runs: Vec<_> = (0..homes.len())
+            .map(|_| Buffers::map_runs(crate::DEFAULT_CHUNK_SIZE, part_qd(homes.len())))
+            .collect();
         (loaded.join(), runs)
     });
-    let (index, staging) = match loaded {
+    let (index, bounds, staging) = match loaded {
         Ok(loaded) => loaded?,
         Err(panic) => std::panic::resume_unwind(panic),
     };
     let dst = reg.open(dest, true)?;
-    let what = format!("restore of generation {generation} to {dest}");
     let total = index.source_size();
     if dst.bdev().size_bytes() < total {
         return Err(RepoBdevError::Invalid {
@@ -795,13 +927,28 @@ pub fn restore_to(
         &[ns.bdev().block_size(), dst.bdev().block_size()],
     )?;
     let cs = index.chunk_size() as u64;
+    let parts = bounds.len() - 1;
+    let qd = part_qd(parts);
+    // Those of reactors left without a part (a generation of fewer runs).
+    let spare = runs.split_off(parts);
+    if !spare.is_empty() {
+        let _ = std::thread::Builder::new()
+            .name("restore-unmap".into())
+            .spawn(move || drop(spare));
+    }
     let bufs = staging
-        .and_then(|staging| Buffers::assemble(cs, qd, runs, staging))
+        .and_then(|staging| {
+            staging
+                .into_iter()
+                .zip(runs)
+                .map(|(staging, runs)| Buffers::assemble(cs, qd, runs, staging))
+                .collect::<Result<Vec<_>, _>>()
+        })
         .map_err(|why| RepoBdevError::Reactor {
-            core: home.core(),
+            core: home0.core(),
             why,
         })?;
-    let run_max = bufs.run_max;
+    let run_max = bufs[0].run_max;
     let write_zeroes = dst.bdev().supports(IoType::WriteZeroes);
     let can_flush = dst.bdev().supports(IoType::Flush);
     let zero_max = if write_zeroes {
@@ -809,10 +956,11 @@ pub fn restore_to(
     } else {
         run_max
     };
+    let index = Arc::new(index);
     let done = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = sync_channel::<Msg>(2);
-    let engine_done = done.clone();
-    let (namespace, dest) = (namespace.to_string(), dest.to_string());
+    let first_failed = Arc::new(AtomicUsize::new(NO_FAILURE));
+    // Two messages per part: a send never blocks.
+    let (tx, rx) = sync_channel::<Msg>(2 * parts);
     let report = RestoreReport {
         generation,
         bytes_total: total,
@@ -826,12 +974,28 @@ pub fn restore_to(
         elapsed: Duration::ZERO,
         mibps: 0.0,
     };
-    let reads_max = bufs.reads_max;
-    let slots = bufs.run_bufs + qd;
-    let started = home
-        .exec(move || -> Result<(), String> {
-            let nsch = ns.channel().map_err(|e| e.to_string())?;
-            let dstch = dst.channel().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let mut started = 0;
+    let mut start_error = None;
+    for (part, bufs) in bufs.into_iter().enumerate() {
+        let home = &homes[part];
+        if start_error.is_some() {
+            unmap_elsewhere(bufs);
+            continue;
+        }
+        let (ns, dst, index) = (ns.clone(), dst.clone(), index.clone());
+        let (done, failed, tx) = (done.clone(), first_failed.clone(), tx.clone());
+        let (namespace, dest) = (namespace.to_string(), dest.to_string());
+        let report = report.clone();
+        let (cursor, end) = (bounds[part], bounds[part + 1]);
+        let reads_max = bufs.reads_max;
+        let slots = bufs.run_bufs + qd;
+        let r = home.exec(move || -> Result<(), (String, Buffers)> {
+            let channels = ns.channel().and_then(|n| Ok((n, dst.channel()?)));
+            let (nsch, dstch) = match channels {
+                Ok(c) => c,
+                Err(e) => return Err((e.to_string(), bufs)),
+            };
             let mut r = Restorer {
                 ns_bs: nsch.block_size() as u64,
                 dst_bs: dstch.block_size() as u64,
@@ -863,66 +1027,121 @@ pub fn restore_to(
                 read_bytes_max: qd as u64 * run_max * cs,
                 writes: 0,
                 qd,
-                cursor: 0,
+                cursor,
+                end,
                 flush_sent: !can_flush,
                 flushed: !can_flush,
                 error: None,
                 report,
-                start: Instant::now(),
-                done: engine_done,
+                start,
+                done,
                 comp: Vec::with_capacity(reads_max + 2 * qd),
                 kicked: Vec::with_capacity(reads_max + 2 * qd),
                 tx: Some(tx),
                 index,
+                part,
+                first_failed: failed,
+                stopped: false,
                 namespace,
                 dest,
             };
             poll_until_finished("repo_restore", move || r.poll());
             Ok(())
-        })
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-    if let Err(why) = started {
-        return Err(RepoBdevError::Reactor {
-            core: home.core(),
-            why,
         });
+        match r {
+            Ok(Ok(())) => started += 1,
+            Ok(Err((why, bufs))) => {
+                unmap_elsewhere(bufs);
+                start_error = Some((home.core(), why));
+            }
+            Err(e) => start_error = Some((home.core(), e.to_string())),
+        }
+        if start_error.is_some() {
+            // Stops the parts already started; they are waited for below.
+            first_failed.store(parts, Ordering::Relaxed);
+        }
     }
+    // Only the parts hold a sender now: the channel disconnects when the
+    // last one goes away.
+    drop(tx);
+    let mut outcomes: Vec<Option<(Outcome, bool)>> = (0..parts).map(|_| None).collect();
+    let mut ended = 0;
     let mut last = u64::MAX;
-    loop {
+    while ended < started {
         match rx.recv_timeout(PROGRESS_EVERY) {
-            // Unmapped on a thread of their own (a few ms for 40 MiB), not
-            // on the reactor, and not here: a flush that completes first
-            // would wait for it.
-            Ok(Msg::Buffers(bufs)) => {
-                // When the thread cannot start, the closure and the
-                // buffers are dropped here.
-                let _ = std::thread::Builder::new()
-                    .name("restore-unmap".into())
-                    .spawn(move || drop(bufs));
+            Ok(Msg::Buffers(bufs)) => unmap_elsewhere(bufs),
+            Ok(Msg::Done {
+                part,
+                outcome,
+                stopped,
+            }) => {
+                outcomes[part] = Some((outcome, stopped));
+                ended += 1;
             }
-            Ok(Msg::Done(outcome)) => {
-                let d = done.load(Ordering::Relaxed);
-                if d != last {
-                    progress(d, total);
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let d = done.load(Ordering::Relaxed);
+        if d != last && ended < started {
+            progress(d, total);
+            last = d;
+        }
+    }
+    let d = done.load(Ordering::Relaxed);
+    if d != last && started > 0 {
+        progress(d, total);
+    }
+    if let Some((core, why)) = start_error {
+        return Err(RepoBdevError::Reactor { core, why });
+    }
+    // The first part to fail, else any part's own error, else a part that
+    // went away without a result.
+    let first = first_failed.load(Ordering::Relaxed);
+    let mut sum = report;
+    let mut error = None;
+    for (part, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Some((Ok(r), _)) => {
+                sum.bytes_written += r.bytes_written;
+                sum.data_chunks += r.data_chunks;
+                sum.zero_chunks += r.zero_chunks;
+                sum.absent_chunks += r.absent_chunks;
+                sum.reads += r.reads;
+                sum.writes += r.writes;
+                sum.gathered_runs += r.gathered_runs;
+                sum.elapsed = sum.elapsed.max(r.elapsed);
+            }
+            Some((Err(e), stopped)) => {
+                if part == first {
+                    return Err(e);
                 }
-                return outcome;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                let d = done.load(Ordering::Relaxed);
-                if d != last {
-                    progress(d, total);
-                    last = d;
+                if !stopped && error.is_none() {
+                    error = Some(e);
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(RepoBdevError::Reactor {
-                    core: home.core(),
+            None => {
+                error.get_or_insert(RepoBdevError::Reactor {
+                    core: homes[part].core(),
                     why: "the restore poller went away without a result (reactor stopped?)".into(),
-                })
+                });
             }
         }
     }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    sum.mibps = sum.bytes_written as f64 / sum.elapsed.as_secs_f64().max(1e-9) / (1024.0 * 1024.0);
+    Ok(sum)
+}
+
+/// Unmaps `bufs` on a thread of its own (a few ms for 40 MiB), not on a
+/// reactor, and not on the waiting caller: a flush that completes first
+/// would wait for it. When the thread cannot start, the closure and the
+/// buffers are dropped here.
+fn unmap_elsewhere(bufs: Buffers) {
+    let _ = std::thread::Builder::new()
+        .name("restore-unmap".into())
+        .spawn(move || drop(bufs));
 }
 
 #[cfg(test)]
@@ -938,8 +1157,8 @@ mod tests {
         let ahead = || Buffers::map_runs(crate::DEFAULT_CHUNK_SIZE, qd);
         let ahead_size = ahead().unwrap().buf_size();
         for cs in [4 << 10, 64 << 10, 1 << 20, 2 << 20, 4 << 20] {
-            let b =
-                Buffers::assemble(cs, qd, ahead(), Buffers::map_staging(cs, qd).unwrap()).unwrap();
+            let b = Buffers::assemble(cs, qd, ahead(), Buffers::map_staging(cs, qd, 1).unwrap())
+                .unwrap();
             let run_bytes = (b.run_max * cs) as usize;
             assert_eq!(run_bytes as u64, RESTORE_IO_BYTES.max(cs), "chunks of {cs}");
             assert_eq!(b.runs.buf_size(), run_bytes, "chunks of {cs}");
@@ -961,5 +1180,28 @@ mod tests {
         // A failed mapping ahead is made up for.
         let b = Buffers::assemble(64 << 10, qd, Err("no".into()), (None, None)).unwrap();
         assert_eq!(b.runs.count(), 6);
+    }
+
+    /// Parts are whole runs, contiguous, cover every chunk once, and are
+    /// never empty (fewer parts than asked when there are fewer runs).
+    #[test]
+    fn parts_are_contiguous_whole_runs() {
+        assert_eq!(part_bounds(600, 64, 2), [0, 320, 600]);
+        assert_eq!(part_bounds(600, 64, 3), [0, 192, 384, 600]);
+        assert_eq!(part_bounds(64, 64, 3), [0, 64]);
+        assert_eq!(part_bounds(65, 64, 3), [0, 64, 65]);
+        assert_eq!(part_bounds(0, 64, 2), [0, 0]);
+        assert_eq!(part_bounds(10, 1, 0), [0, 10]);
+        for chunks in [1, 63, 64, 127, 128, 129, 1000, 4099] {
+            for run_max in [1, 4, 64] {
+                for parts in 1..6 {
+                    let b = part_bounds(chunks, run_max, parts);
+                    assert_eq!((b[0], *b.last().unwrap()), (0, chunks));
+                    assert!(b.len() - 1 <= parts);
+                    assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+                    assert!(b[..b.len() - 1].iter().all(|x| x % run_max == 0), "{b:?}");
+                }
+            }
+        }
     }
 }

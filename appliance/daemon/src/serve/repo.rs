@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hotcopy_cow::repo::{GenState, Generation, Repo, RepoError};
 use hotcopy_cow::repo_bdev::{
-    create_snapshot, restore_to, start_instant_restore, InstantRestore, InstantStatus,
+    create_snapshot, restore_to_on, start_instant_restore, InstantRestore, InstantStatus,
     InstantTuning, OverlayConfig, SnapshotHandle,
 };
 use serde_json::{json, Value};
@@ -343,7 +343,9 @@ pub fn restore(d: &Daemon, params: Option<Value>) -> Result<Value> {
         if let Some(why) = d.state().in_use(&dest) {
             return Err(ServeError::Busy(format!("to: {why}")));
         }
-        let report = restore_to(&d.reg, &ns, gen.id, &dest, d.home(), 0, |_, _| {})?;
+        // Spread over every reactor: one reactor's memcpy and crc32c fall
+        // short of a fast destination's write bandwidth.
+        let report = restore_to_on(&d.reg, &ns, gen.id, &dest, d.reactors(), 0, |_, _| {})?;
         Ok(report)
     })();
     if temporary {
