@@ -21,7 +21,8 @@
 //! arguments, not a repository, I/O failure, a generation that does not
 //! exist).
 //!
-//! [`Offline`] (the bdevs of a command and one reactor) and [`open_repo`]
+//! [`Offline`] (the bdevs of a command and its reactors: one, or two for a
+//! restore) and [`open_repo`]
 //! (errors that name the spec) can serve other offline commands too.
 
 use std::collections::BTreeMap;
@@ -369,7 +370,8 @@ pub fn run(a: RepoArgs) -> anyhow::Result<ExitCode> {
 
 // ---- Offline bdevs and a reactor --------------------------------------------
 
-/// The bdevs of one offline command and the one reactor that drives them.
+/// The bdevs of one offline command and the reactors that drive them
+/// (reactor 0 runs [`Offline::exec`]).
 pub(crate) struct Offline {
     // Declared first: the reactor stops before the bdevs go away.
     rt: Runtime,
