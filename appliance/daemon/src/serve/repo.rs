@@ -10,10 +10,10 @@
 
 use std::time::Duration;
 
-use hotcopy_cow::repo::{GenState, Generation, Repo, RepoError};
+use hotcopy_cow::repo::{GenState, Generation, Repo, RepoError, RepoReader};
 use hotcopy_cow::repo_bdev::{
     create_snapshot, restore_to_on, start_instant_restore, InstantRestore, InstantStatus,
-    InstantTuning, OverlayConfig, SnapshotHandle,
+    InstantTuning, OverlayConfig, RepoBdevError, SnapshotHandle,
 };
 use serde_json::{json, Value};
 
@@ -61,6 +61,40 @@ fn with_repo<T>(
             Repo::open(io).map_err(|e| ServeError::from(e).context(&format!("repo {repo}")))?;
         f(io, &mut r)
     })
+}
+
+/// Opens repository bdev `repo` read-only for its catalog alone and runs
+/// `f`: the superblocks and the current catalog, no generation's index
+/// (see [`Repo::open_reader`]), for paths that only choose a generation.
+/// Damage to an index is found by whoever then loads that index (see
+/// [`gen_error`]).
+fn with_reader<T>(
+    d: &Daemon,
+    repo: &str,
+    f: impl FnOnce(&mut dyn hotcopy_cow::repo::BlockIo, &RepoReader) -> Result<T>,
+) -> Result<T> {
+    let desc = d
+        .reg
+        .open(repo, false)
+        .map_err(|e| ServeError::from(e).context("repo"))?;
+    with_io(desc, |io| {
+        let r = Repo::open_reader(io)
+            .map_err(|e| ServeError::from(e).context(&format!("repo {repo}")))?;
+        f(io, &r)
+    })
+}
+
+/// The error of a restore, snapshot or instant restore of a generation: a
+/// damaged index, found when the engine loads it, is reported as a full
+/// open reports it ("generation N is damaged: why"); anything else as is.
+fn gen_error(e: RepoBdevError) -> ServeError {
+    match e {
+        RepoBdevError::Repo {
+            source: RepoError::CorruptIndex { generation, why },
+            ..
+        } => ServeError::Repository(format!("generation {generation} is damaged: {why}")),
+        e => ServeError::from(e),
+    }
 }
 
 /// Marks `repo` written by `what` for the duration of `f` (one writer per
@@ -242,6 +276,8 @@ pub fn prune(d: &Daemon, params: Option<Value>) -> Result<Value> {
 
 /// The generation a `generation` parameter names: an id, or `"latest"`
 /// (the newest complete one, of `source` if given); it must be complete.
+/// Reads the catalog alone: whether its index is intact is checked when it
+/// is loaded to restore or serve it.
 fn pick_generation(
     d: &Daemon,
     repo: &str,
@@ -254,7 +290,9 @@ fn pick_generation(
             ServeError::param("generation", "expected a generation id or \"latest\"")
         })?),
     };
-    with_repo(d, repo, false, |_, r| {
+    // Only the catalog: a damaged index is reported when the caller's
+    // engine loads it (see `gen_error`).
+    with_reader(d, repo, |_, r| {
         let g = match want {
             Some(id) => r.generation(id).ok_or_else(|| {
                 ServeError::NotFound(format!(
@@ -289,12 +327,6 @@ fn pick_generation(
                     g.id
                 ),
             ));
-        }
-        if let Some(why) = r.damage(g.id) {
-            return Err(ServeError::Repository(format!(
-                "generation {} is damaged: {why}",
-                g.id
-            )));
         }
         Ok(g.clone())
     })
@@ -345,7 +377,8 @@ pub fn restore(d: &Daemon, params: Option<Value>) -> Result<Value> {
         }
         // Spread over every reactor: one reactor's memcpy and crc32c fall
         // short of a fast destination's write bandwidth.
-        let report = restore_to_on(&d.reg, &ns, gen.id, &dest, d.reactors(), 0, |_, _| {})?;
+        let report = restore_to_on(&d.reg, &ns, gen.id, &dest, d.reactors(), 0, |_, _| {})
+            .map_err(gen_error)?;
         Ok(report)
     })();
     if temporary {
@@ -399,7 +432,7 @@ pub fn instant_start(d: &Daemon, params: Option<Value>) -> Result<Value> {
         if let Some(why) = d.state().in_use(&tgt) {
             return Err(ServeError::Busy(format!("target: {why}")));
         }
-        Ok(start_instant_restore(
+        start_instant_restore(
             &d.reg,
             &name,
             &ns,
@@ -407,7 +440,8 @@ pub fn instant_start(d: &Daemon, params: Option<Value>) -> Result<Value> {
             &tgt,
             d.home(),
             InstantTuning::default(),
-        )?)
+        )
+        .map_err(gen_error)
     })();
     let (_bdev, handle) = match started {
         Ok(x) => x,
@@ -591,7 +625,7 @@ pub fn snapshot_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
                 })
             }
         };
-        Ok(create_snapshot(&d.reg, &name, &ns, gen.id, ov)?)
+        create_snapshot(&d.reg, &name, &ns, gen.id, ov).map_err(gen_error)
     })();
     let (bdev, handle) = match made {
         Ok(x) => x,
