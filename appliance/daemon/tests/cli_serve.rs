@@ -1645,3 +1645,155 @@ fn repo_commands_run_through_the_daemon() {
     let err = fails(&["repo", "unmount", "--name", "g2"]);
     assert!(err.contains("--rpc-socket"), "{err}");
 }
+
+/// Names of the daemon's bdevs.
+fn bdev_names(c: &mut Raw) -> Vec<String> {
+    let v = c.call("bdev_get_bdevs", json!({}));
+    v["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_damaged_generation_fails_restore_snapshot_and_instant_restore_and_leaves_nothing_behind() {
+    use hotcopy_cow::repo::{ChunkLoc, GenSpec, MemIo, Repo, SourceIdent};
+    const CS: u32 = 64 << 10;
+    const SIZE: usize = 1 << 20;
+    let dir = scratch("damaged");
+    let d = dir.path();
+    // Three full generations of different data, written with the library:
+    // 2's index and 3's chunk 5 are then damaged on the file.
+    let mut ns = MemIo::new(16 << 20, 512);
+    let mut repo = Repo::format(&mut ns, false).unwrap();
+    let now = hotcopy_cow::repo::now_us();
+    let mut versions = Vec::new();
+    for seed in 1..=3u64 {
+        let p = d.join(format!("v{seed}.img"));
+        common::make_source(&p, 1, seed, 1000, 999);
+        let mut data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len(), SIZE);
+        let spec = GenSpec {
+            source: SourceIdent {
+                name: "vol".into(),
+                size_bytes: SIZE as u64,
+            },
+            chunk_size: CS,
+            parent: None,
+            compare_with_parent: false,
+        };
+        let w = repo.begin(&mut ns, &spec).unwrap();
+        let chunks = (SIZE / CS as usize) as u64;
+        w.write_run(&mut ns, 0, chunks, &mut data).unwrap();
+        let g = repo.commit(&mut ns, w, now).unwrap();
+        assert_eq!(g.id, seed);
+        versions.push(std::fs::read(&p).unwrap());
+    }
+    let index2 = repo.generation(2).unwrap().index.unwrap().offset;
+    let chunk5 = match repo.index(&mut ns, 3).unwrap().resolve(5).unwrap().loc {
+        ChunkLoc::Data(at) => at,
+        other => panic!("chunk 5 of generation 3 is {other:?}"),
+    };
+    let mut img = ns.data.clone();
+    img[index2 as usize + 16 + 5 * 16 + 3] ^= 1;
+    img[chunk5 as usize + 100] ^= 0x20;
+    let repo_file = d.join("repo.img");
+    std::fs::write(&repo_file, &img).unwrap();
+
+    let sock = d.join("rpc.sock");
+    let repo_bdev = format!("repo=uring:{}", repo_file.display());
+    let serve = Serve::start(
+        &["--bdev", &repo_bdev, "--rpc-socket", sock.to_str().unwrap()],
+        &sock,
+        &d.join("serve.log"),
+    );
+    let mut c = Raw::new(&sock);
+    let before = bdev_names(&mut c);
+    let dst = d.join("dst.img");
+    let to = format!("uring:{}@1M", dst.display());
+    let target = format!("uring:{}@1M", d.join("target.img").display());
+
+    // The damaged index: each fails naming the generation, as the full
+    // open reported it, and nothing is left registered.
+    let damaged = "generation 2 is damaged: index block 0";
+    for gen in [json!(2), json!("latest")] {
+        let v = c.call(
+            "hotcopy_repo_restore",
+            json!({"repo": "repo", "generation": gen, "to": to}),
+        );
+        if gen == json!(2) {
+            assert_error(&v, -32004, damaged);
+        } else {
+            // latest is 3: its index is whole, its chunk 5 is not.
+            assert_error(&v, -32004, "restore of generation 3: chunk 5");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains("crc32c"), "{v}");
+        }
+        assert_eq!(bdev_names(&mut c), before, "after {gen}");
+    }
+    let v = c.call(
+        "hotcopy_snapshot_create",
+        json!({"name": "s2", "repo": "repo", "generation": 2, "writable": true}),
+    );
+    assert_error(&v, -32004, damaged);
+    let v = c.call(
+        "hotcopy_instant_restore_start",
+        json!({"name": "i2", "repo": "repo", "generation": 2, "target": target}),
+    );
+    assert_error(&v, -32004, damaged);
+    assert_eq!(bdev_names(&mut c), before);
+    let v = c.call("hotcopy_instant_restore_status", json!({}));
+    assert_eq!(v["result"]["restores"], json!([]), "{v}");
+    // The index of a generation that does not exist is not damage.
+    let v = c.call(
+        "hotcopy_repo_restore",
+        json!({"repo": "repo", "generation": 9, "to": to}),
+    );
+    assert_error(&v, -32001, "generation: no generation 9 in repository repo");
+
+    // The same destination, target and names then work for generation 1.
+    let v = c.call(
+        "hotcopy_repo_restore",
+        json!({"repo": "repo", "generation": 1, "to": to}),
+    );
+    assert_eq!(v["result"]["generation"], 1, "{v}");
+    assert!(
+        std::fs::read(&dst).unwrap() == versions[0],
+        "generation 1 restored differs"
+    );
+    let v = c.call(
+        "hotcopy_snapshot_create",
+        json!({"name": "s2", "repo": "repo", "generation": 1, "writable": true}),
+    );
+    assert_eq!(v["result"]["generation"], 1, "{v}");
+    let v = c.call("hotcopy_snapshot_delete", json!({"name": "s2"}));
+    assert!(v["error"].is_null(), "{v}");
+    let v = c.call(
+        "hotcopy_instant_restore_start",
+        json!({"name": "i2", "repo": "repo", "generation": 1, "target": target}),
+    );
+    assert!(v["error"].is_null(), "{v}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = c.call("hotcopy_instant_restore_status", json!({"name": "i2"}));
+        let state = v["result"]["state"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{v}"));
+        if state == "complete" {
+            break;
+        }
+        assert_eq!(state, "running", "{v}");
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = c.call("hotcopy_bdev_delete", json!({"name": "i2"}));
+    assert!(v["error"].is_null(), "{v}");
+    assert!(
+        std::fs::read(d.join("target.img")).unwrap() == versions[0],
+        "generation 1 hydrated differs"
+    );
+    assert_eq!(bdev_names(&mut c), before);
+    serve.stop_ok();
+}
