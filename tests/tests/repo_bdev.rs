@@ -1377,6 +1377,45 @@ fn fragmented_fixture(reg: &BdevRegistry) -> Vec<Gen> {
     gens
 }
 
+/// Checks a restore of fragmented generation `g` onto `dest`, which held
+/// `before`: the generation's chunks in place (its absent ones left as
+/// they were), nothing past the source touched, and every chunk counted
+/// once in `report`.
+fn assert_frag_restored(
+    reg: &BdevRegistry,
+    dest: &str,
+    size: u64,
+    g: &Gen,
+    before: &[u8],
+    report: &hotcopy_cow::repo_bdev::RestoreReport,
+    what: &str,
+) {
+    let got = read_all(reg, dest, size);
+    let mut want = g.image.clone();
+    for &c in &g.absent {
+        let r = frag_range(c);
+        want[r.clone()].copy_from_slice(&before[r]);
+    }
+    if let Some(b) = got[..FRAG_SRC as usize]
+        .iter()
+        .zip(&want)
+        .position(|(a, b)| a != b)
+    {
+        panic!("{what}: differs at byte {b} (chunk {})", b as u64 / FRAG_CS);
+    }
+    assert_eq!(
+        got[FRAG_SRC as usize..],
+        before[FRAG_SRC as usize..],
+        "{what}: past the source"
+    );
+    assert_eq!(
+        report.data_chunks + report.zero_chunks + report.absent_chunks,
+        FRAG_CHUNKS,
+        "{what}: {report:?}"
+    );
+    assert_eq!(report.absent_chunks, g.absent.len() as u64, "{what}");
+}
+
 #[test]
 fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
     let reg = BdevRegistry::new();
@@ -1384,14 +1423,6 @@ fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
     let rt = runtime();
     let dir = scratch_dir();
     let size = FRAG_SRC + FRAG_CS;
-    let absent_of = |g: &Gen, dest: &[u8]| {
-        let mut out = g.image.clone();
-        for &c in &g.absent {
-            let r = frag_range(c);
-            out[r.clone()].copy_from_slice(&dest[r]);
-        }
-        out
-    };
     // (generation index, destination, queue depth)
     let cases = [
         (0, "m16", 16),
@@ -1418,26 +1449,7 @@ fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
         fill(&reg, dest, before.clone());
         let report = restore_to(&reg, "ns", g.id, dest, rt.reactor(1), qd, |_, _| {}).unwrap();
         let what = format!("generation {} onto {dest} at qd {qd}", g.id);
-        let got = read_all(&reg, dest, size);
-        let want = absent_of(g, &before);
-        if let Some(b) = got[..FRAG_SRC as usize]
-            .iter()
-            .zip(&want)
-            .position(|(a, b)| a != b)
-        {
-            panic!("{what}: differs at byte {b} (chunk {})", b as u64 / FRAG_CS);
-        }
-        assert_eq!(
-            got[FRAG_SRC as usize..],
-            before[FRAG_SRC as usize..],
-            "{what}: past the source"
-        );
-        assert_eq!(
-            report.data_chunks + report.zero_chunks + report.absent_chunks,
-            FRAG_CHUNKS,
-            "{what}"
-        );
-        assert_eq!(report.absent_chunks, g.absent.len() as u64, "{what}");
+        assert_frag_restored(&reg, dest, size, g, &before, &report, &what);
         if gi == 0 {
             // Runs of the full generation without zero chunks are read
             // whole into their buffers; the stretch of zeros is one
@@ -1506,31 +1518,8 @@ fn restore_to_on_two_reactors_writes_each_part_byte_for_byte() {
             g.id,
             homes.len()
         );
-        let got = read_all(&reg, dest, size);
-        let mut want = g.image.clone();
-        for &c in &g.absent {
-            let r = frag_range(c);
-            want[r.clone()].copy_from_slice(&before[r]);
-        }
-        if let Some(b) = got[..FRAG_SRC as usize]
-            .iter()
-            .zip(&want)
-            .position(|(a, b)| a != b)
-        {
-            panic!("{what}: differs at byte {b} (chunk {})", b as u64 / FRAG_CS);
-        }
-        assert_eq!(
-            got[FRAG_SRC as usize..],
-            before[FRAG_SRC as usize..],
-            "{what}: past the source"
-        );
         // Every chunk counted once, every byte written once.
-        assert_eq!(
-            report.data_chunks + report.zero_chunks + report.absent_chunks,
-            FRAG_CHUNKS,
-            "{what}: {report:?}"
-        );
-        assert_eq!(report.absent_chunks, g.absent.len() as u64, "{what}");
+        assert_frag_restored(&reg, dest, size, g, &before, &report, &what);
         assert_eq!(
             report.bytes_written,
             FRAG_SRC - g.absent.len() as u64 * FRAG_CS,
