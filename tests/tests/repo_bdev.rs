@@ -1377,6 +1377,23 @@ fn fragmented_fixture(reg: &BdevRegistry) -> Vec<Gen> {
     gens
 }
 
+/// Creates restore destination `dest` once: "file" is a uring file in
+/// `dir`, any other name a RAM disk.
+fn frag_dest(reg: &BdevRegistry, dest: &str, size: u64, dir: &std::path::Path) {
+    if reg.open(dest, false).is_ok() {
+        return;
+    }
+    if dest == "file" {
+        let opts = uring::UringOptions {
+            size: Some(size),
+            ..uring::UringOptions::new(dir.join("dest.img"))
+        };
+        uring::create(reg, dest, &opts).unwrap();
+    } else {
+        malloc::create(reg, dest, size, BS as u32).unwrap();
+    }
+}
+
 /// Checks a restore of fragmented generation `g` onto `dest`, which held
 /// `before`: the generation's chunks in place (its absent ones left as
 /// they were), nothing past the source touched, and every chunk counted
@@ -1434,17 +1451,7 @@ fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
     ];
     for (i, &(gi, dest, qd)) in cases.iter().enumerate() {
         let g = &gens[gi];
-        if reg.open(dest, false).is_err() {
-            if dest == "file" {
-                let opts = uring::UringOptions {
-                    size: Some(size),
-                    ..uring::UringOptions::new(dir.path().join("dest.img"))
-                };
-                uring::create(&reg, dest, &opts).unwrap();
-            } else {
-                malloc::create(&reg, dest, size, BS as u32).unwrap();
-            }
-        }
+        frag_dest(&reg, dest, size, dir.path());
         let before = pattern(900 + i as u64, size as usize);
         fill(&reg, dest, before.clone());
         let report = restore_to(&reg, "ns", g.id, dest, rt.reactor(1), qd, |_, _| {}).unwrap();
@@ -1497,17 +1504,7 @@ fn restore_to_on_two_reactors_writes_each_part_byte_for_byte() {
     ];
     for (i, &(gi, dest, homes, qd)) in cases.iter().enumerate() {
         let g = &gens[gi];
-        if reg.open(dest, false).is_err() {
-            if dest == "file" {
-                let opts = uring::UringOptions {
-                    size: Some(size),
-                    ..uring::UringOptions::new(dir.path().join("dest.img"))
-                };
-                uring::create(&reg, dest, &opts).unwrap();
-            } else {
-                malloc::create(&reg, dest, size, BS as u32).unwrap();
-            }
-        }
+        frag_dest(&reg, dest, size, dir.path());
         let before = pattern(700 + i as u64, size as usize);
         fill(&reg, dest, before.clone());
         let mut calls: Vec<(u64, u64)> = Vec::new();
