@@ -716,6 +716,23 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Copies the whole NBD export at `uri` into the raw file `out` with
+/// qemu-img (a real client reading every byte).
+fn nbd_to_file(uri: &str, out: &Path) {
+    client(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    );
+}
+
 /// Runs an external client; its failure names the command and its output.
 fn client(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
@@ -782,18 +799,7 @@ fn an_nbd_export_of_a_cow_volume_serves_real_clients_and_backs_up_exactly() {
     let job = backup_wait(serve.sock(), "vol", &repo, &[]);
     assert_eq!(job["state"], "complete", "{job}");
     let via_nbd = d.join("via-nbd.img");
-    client(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            via_nbd.to_str().unwrap(),
-        ],
-    );
+    nbd_to_file(&uri, &via_nbd);
     serve.stop_ok();
     let restored = d.join("restored.img");
     ok(&common::restore_args(
@@ -1032,18 +1038,7 @@ fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_poi
     assert_eq!(code, 1, "{refused}");
     assert!(refused.contains("export it read-only"), "{refused}");
     let t0 = d.join("t0.img");
-    client(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            disk["uri"].as_str().unwrap(),
-            t0.to_str().unwrap(),
-        ],
-    );
+    nbd_to_file(disk["uri"].as_str().unwrap(), &t0);
     let status = ok_parsed(&rpc_args(&s, "hotcopy_backup_status", &["volume=vol"]));
     assert_eq!(
         status["state"], "running",
@@ -1536,18 +1531,7 @@ fn repo_commands_run_through_the_daemon() {
     let uri = m["uri"].as_str().unwrap().to_string();
     assert_eq!(uri, format!("nbd://{nbd}/g2"));
     let via_nbd = d.join("via-nbd.img");
-    client(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            via_nbd.to_str().unwrap(),
-        ],
-    );
+    nbd_to_file(&uri, &via_nbd);
     assert!(
         std::fs::read(&via_nbd).unwrap() == source,
         "the mount differs"
