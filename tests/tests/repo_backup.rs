@@ -554,6 +554,20 @@ fn power_cuts_during_online_backups_never_lose_a_committed_generation() {
     rt.shutdown();
 }
 
+/// A `bytes`-byte RAM namespace `ns` behind a fault bdev (on `ns_base`),
+/// and the fault bdev's control.
+fn fault_ns(reg: &BdevRegistry, bytes: u64) -> hotcopy_bdev::modules::fault::FaultControl {
+    malloc::create(reg, "ns_base", bytes, BS as u32).unwrap();
+    let (_, ctl) = hotcopy_bdev::modules::fault::create(
+        reg,
+        "ns",
+        "ns_base",
+        hotcopy_bdev::modules::fault::FaultOptions::default(),
+    )
+    .unwrap();
+    ctl
+}
+
 /// The commit's metadata I/O (the index, the catalog, the superblock and
 /// their flushes) runs off the job's reactor: on a namespace that takes
 /// 200 ms per I/O, reads of the volume on that reactor keep answering
@@ -565,14 +579,7 @@ fn the_commit_does_not_hold_the_jobs_reactor() {
     let rt = runtime();
     let reg = BdevRegistry::new();
     malloc::create(&reg, "src", SOURCE_BYTES, BS as u32).unwrap();
-    malloc::create(&reg, "ns_base", 64 << 20, BS as u32).unwrap();
-    let (_, ctl) = hotcopy_bdev::modules::fault::create(
-        &reg,
-        "ns",
-        "ns_base",
-        hotcopy_bdev::modules::fault::FaultOptions::default(),
-    )
-    .unwrap();
+    let ctl = fault_ns(&reg, 64 << 20);
     let ns = reg.open("ns", true).unwrap();
     format(&rt, &ns);
     let image = pattern(0xC0DE, SOURCE_BYTES as usize);
@@ -619,14 +626,7 @@ fn the_commit_does_not_hold_the_jobs_reactor() {
 fn a_stalled_namespace_fails_the_operation_and_the_channel_recovers() {
     let rt = runtime();
     let reg = BdevRegistry::new();
-    malloc::create(&reg, "ns_base", 8 << 20, BS as u32).unwrap();
-    let (_, ctl) = hotcopy_bdev::modules::fault::create(
-        &reg,
-        "ns",
-        "ns_base",
-        hotcopy_bdev::modules::fault::FaultOptions::default(),
-    )
-    .unwrap();
+    let ctl = fault_ns(&reg, 8 << 20);
     let ns = reg.open("ns", true).unwrap();
     format(&rt, &ns);
     let ctl2 = ctl.clone();
