@@ -811,21 +811,8 @@ fn restore_to_detects_a_corrupt_chunk() {
     let fx = fixture(false);
     let g = &fx.gens[0];
     // Corrupt one byte of a data chunk of generation 1 on the namespace.
-    let (chunk, at) = {
-        let mut io = ChannelIo::new(fx.reg.open("ns", true).unwrap().channel().unwrap());
-        let repo = Repo::open(&mut io).unwrap();
-        let index = repo.index(&mut io, g.id).unwrap();
-        let chunk = 37;
-        let Some(ChunkLoc::Data(loc)) = index.resolve(chunk).map(|e| e.loc) else {
-            panic!("chunk {chunk} is stored");
-        };
-        let at = loc + 1000;
-        let mut block = vec![0u8; BS as usize];
-        io.read(at / BS * BS, &mut block).unwrap();
-        block[(at % BS) as usize] ^= 0x10;
-        io.write(at / BS * BS, &block).unwrap();
-        (chunk, loc)
-    };
+    let chunk = 37;
+    let at = flip_chunk_bit(&fx.reg, g.id, chunk);
     malloc::create(&fx.reg, "dest", SRC, BS as u32).unwrap();
     let rt = runtime();
     let err = restore_to(&fx.reg, "ns", g.id, "dest", rt.reactor(0), 8, |_, _| {}).unwrap_err();
@@ -1377,6 +1364,24 @@ fn fragmented_fixture(reg: &BdevRegistry) -> Vec<Gen> {
     gens
 }
 
+/// Flips one bit inside stored chunk `chunk` of generation `gen` on the
+/// namespace `ns` of `reg` (flipping it again undoes it); returns where the
+/// chunk is stored.
+fn flip_chunk_bit(reg: &BdevRegistry, gen: u64, chunk: u64) -> u64 {
+    let mut io = ChannelIo::new(reg.open("ns", true).unwrap().channel().unwrap());
+    let repo = Repo::open(&mut io).unwrap();
+    let index = repo.index(&mut io, gen).unwrap();
+    let Some(ChunkLoc::Data(loc)) = index.resolve(chunk).map(|e| e.loc) else {
+        panic!("chunk {chunk} is stored");
+    };
+    let at = loc + 1000;
+    let mut block = vec![0u8; BS as usize];
+    io.read(at / BS * BS, &mut block).unwrap();
+    block[(at % BS) as usize] ^= 0x10;
+    io.write(at / BS * BS, &block).unwrap();
+    loc
+}
+
 /// Creates restore destination `dest` once: "file" is a uring file in
 /// `dir`, any other name a RAM disk.
 fn frag_dest(reg: &BdevRegistry, dest: &str, size: u64, dir: &std::path::Path) {
@@ -1581,20 +1586,7 @@ fn restore_to_on_fails_with_the_error_of_the_part_that_failed() {
 
     // Flips a bit of chunk `chunk` of generation 1 on the namespace;
     // returns where the chunk is stored and how to undo it.
-    let corrupt = |chunk: u64| -> u64 {
-        let mut io = ChannelIo::new(reg.open("ns", true).unwrap().channel().unwrap());
-        let repo = Repo::open(&mut io).unwrap();
-        let index = repo.index(&mut io, g.id).unwrap();
-        let Some(ChunkLoc::Data(loc)) = index.resolve(chunk).map(|e| e.loc) else {
-            panic!("chunk {chunk} is stored");
-        };
-        let at = loc + 1000;
-        let mut block = vec![0u8; BS as usize];
-        io.read(at / BS * BS, &mut block).unwrap();
-        block[(at % BS) as usize] ^= 0x10;
-        io.write(at / BS * BS, &block).unwrap();
-        loc
-    };
+    let corrupt = |chunk: u64| -> u64 { flip_chunk_bit(&reg, g.id, chunk) };
     // (corrupt chunk, reactors): in the second of two parts (320..600),
     // and in the first of three (0..192).
     for (chunk, homes) in [(550u64, &two[..]), (100, &three[..])] {
