@@ -111,6 +111,9 @@ pub struct JobStatus {
     /// How long the target's final flush took (ms; 0 until it completes):
     /// part of `elapsed_s`, the price of a durable backup.
     pub target_flush_ms: f64,
+    /// Copy runs read ahead of the target's writes while hosts were idle
+    /// (see [`crate::job`]).
+    pub read_ahead_runs: u64,
     /// The generation committed, when the target is a repository.
     pub generation: Option<u64>,
     pub submitters: Vec<SubmitterStats>,
@@ -220,6 +223,7 @@ impl BackupJob {
             bystander_latency_ratio: c.bystander_milli.load(Ordering::Relaxed) as f64 / 1000.0,
             pressed_drain_depth: c.drain_depth.load(Ordering::Relaxed),
             target_flush_ms: c.target_flush_ticks.load(Ordering::Relaxed) as f64 / tpu / 1000.0,
+            read_ahead_runs: c.read_ahead_runs.load(Ordering::Relaxed),
             generation: match j.generation.load(Ordering::Relaxed) {
                 0 => None,
                 g => Some(g),

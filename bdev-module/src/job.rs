@@ -49,6 +49,20 @@
 //! or at once when there are no bystanders. The writers that fill the
 //! container are then the ones paced harder, which is the point of per
 //! submitter pacing: the writer causing the pressure is the one slowed.
+//!
+//! # Reading ahead while hosts are idle
+//! A copy run is a read from the source and then a write to the target
+//! with the same buffer. A source in memory (`malloc`) does its read as a
+//! memcpy on this reactor, so when a burst of target writes completes, the
+//! freed buffers would go back to the target only after one memcpy each,
+//! one after another, and the target would run short of writes for that
+//! long. While hosts are idle (no host I/O in the last window) the streams
+//! keep [`lookahead_runs`] more buffers than the budget, filled ahead: a
+//! copy read whose write would take the target's copy writes past the
+//! budget waits, read, in a queue, and a completed target write is replaced
+//! from that queue before any new read. The target's writes are entered
+//! into the kernel before the next reads run. With hosts active there is no
+//! read-ahead: the budget bounds reads and writes together as before.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -58,7 +72,7 @@ use std::time::Duration;
 use crossbeam::channel::{Receiver, TryRecvError};
 use crossbeam::queue::ArrayQueue;
 use hotcopy_bdev::{BdevChannel, BdevDesc, BdevIo, IoStatus};
-use hotcopy_runtime::{clock, BufferPool, DmaBuf};
+use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode};
 use serde::Serialize;
 
 use crate::chunk_map::{ChunkMap, ChunkState};
@@ -195,6 +209,8 @@ pub struct JobCounters {
     pub drain_depth: AtomicU64,
     /// Ticks the target's final flush took (0 until it completes).
     pub target_flush_ticks: AtomicU64,
+    /// Copy runs whose target write waited for another to end (read ahead).
+    pub read_ahead_runs: AtomicU64,
 }
 
 /// Requests from the control path to the streams.
@@ -374,6 +390,12 @@ struct Op {
 /// Largest copy I/O: consecutive pending chunks are copied together up to this.
 pub const COPY_RUN_BYTES: u64 = 1 << 20;
 
+/// Copy runs read ahead of the target's writes while hosts are idle: half
+/// the streams' queue depth (see the module docs).
+pub fn lookahead_runs(queue_depth: usize) -> usize {
+    queue_depth.div_ceil(2)
+}
+
 /// The streams' budget is counted in units of this many bytes (or of one
 /// chunk, when chunks are larger), so that the controller's floor, its
 /// steps and its ceiling mean the same bytes in flight whatever the chunk
@@ -407,6 +429,15 @@ pub(crate) struct Streams {
     tgt: BdevChannel,
     cont: BdevChannel,
     bufs: Vec<DmaBuf>,
+    /// Copy runs read and waiting for their target write (read-ahead), with
+    /// the source blocks each holds; their chunks count in `inflight_chunks`.
+    ready: VecDeque<(Op, u64, DmaBuf)>,
+    /// Chunks of copy runs being written to the target.
+    writing_chunks: u32,
+    /// Chunks the copy stream may read beyond the budget while hosts are idle.
+    ahead_chunks: u32,
+    /// No host I/O in the last window (read-ahead allowed).
+    hosts_idle: bool,
     ops: Vec<Option<Op>>,
     free_ops: Vec<usize>,
     /// Completions of one pass (kept to reuse its allocation).
@@ -460,9 +491,14 @@ impl Streams {
         let qd = job.tuning.max_queue_depth.max(1) as usize;
         let chunk_bytes = job.chunk_blocks * job.block_size;
         let bytes = chunk_bytes.max(COPY_RUN_BYTES) as usize;
-        let bufs = (0..qd)
-            .map(|_| DmaBuf::alloc(bytes).map_err(|e| format!("stream buffers: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ahead = lookahead_runs(qd);
+        let nbufs = qd + ahead;
+        // One region for all of them (transparent huge pages from 2 MiB).
+        let pool = BufferPool::new(bytes.div_ceil(4096) * 4096, nbufs, HugepageMode::Auto)
+            .map_err(|e| format!("stream buffers: {e}"))?;
+        let bufs = (0..nbufs)
+            .map(|_| pool.get(bytes).expect("the pool holds every stream buffer"))
+            .collect::<Vec<_>>();
         let run_chunks = if job.target.contiguous() {
             (COPY_RUN_BYTES / chunk_bytes).max(1) as u32
         } else {
@@ -485,10 +521,14 @@ impl Streams {
             inflight_chunks: 0,
             run_chunks,
             unit_chunks,
-            ops: (0..qd + 2).map(|_| None).collect(),
-            free_ops: (0..qd + 2).rev().collect(),
-            completed: Vec::with_capacity(qd + 2),
+            ops: (0..nbufs + 2).map(|_| None).collect(),
+            free_ops: (0..nbufs + 2).rev().collect(),
+            completed: Vec::with_capacity(nbufs + 2),
             bufs,
+            ready: VecDeque::with_capacity(nbufs),
+            writing_chunks: 0,
+            ahead_chunks: ahead as u32 * run_chunks,
+            hosts_idle: job.tuning.adaptive && fg_ref == 0,
             cursor: 0,
             prio: VecDeque::new(),
             deferred: VecDeque::new(),
@@ -555,7 +595,25 @@ impl Streams {
         if now < self.paused_until {
             0
         } else {
-            (self.budget_q / 16).max(1) * self.unit_chunks
+            self.budget_chunks()
+        }
+    }
+
+    /// The budget in chunks, duty cycle aside.
+    #[inline]
+    fn budget_chunks(&self) -> u32 {
+        (self.budget_q / 16).max(1) * self.unit_chunks
+    }
+
+    /// Sends read-ahead copy runs to the target while its copy writes are
+    /// within the budget, oldest first.
+    fn flush_ready(&mut self) {
+        while self.writing_chunks < self.budget_chunks() {
+            let Some((op, blocks, buf)) = self.ready.pop_front() else {
+                break;
+            };
+            self.inflight_chunks -= op.weight;
+            self.write_to_target(OpKind::CopyWrite, &op, blocks, buf);
         }
     }
 
@@ -585,6 +643,12 @@ impl Streams {
         for io in completed.drain(..) {
             self.complete(io, now);
         }
+        // Hand the target the writes just queued before this pass's reads
+        // (a memory source's read is a memcpy on this reactor).
+        work += self.tgt.poll(&mut |io| completed.push(io));
+        for io in completed.drain(..) {
+            self.complete(io, now);
+        }
         self.completed = completed;
         // Once the commit has begun the job's outcome is the commit's.
         if self.job.cancel.load(Ordering::Relaxed) && !matches!(self.phase, Phase::Committing(_)) {
@@ -595,6 +659,8 @@ impl Streams {
         match &self.phase {
             Phase::Running => {
                 if self.job.state().is_finished() {
+                    // Read-ahead runs are not written once the job has ended.
+                    self.ready.clear();
                     if self.inflight() == 0 {
                         // Failed or cancelled: the target drops what it began.
                         let why = self.job.error().unwrap_or_else(|| "ended".into());
@@ -677,9 +743,18 @@ impl Streams {
                         .transition(c, ChunkState::Copying, ChunkState::Copied);
                     debug_assert!(moved, "only the copy stream moves a Copying chunk");
                 }
-                self.write_to_target(OpKind::CopyWrite, &op, io.num_blocks, buf);
+                if self.ready.is_empty() && self.writing_chunks < self.budget_chunks() {
+                    self.write_to_target(OpKind::CopyWrite, &op, io.num_blocks, buf);
+                } else {
+                    // Read ahead (or the budget shrank while it read): its
+                    // write waits for one in flight to end.
+                    self.inflight_chunks += op.weight;
+                    job.counters.read_ahead_runs.fetch_add(1, Ordering::Relaxed);
+                    self.ready.push_back((op, io.num_blocks, buf));
+                }
             }
             OpKind::CopyWrite => {
+                self.writing_chunks -= op.weight;
                 if let Some(b) = buf {
                     self.bufs.push(b);
                 }
@@ -690,6 +765,7 @@ impl Streams {
                     ));
                 }
                 self.copied(&op, now);
+                self.flush_ready();
             }
             OpKind::DrainRead => {
                 let buf = buf.expect("drain read carries a buffer");
@@ -807,6 +883,9 @@ impl Streams {
             Ok(Some((lba, bytes))) => {
                 buf.set_len(bytes);
                 let tb = self.tgt.block_size() as u64;
+                if kind == OpKind::CopyWrite {
+                    self.writing_chunks += op.weight;
+                }
                 let j = self.start_op(kind, op.chunk, op.count, op.slot, op.weight, op.start);
                 self.tgt
                     .submit(BdevIo::write(lba, bytes as u64 / tb, buf, j as u64));
@@ -888,8 +967,15 @@ impl Streams {
             let mut ctl = job.control.lock().unwrap_or_else(|e| e.into_inner());
             self.prio.extend(ctl.prioritize.drain(..));
         }
+        self.flush_ready();
         let rate = job.rate_limit.load(Ordering::Relaxed);
         let chunk_bytes = job.chunk_blocks * job.block_size;
+        // Idle hosts: read ahead of the target's writes (module docs).
+        let cap = if self.hosts_idle && cap > 0 {
+            cap + self.ahead_chunks
+        } else {
+            cap
+        };
         while self.inflight_chunks < cap && !self.bufs.is_empty() {
             if rate > 0 {
                 let allowed = (now - self.rate_start) as f64 / self.tick_us / 1e6 * rate as f64;
@@ -988,6 +1074,7 @@ impl Streams {
         let fg_ref = self.job.counters.fg_ref_ticks.load(Ordering::Relaxed);
         self.fg_ref = fg_ref;
         self.ref_calibrated = fg_ref > 0;
+        self.hosts_idle = self.job.tuning.adaptive && fg_ref == 0;
         self.budget_q = if self.job.tuning.adaptive && fg_ref > 0 {
             16
         } else {
@@ -1050,6 +1137,9 @@ impl Streams {
             self.adapt_drain();
             if d_done < FG_MIN_SAMPLES {
                 let fg = &self.job.fg;
+                self.hosts_idle = d_done == 0
+                    && fg.held.load(Ordering::Relaxed) == 0
+                    && fg.busy.load(Ordering::Relaxed) == 0;
                 if fg.held.load(Ordering::Relaxed) == 0 && fg.busy.load(Ordering::Relaxed) == 0 {
                     // Hosts (nearly) idle: the device is ours.
                     self.budget_q = (self.budget_q * 2).min(self.max_budget_q);
@@ -1061,6 +1151,7 @@ impl Streams {
                 // next (a slow device widens the window until it says
                 // something).
             } else {
+                self.hosts_idle = false;
                 self.fg_prev = (area, done);
                 let lat = d_area / d_done;
                 self.job.counters.fg_lat_ticks.store(lat, Ordering::Relaxed);

@@ -14,8 +14,8 @@ use std::time::Duration;
 use hotcopy_bdev::modules::{fault, malloc, uring};
 use hotcopy_bdev::{BdevRegistry, IoStatus};
 use hotcopy_cow::{
-    start_backup, BackupConfig, BlockRange, ContainerConfig, JobState, JobTuning, RawImageTarget,
-    Scope,
+    start_backup, BackupConfig, BlockRange, ContainerConfig, JobState, JobStatus, JobTuning,
+    RawImageTarget, Scope,
 };
 use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
 use hotcopy_tests::*;
@@ -60,9 +60,16 @@ struct Case {
     uring: bool,
     /// `JobTuning::pressed_drain_depth`.
     pressed_drain_depth: u32,
+    /// Start the writers this long after the job instead of before it: the
+    /// job starts on idle hosts and reads ahead (see `hotcopy_cow::job`)
+    /// until they arrive.
+    writers_late_ms: Option<u64>,
+    /// `JobTuning::max_queue_depth`.
+    stream_qd: u32,
 }
 
-fn run_case(case: &Case, rt: &Runtime) {
+/// Runs one case, checks the invariant, and returns the job's last status.
+fn run_case(case: &Case, rt: &Runtime) -> JobStatus {
     let reg = BdevRegistry::new();
     let chunk = case.chunk_kib * 1024;
     let dir = scratch_dir();
@@ -95,19 +102,25 @@ fn run_case(case: &Case, rt: &Runtime) {
     let desc = reg.open("vol", true).unwrap();
 
     // Writers, one per reactor, each in its own half of the device.
-    let writers = Writers::start(
-        rt,
-        &desc,
-        WriterSpec {
-            rng_seeds: (0..case.writers)
-                .map(|core| 0x9E37_79B9 ^ ((core as u64 + 1) * 7919))
-                .collect(),
-            qd: case.qd,
-            max_blocks: case.max_write_blocks,
-            skip: |_, _| false,
-        },
-    );
-    std::thread::sleep(Duration::from_millis(case.writes_before_ms));
+    let start_writers = || {
+        Writers::start(
+            rt,
+            &desc,
+            WriterSpec {
+                rng_seeds: (0..case.writers)
+                    .map(|core| 0x9E37_79B9 ^ ((core as u64 + 1) * 7919))
+                    .collect(),
+                qd: case.qd,
+                max_blocks: case.max_write_blocks,
+                skip: |_, _| false,
+            },
+        )
+    };
+    let mut writers = None;
+    if case.writers_late_ms.is_none() {
+        writers = Some(start_writers());
+        std::thread::sleep(Duration::from_millis(case.writes_before_ms));
+    }
 
     let scope = Scope {
         include: case
@@ -133,7 +146,7 @@ fn run_case(case: &Case, rt: &Runtime) {
         chunk_size: chunk,
         scope: scope.clone(),
         tuning: JobTuning {
-            max_queue_depth: 4,
+            max_queue_depth: case.stream_qd,
             soft_watermark: case.soft_watermark,
             pressed_drain_depth: case.pressed_drain_depth,
             ..JobTuning::default()
@@ -144,6 +157,10 @@ fn run_case(case: &Case, rt: &Runtime) {
     if let Some((s, l)) = case.prioritize {
         job.prioritize(BlockRange::new(s, l));
     }
+    if let Some(ms) = case.writers_late_ms {
+        std::thread::sleep(Duration::from_millis(ms));
+        writers = Some(start_writers());
+    }
     // Generous: CI runs these tests in parallel, each runtime with two
     // busy-polling reactors on 2 vCPUs, and a case with a one-deep pressed
     // drain moves every chunk through captures one drain at a time (one run
@@ -152,7 +169,7 @@ fn run_case(case: &Case, rt: &Runtime) {
     let status = job.status();
 
     // Stop the writers and collect their logs once everything has completed.
-    let outcomes = writers.stop();
+    let outcomes = writers.expect("started").stop();
 
     // No write was ever failed, and none was lost.
     for (core, o) in outcomes.iter().enumerate() {
@@ -172,7 +189,7 @@ fn run_case(case: &Case, rt: &Runtime) {
 
     if case.fail_target_after.is_some() && state == JobState::Failed {
         assert!(status.error.is_some());
-        return;
+        return status;
     }
     assert_eq!(
         state,
@@ -237,6 +254,7 @@ fn run_case(case: &Case, rt: &Runtime) {
         status.container_peak <= case.slots as u64,
         "the container never held more than its slots"
     );
+    status
 }
 
 fn base_case() -> Case {
@@ -255,6 +273,8 @@ fn base_case() -> Case {
         writes_before_ms: 20,
         uring: false,
         pressed_drain_depth: 16,
+        writers_late_ms: None,
+        stream_qd: 4,
     }
 }
 
@@ -327,6 +347,32 @@ fn include_exclude_and_prioritize_keep_the_backup_exact() {
     );
 }
 
+/// A job started on idle hosts reads ahead: with one copy run written at a
+/// time to a slow target, the next runs wait, read, for their write. Writers
+/// arriving then overwrite chunks whose T0 content is only in those
+/// buffers (they pass: the content is safe), and the ones still pending
+/// are captured; the backup is exact either way. Four cases: a RAM source
+/// and a file source, each with the writers arriving early and late.
+#[test]
+fn writers_arriving_while_the_streams_read_ahead_keep_the_backup_exact() {
+    let rt = runtime();
+    for (uring, late) in [(false, 5), (false, 40), (true, 5), (true, 40)] {
+        let case = Case {
+            uring,
+            stream_qd: 1,
+            target_latency_us: 20_000,
+            writers_late_ms: Some(late),
+            slots: 8,
+            ..base_case()
+        };
+        let status = run_case(&case, &rt);
+        assert!(
+            status.read_ahead_runs > 0,
+            "the streams read ahead before the writers came: {status:?}"
+        );
+    }
+}
+
 /// A one-slot container drained one I/O at a time while it is full, under
 /// a slow target: the paced writers wait longest, and the backup is exact.
 #[test]
@@ -390,12 +436,14 @@ proptest! {
         soft_watermark in prop::sample::select(vec![0.0f64, 0.5, 1.0]),
         uring in prop::bool::weighted(0.5),
         pressed_drain_depth in prop::sample::select(vec![1u32, 4, 16]),
+        writers_late_ms in prop::option::weighted(0.3, 0u64..20),
+        stream_qd in prop::sample::select(vec![1u32, 4]),
     ) {
         let rt = runtime();
         run_case(&Case {
             chunk_kib, slots, writers, qd, max_write_blocks, target_latency_us,
             fail_target_after: fail, include, exclude, prioritize, soft_watermark,
-            writes_before_ms: 5, uring, pressed_drain_depth,
+            writes_before_ms: 5, uring, pressed_drain_depth, writers_late_ms, stream_qd,
         }, &rt);
     }
 }
@@ -483,12 +531,16 @@ fn only_writers_that_never_wait_are_measured_as_bystanders() {
         .clone();
     let count = |w: &Writers| -> Vec<u64> { w.logs().iter().map(|l| l.len() as u64).collect() };
     let job = start_backup(&cow, rt.reactor(1), cfg).expect("job starts");
-    let (by0, n0) = (fg.read_bystanders(), count(&writers));
+    // The logs are read on the writers' reactors, which takes a while on a
+    // loaded machine: read the meter before and after each count, so that
+    // the inner pair of readings lies within the logs' interval and the
+    // outer pair around it.
+    let (by0a, n0, by0b) = (fg.read_bystanders(), count(&writers), fg.read_bystanders());
     // Measure while the job is well under way, not to its end: once the
     // last in-scope chunks are done, writer 0 stops waiting and becomes a
     // bystander too, as it should.
     std::thread::sleep(Duration::from_millis(300));
-    let (by1, n1) = (fg.read_bystanders(), count(&writers));
+    let (by1a, n1, by1b) = (fg.read_bystanders(), count(&writers), fg.read_bystanders());
     let mid = job.status();
     assert_eq!(job.wait(Duration::from_secs(180)), JobState::Complete);
     let outcomes = writers.stop();
@@ -497,20 +549,20 @@ fn only_writers_that_never_wait_are_measured_as_bystanders() {
         mid.chunks_pending > 0,
         "the job must still have been running while measured: {mid:?}"
     );
-    let by_done = by1.2 - by0.2;
+    let (inner, outer) = (by1a.2 - by0b.2, by1b.2 - by0a.2);
     let (w0, w1) = (n1[0] - n0[0], n1[1] - n0[1]);
     assert!(w0 > 0 && w1 > 0, "both writers wrote: {w0} {w1}");
     // Writer 1's completions, give or take the writes in flight at each
     // reading (and a reactor stall that let writer 0 go 20 ms unheld).
     assert!(
-        by_done <= w1 + 8 + w0 / 10,
-        "bystander completions {by_done}, writer 1 wrote {w1}, writer 0 {w0}"
+        inner <= w1 + 8 + w0 / 10,
+        "bystander completions {inner}, writer 1 wrote {w1}, writer 0 {w0}"
     );
     assert!(
-        by_done >= w1 / 2,
-        "bystander completions {by_done}, writer 1 wrote {w1}"
+        outer >= w1 / 2,
+        "bystander completions {outer}, writer 1 wrote {w1}"
     );
     // Measured against a reference: its reference area is nonzero.
-    assert!(by1.1 > by0.1);
+    assert!(by1b.1 > by0a.1);
     assert!((1..=16).contains(&mid.pressed_drain_depth));
 }
