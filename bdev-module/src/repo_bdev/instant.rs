@@ -827,6 +827,12 @@ impl Hydrator {
             self.io_done(io);
         }
         self.comp = comp;
+        if work > 0 {
+            // The writes of the runs just read go to the device before this
+            // pass's new reads (a namespace in memory reads by memcpy here).
+            let kicked = &mut self.kicked;
+            self.tgt.poll(&mut |io| kicked.push(io));
+        }
         let stop = self.failed || self.sh.cancel.load(Ordering::Relaxed);
         let now = clock::ticks();
         let qd = if now.saturating_sub(self.sh.host_tick.load(Ordering::Relaxed)) < self.busy_ticks

@@ -66,6 +66,13 @@
 //! chunk-sized pieces keeps as many bytes in flight as a full one read in
 //! 1 MiB pieces.
 //!
+//! Each pass hands the destination the writes it queued (runs completed
+//! by the reads just reaped, and zero runs) before it issues new reads:
+//! a namespace in memory reads by memcpy on the reactor, and writes
+//! entered only after a pass's memcpys left the destination short of work
+//! for that long (generation 1's 1 MiB reads restored 0.84× of the
+//! destination's write ceiling that way, and 1.02× with the writes first).
+//!
 //! After its last write each part flushes the destination (a flush covers
 //! every write completed before it), so the restore succeeds only once
 //! every part's writes are flushed. The first error stops new I/O; the
@@ -416,10 +423,12 @@ impl Restorer {
         }
         self.comp = comp;
         let writes = self.issue_writes() + self.plan();
-        let reads = self.issue_reads();
+        // Writes go to the device before this pass's reads: a namespace in
+        // memory reads by memcpy on this reactor, as long as they take.
         if writes > 0 {
             self.kick_dst();
         }
+        let reads = self.issue_reads();
         if reads > 0 {
             self.kick_ns();
         }
