@@ -1150,6 +1150,19 @@ fn campaign_case<D: CrashDevice>(io: &mut D, seed: u64, max_cuts: u64, tally: &m
     }
 }
 
+/// The phases every campaign must cut at least [`MIN_CUTS_PER_PHASE`] times.
+const CUT_PHASES: [&str; 6] = ["begin", "place", "commit", "prune", "remove", "restore"];
+const MIN_CUTS_PER_PHASE: u64 = 5;
+
+/// A campaign goes on until it has made `min_cuts` cuts and cut every phase
+/// of [`CUT_PHASES`] often enough (restore and remove come up least).
+fn campaign_goes_on(tally: &Tally, min_cuts: u64) -> bool {
+    tally.cuts < min_cuts
+        || CUT_PHASES
+            .iter()
+            .any(|p| tally.by_phase.get(p).copied().unwrap_or(0) < MIN_CUTS_PER_PHASE)
+}
+
 fn check_tally(name: &str, tally: &Tally, t0: Instant) {
     eprintln!(
         "{name}: {} cuts ({:?}), by phase {:?}; cut commits kept {}, lost {}",
@@ -1159,9 +1172,9 @@ fn check_tally(name: &str, tally: &Tally, t0: Instant) {
         tally.commits_kept,
         tally.commits_lost
     );
-    for phase in ["begin", "place", "commit", "prune"] {
+    for phase in CUT_PHASES {
         assert!(
-            tally.by_phase.get(phase).copied().unwrap_or(0) >= 5,
+            tally.by_phase.get(phase).copied().unwrap_or(0) >= MIN_CUTS_PER_PHASE,
             "{name}: too few cuts in {phase}: {:?}",
             tally.by_phase
         );
@@ -1182,7 +1195,12 @@ fn power_cuts_on_the_fault_bdev_never_lose_a_committed_generation() {
         let mut tally = Tally::default();
         let t0 = Instant::now();
         let mut case = 0;
-        while tally.cuts < 200 {
+        while campaign_goes_on(&tally, 200) {
+            assert!(
+                case < 5000,
+                "the campaign never cut every phase: {:?}",
+                tally.by_phase
+            );
             let reg = BdevRegistry::new();
             malloc::create(&reg, "m", 2 << 20, 512).unwrap();
             let opts = fault::FaultOptions {
@@ -1213,7 +1231,12 @@ fn torn_and_reordered_unflushed_writes_never_lose_a_committed_generation() {
     let mut tally = Tally::default();
     let t0 = Instant::now();
     let mut case = 0;
-    while tally.cuts < 300 {
+    while campaign_goes_on(&tally, 300) {
+        assert!(
+            case < 5000,
+            "the campaign never cut every phase: {:?}",
+            tally.by_phase
+        );
         let mut io = SectorCrashIo::new(2 << 20);
         campaign_case(&mut io, 1_000_000 + case, 3, &mut tally);
         case += 1;

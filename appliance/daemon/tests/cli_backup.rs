@@ -179,6 +179,9 @@ fn kill_9_mid_backup_leaves_the_committed_generation_intact_and_the_next_backup_
 
 /// `repo mount` serves a generation over NBD: qemu-img reads exactly the
 /// backup; a writable mount takes writes that the repository never sees.
+/// Isolation from the source both ways: the source changes after the
+/// backup and no mount shows it; the writable mount's writes never reach
+/// the source. Then the generation is restored onto the source itself.
 #[test]
 fn repo_mount_serves_a_generation_over_nbd_read_only_and_writable() {
     let dir = scratch("mount");
@@ -190,6 +193,10 @@ fn repo_mount_serves_a_generation_over_nbd_read_only_and_writable() {
     ok(&["repo", "format", "--repo", &repo]);
     backup(&source, &repo, &[]);
     let original = std::fs::read(&src).unwrap();
+    // The source moves on after its backup.
+    let mut changed = original.clone();
+    changed[2 << 20..3 << 20].fill(0x55);
+    std::fs::write(&src, &changed).unwrap();
     for writable in [false, true] {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -291,9 +298,19 @@ fn repo_mount_serves_a_generation_over_nbd_read_only_and_writable() {
             "repo mount did not stop cleanly"
         );
     }
-    // Neither mount changed the repository.
+    // Neither mount changed the repository, nor the source.
     ok(&["repo", "verify", "--repo", &repo]);
+    assert!(
+        std::fs::read(&src).unwrap() == changed,
+        "a write to the mount reached the source"
+    );
     let out = d.join("out.img");
     restore(&repo, "latest", &format!("uring:{}@16M", out.display()));
     assert!(std::fs::read(&out).unwrap() == original);
+    // Restore onto the original volume: it is the backup again.
+    restore(&repo, "latest", &source);
+    assert!(
+        std::fs::read(&src).unwrap() == original,
+        "the restore onto the source differs from the backup"
+    );
 }
