@@ -288,8 +288,10 @@ fn full_and_fifty_incrementals_restore_byte_for_byte() {
 
 #[test]
 fn resolving_a_chunk_costs_the_same_at_any_chain_length() {
+    // The chain: generation 1 against generation 100.
+    const GENERATIONS: u64 = 100;
     let reg = BdevRegistry::new();
-    malloc::create(&reg, "repo", 16 << 20, 512).unwrap();
+    malloc::create(&reg, "repo", 32 << 20, 512).unwrap();
     let desc = reg.open("repo", true).unwrap();
     on_reactor(move |_| {
         let mut io = ChannelIo::new(desc.channel().unwrap());
@@ -300,7 +302,7 @@ fn resolving_a_chunk_costs_the_same_at_any_chain_length() {
         write_chunks(&mut io, &w, &src, &(0..600).collect::<Vec<_>>(), 64).unwrap();
         let first = repo.commit(&mut io, w, 1).unwrap();
         let mut last = first.clone();
-        for n in 1..50u64 {
+        for n in 1..GENERATIONS {
             // Each incremental stores one chunk and inherits the rest.
             let c = n * 7 % 600;
             src[c as usize * CSU] ^= 0xFF;
@@ -335,16 +337,22 @@ fn resolving_a_chunk_costs_the_same_at_any_chain_length() {
             (index_cost, (c.reads, c.read_bytes), idx)
         };
         let (i1, r1, idx1) = cost(&repo, &mut io, first.id);
-        let (i50, r50, idx50) = cost(&repo, &mut io, last.id);
-        assert_eq!(i1, i50, "loading the index of generation 1 vs 50");
+        let (i_n, r_n, idx_n) = cost(&repo, &mut io, last.id);
+        assert_eq!(
+            i1, i_n,
+            "loading the index of generation 1 vs {GENERATIONS}"
+        );
         assert_eq!(r1, (1, CS as u64), "one read of one chunk");
-        assert_eq!(r50, r1, "reading a shared chunk from generation 50");
-        // Structurally: every chunk of generation 50 resolves from its own
+        assert_eq!(
+            r_n, r1,
+            "reading a shared chunk from generation {GENERATIONS}"
+        );
+        // Structurally: every chunk of the last generation resolves from its own
         // index, to the data of whichever generation stored it.
-        assert_eq!(idx50.chunks(), 600);
+        assert_eq!(idx_n.chunks(), 600);
         let mut by: BTreeMap<u64, u64> = BTreeMap::new();
         for c in 0..600 {
-            let e = idx50.resolve(c).unwrap();
+            let e = idx_n.resolve(c).unwrap();
             *by.entry(e.stored_by).or_default() += 1;
             if e.stored_by == first.id {
                 assert_eq!(
@@ -354,8 +362,12 @@ fn resolving_a_chunk_costs_the_same_at_any_chain_length() {
                 );
             }
         }
-        assert_eq!(by.len(), 50, "data from every generation of the chain");
-        assert_eq!(by[&first.id], 551);
+        assert_eq!(
+            by.len() as u64,
+            GENERATIONS,
+            "data from every generation of the chain"
+        );
+        assert_eq!(by[&first.id], 600 - (GENERATIONS - 1));
     });
 }
 
