@@ -314,3 +314,50 @@ fn repo_mount_serves_a_generation_over_nbd_read_only_and_writable() {
         "the restore onto the source differs from the backup"
     );
 }
+
+/// On a terminal `repo restore` draws a progress bar with the generation's
+/// size as its total (run under `script`, which gives it a pty); through
+/// a pipe it draws none.
+#[test]
+fn restore_draws_a_progress_bar_on_a_terminal_only() {
+    let dir = scratch("bar");
+    let d = dir.path();
+    let src = d.join("src.img");
+    make_source(&src, 16, 9);
+    let repo = format!("uring:{}@64M", d.join("repo.img").display());
+    ok(&["repo", "format", "--repo", &repo]);
+    backup(&format!("uring:{}", src.display()), &repo, &[]);
+    let to = format!("uring:{}@16M", d.join("out.img").display());
+    let cmd = format!("{BIN} repo restore --repo {repo} --generation latest --to {to}");
+    let out = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs");
+    assert!(out.status.success(), "{out:?}");
+    // Drop the terminal's escape sequences and carriage returns.
+    let raw = String::from_utf8_lossy(&out.stdout);
+    let mut text = String::new();
+    let mut esc = false;
+    for ch in raw.chars() {
+        match (esc, ch) {
+            (false, '\x1b') => esc = true,
+            (true, c) if c.is_ascii_alphabetic() => esc = false,
+            (true, _) => {}
+            (false, '\r') => text.push('\n'),
+            (false, c) => text.push(c),
+        }
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("restore ") && l.contains("/16.00 MiB")),
+        "no progress bar on the terminal: {text}"
+    );
+    assert!(std::fs::read(d.join("out.img")).unwrap() == std::fs::read(&src).unwrap());
+    // Through a pipe: no bar.
+    let (code, _, err) = hotcopy(&restore_args(&repo, "latest", &to));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("MiB/16.00 MiB"),
+        "a bar drawn into a pipe: {err}"
+    );
+}
