@@ -1482,9 +1482,11 @@ fn restore_to_gathers_a_fragmented_generation_byte_for_byte() {
 
 /// A restore over two (and three) reactors writes what one does: the
 /// fragmented chain's 600 chunks are ten runs of 64 (the last one short),
-/// cut into parts at chunk 320 (two reactors) or 192 and 384 (three), so
-/// that the full generation's stretch of zeros (200..400) and the last
-/// one's absent chunks (300..310) are near or across a part's end. The
+/// cut into parts of about equal work (data chunks weigh more than zero
+/// ones, absent ones nothing): at chunk 384 for the full generation over
+/// two reactors, inside its stretch of zeros (200..400); at 256 for the
+/// last one, whose absent chunks (300..310) fall in its second part; at
+/// 192 and 512 over three. The
 /// destination holds a pattern first, so a part that skips a chunk at its
 /// ends leaves it there; one that restores a chunk twice counts it twice in
 /// the report and in the progress.

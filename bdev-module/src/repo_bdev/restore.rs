@@ -47,7 +47,10 @@
 //! Over `n` reactors the generation's chunks are cut into `n` contiguous
 //! *parts* of whole runs' worth of chunks (1 MiB of them; fewer parts when
 //! the generation has fewer runs than that), so that no data run
-//! straddles two parts; a zero run ends at its part's end. Each part is
+//! straddles two parts; a zero run ends at its part's end. The cuts share
+//! the work, not the chunk count: a data chunk weighs 16, a zero chunk 1,
+//! an absent chunk nothing, so that a sparse generation (data in one half,
+//! zeros in the other) does not leave one reactor with all the copying. Each part is
 //! restored by a poller of its own on its reactor, with its own namespace
 //! and destination channels and its own buffers, as below. They share the
 //! index (loaded once) and the progress count. The first part to fail
@@ -849,6 +852,55 @@ pub fn restore_to(
     )
 }
 
+/// What a run costs a part, for cutting the generation into parts of
+/// about equal work: a data chunk is read, checked and written
+/// ([`DATA_WEIGHT`]); a zero chunk is at most a zeroed write, usually part
+/// of one write-zeroes (1); an absent chunk costs nothing.
+const DATA_WEIGHT: u64 = 16;
+
+/// Each run's weight (see [`DATA_WEIGHT`]), for [`weighted_part_bounds`].
+fn run_weights(index: &GenIndex, run_max: u64) -> Vec<u64> {
+    let chunks = index.chunks();
+    (0..chunks.div_ceil(run_max))
+        .map(|r| {
+            (r * run_max..((r + 1) * run_max).min(chunks))
+                .map(|c| match index.resolve(c).map(|e| e.loc) {
+                    Some(ChunkLoc::Data(_)) => DATA_WEIGHT,
+                    Some(ChunkLoc::Zero) => 1,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        })
+        .collect()
+}
+
+/// [`part_bounds`], with the cuts placed by the runs' `weights` (one per
+/// run) instead of by chunk count, so that a sparse generation (its data
+/// in one half, zeros or absent chunks in the other) still gives each
+/// part about the same work. A cut goes after the first run where the
+/// weight so far reaches the next `k / parts` of the total; with no
+/// weight at all, the cut is by chunk count. Fewer parts when the weight
+/// sits in too few runs to cut between.
+fn weighted_part_bounds(weights: &[u64], chunks: u64, run_max: u64, parts: usize) -> Vec<u64> {
+    let runs = chunks.div_ceil(run_max);
+    let n = (parts.max(1) as u64).min(runs.max(1));
+    let total: u64 = weights.iter().sum();
+    if total == 0 || n == 1 || weights.len() as u64 != runs {
+        return part_bounds(chunks, run_max, parts);
+    }
+    let mut bounds = vec![0];
+    let mut acc = 0u64;
+    for (r, &w) in weights.iter().enumerate() {
+        acc += w;
+        let (k, next) = (bounds.len() as u64, r as u64 + 1);
+        if k < n && next < runs && acc * n >= total * k {
+            bounds.push(next * run_max);
+        }
+    }
+    bounds.push(chunks);
+    bounds
+}
+
 /// Chunks `bounds[i]..bounds[i + 1]` are part `i` of a restore of `chunks`
 /// chunks in runs of `run_max` chunks over at most `parts` parts: as many
 /// parts as there are runs, at most, each a contiguous range of whole runs
@@ -903,7 +955,8 @@ pub fn restore_to_on(
             let index = load_index(&ns, generation)?;
             let cs = index.chunk_size() as u64;
             let (run_max, _) = Buffers::shape(cs, qd);
-            let bounds = part_bounds(index.chunks(), run_max, homes.len());
+            let weights = run_weights(&index, run_max);
+            let bounds = weighted_part_bounds(&weights, index.chunks(), run_max, homes.len());
             let parts = bounds.len() - 1;
             let staging = (0..parts)
                 .map(|_| Buffers::map_staging(cs, part_qd(parts), parts))
@@ -1209,6 +1262,69 @@ mod tests {
                     assert!(b.len() - 1 <= parts);
                     assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
                     assert!(b[..b.len() - 1].iter().all(|x| x % run_max == 0), "{b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_parts_balance_the_work_of_a_sparse_generation() {
+        // Even weights cut where chunk counts do.
+        assert_eq!(
+            weighted_part_bounds(&[16; 10], 600, 64, 2),
+            part_bounds(600, 64, 2)
+        );
+        // The data in the first four of ten runs, zeros after: two parts
+        // share the data rather than one getting all of it.
+        let mut w = vec![16 * 64; 4];
+        w.extend([64; 6]);
+        assert_eq!(weighted_part_bounds(&w, 640, 64, 2), [0, 192, 640]);
+        assert_eq!(part_bounds(640, 64, 2), [0, 320, 640]);
+        // All the weight in the last run: nothing to cut between.
+        assert_eq!(weighted_part_bounds(&[0, 0, 0, 5], 256, 64, 2), [0, 256]);
+        // No weight (every chunk absent), or weights of another shape:
+        // by chunk count.
+        assert_eq!(
+            weighted_part_bounds(&[0; 10], 600, 64, 3),
+            part_bounds(600, 64, 3)
+        );
+        assert_eq!(
+            weighted_part_bounds(&[1; 3], 600, 64, 3),
+            part_bounds(600, 64, 3)
+        );
+        // Invariants, and balance: no part carries more than its share
+        // plus one run.
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        for chunks in [1u64, 63, 64, 129, 1000, 4099] {
+            for run_max in [1u64, 4, 64] {
+                let runs = chunks.div_ceil(run_max) as usize;
+                for parts in 1..6 {
+                    let w: Vec<u64> = (0..runs)
+                        .map(|_| {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            [0, 1, 16, 16 * 64][(seed % 4) as usize]
+                        })
+                        .collect();
+                    let b = weighted_part_bounds(&w, chunks, run_max, parts);
+                    assert_eq!((b[0], *b.last().unwrap()), (0, chunks));
+                    assert!(b.len() - 1 <= parts);
+                    assert!(b.windows(2).all(|x| x[0] < x[1]), "{b:?}");
+                    assert!(b[..b.len() - 1].iter().all(|x| x % run_max == 0), "{b:?}");
+                    // With every part cut, none carries more than its
+                    // share plus one run.
+                    let total: u64 = w.iter().sum();
+                    let n = b.len() as u64 - 1;
+                    if total > 0 && n == parts.min(runs) as u64 {
+                        let heaviest = w.iter().copied().max().unwrap_or(0);
+                        for p in b.windows(2) {
+                            let (r0, r1) =
+                                ((p[0] / run_max) as usize, p[1].div_ceil(run_max) as usize);
+                            let part: u64 = w[r0..r1].iter().sum();
+                            assert!(part <= total.div_ceil(n) + heaviest, "{w:?} {b:?}");
+                        }
+                    }
                 }
             }
         }
