@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{fails, hotcopy, ok, ok_json, restore_args, scratch, BIN};
+use common::{fails, hotcopy, nbd_to_file, ok, ok_json, restore_args, scratch, BIN};
 use serde_json::Value;
 
 /// A file of `mib` MiB of pseudo-random data (different per `seed`), with a
@@ -263,19 +263,7 @@ fn repo_mount_serves_a_generation_over_nbd_read_only_and_writable() {
             );
         }
         let via = d.join(format!("via-{writable}.img"));
-        let (okc, out) = run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &uri,
-                via.to_str().unwrap(),
-            ],
-        );
-        assert!(okc, "{out}");
+        nbd_to_file(&uri, &via);
         let got = std::fs::read(&via).unwrap();
         if writable {
             assert!(

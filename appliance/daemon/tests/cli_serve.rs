@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{fails, hotcopy, ok, ok_parsed, BIN};
+use common::{client, fails, hotcopy, nbd_to_file, ok, ok_parsed, BIN};
 
 fn scratch(tag: &str) -> tempfile::TempDir {
     common::scratch(&format!("serve-{tag}"))
@@ -714,38 +714,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Copies the whole NBD export at `uri` into the raw file `out` with
-/// qemu-img (a real client reading every byte).
-fn nbd_to_file(uri: &str, out: &Path) {
-    client(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            uri,
-            out.to_str().unwrap(),
-        ],
-    );
-}
-
-/// Runs an external client; its failure names the command and its output.
-fn client(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils and fio)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The cow volume exported over NBD by `hotcopy serve`: qemu-io and fio's

@@ -101,3 +101,35 @@ pub fn make_source(path: &Path, mib: usize, seed: u64, zero_every: usize, zero_a
     }
     std::fs::write(path, data).unwrap();
 }
+
+/// Copies the whole NBD export at `uri` into the raw file `out` with
+/// qemu-img (a real client reading every byte).
+pub fn nbd_to_file(uri: &str, out: &Path) {
+    client(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Runs an external client; its failure names the command and its output.
+pub fn client(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils and fio)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
