@@ -438,6 +438,8 @@ pub(crate) struct Streams {
     ahead_chunks: u32,
     /// No host I/O in the last window (read-ahead allowed).
     hosts_idle: bool,
+    /// Writes were submitted to the target since it was last polled.
+    tgt_queued: bool,
     ops: Vec<Option<Op>>,
     free_ops: Vec<usize>,
     /// Completions of one pass (kept to reuse its allocation).
@@ -529,6 +531,7 @@ impl Streams {
             writing_chunks: 0,
             ahead_chunks: ahead as u32 * run_chunks,
             hosts_idle: job.tuning.adaptive && fg_ref == 0,
+            tgt_queued: false,
             cursor: 0,
             prio: VecDeque::new(),
             deferred: VecDeque::new(),
@@ -638,6 +641,8 @@ impl Streams {
         let mut work = 0;
         let mut completed = std::mem::take(&mut self.completed);
         work += self.src.poll(&mut |io| completed.push(io));
+        // This enters whatever was queued for the target so far.
+        self.tgt_queued = false;
         work += self.tgt.poll(&mut |io| completed.push(io));
         work += self.cont.poll(&mut |io| completed.push(io));
         for io in completed.drain(..) {
@@ -645,9 +650,11 @@ impl Streams {
         }
         // Hand the target the writes just queued before this pass's reads
         // (a memory source's read is a memcpy on this reactor).
-        work += self.tgt.poll(&mut |io| completed.push(io));
-        for io in completed.drain(..) {
-            self.complete(io, now);
+        if std::mem::take(&mut self.tgt_queued) {
+            work += self.tgt.poll(&mut |io| completed.push(io));
+            for io in completed.drain(..) {
+                self.complete(io, now);
+            }
         }
         self.completed = completed;
         // Once the commit has begun the job's outcome is the commit's.
@@ -889,6 +896,7 @@ impl Streams {
                 let j = self.start_op(kind, op.chunk, op.count, op.slot, op.weight, op.start);
                 self.tgt
                     .submit(BdevIo::write(lba, bytes as u64 / tb, buf, j as u64));
+                self.tgt_queued = true;
             }
         }
     }
@@ -1137,10 +1145,10 @@ impl Streams {
             self.adapt_drain();
             if d_done < FG_MIN_SAMPLES {
                 let fg = &self.job.fg;
-                self.hosts_idle = d_done == 0
-                    && fg.held.load(Ordering::Relaxed) == 0
-                    && fg.busy.load(Ordering::Relaxed) == 0;
-                if fg.held.load(Ordering::Relaxed) == 0 && fg.busy.load(Ordering::Relaxed) == 0 {
+                let quiet =
+                    fg.held.load(Ordering::Relaxed) == 0 && fg.busy.load(Ordering::Relaxed) == 0;
+                self.hosts_idle = d_done == 0 && quiet;
+                if quiet {
                     // Hosts (nearly) idle: the device is ours.
                     self.budget_q = (self.budget_q * 2).min(self.max_budget_q);
                     self.fg_prev = (area, done);
