@@ -34,7 +34,7 @@ pub use reactor::{
     SendError,
 };
 pub use runtime::{Runtime, RuntimeConfig, RuntimeError};
-pub use sys::dma::{BufferPool, DmaBuf, HugepageMode, PoolError};
+pub use sys::dma::{BufferPool, DmaBuf, HugepageMode, LendingRegion, PoolError};
 
 /// The buffer types, also reachable as `hotcopy_runtime::buf`.
 pub mod buf {

@@ -14,6 +14,13 @@
 //!
 //! Invariants: every `DmaBuf` points at `cap` bytes aligned to
 //! [`crate::sys::PAGE_SIZE`] that no other live `DmaBuf` points at; `len <= cap`.
+//!
+//! The one exception is a buffer lent by a [`LendingRegion`]: a window onto
+//! memory that something else manages (a RAM disk's blocks), handed to a
+//! write of another device so the bytes need not be copied first (SPDK's
+//! zero-copy I/O on malloc bdevs). Lending is `unsafe`: the lender promises
+//! that nobody writes the window while the buffer lives, and that its holder
+//! only reads it. Dropping a lent buffer returns nothing.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -58,6 +65,9 @@ struct PoolInner {
     buf_size: usize,
     count: usize,
     free: ArrayQueue<u32>,
+    /// The memory of a [`LendingRegion`]: its buffers are windows, and
+    /// dropping one returns nothing.
+    lending: bool,
 }
 
 /// A fixed set of equal, aligned buffers. Cloning shares the pool.
@@ -124,6 +134,7 @@ impl BufferPool {
                 buf_size,
                 count,
                 free,
+                lending: false,
             }),
         })
     }
@@ -266,10 +277,90 @@ impl DerefMut for DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
+        if self.pool.lending {
+            return;
+        }
         let idx =
             (self.ptr.as_ptr() as usize - self.pool.region.as_ptr() as usize) / self.pool.buf_size;
         // The queue has room for every index, so this cannot fail.
         let _ = self.pool.free.push(idx as u32);
+    }
+}
+
+/// Memory that lends windows of itself as [`DmaBuf`]s, without copying: a
+/// RAM disk keeps its blocks in one, and a copy of its blocks to another
+/// device can write straight from them. Cloning shares the memory, which
+/// lives as long as the last clone or lent buffer.
+#[derive(Clone)]
+pub struct LendingRegion {
+    inner: Arc<PoolInner>,
+}
+
+impl fmt::Debug for LendingRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LendingRegion")
+            .field("len", &self.inner.region.len())
+            .field("hugepage", &self.inner.region.is_hugepage())
+            .finish()
+    }
+}
+
+impl LendingRegion {
+    pub fn new(region: Region) -> LendingRegion {
+        LendingRegion {
+            inner: Arc::new(PoolInner {
+                buf_size: region.len(),
+                region,
+                count: 0,
+                free: ArrayQueue::new(1),
+                lending: true,
+            }),
+        }
+    }
+
+    #[inline]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.region.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.region.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.region.len() == 0
+    }
+
+    pub fn is_hugepage(&self) -> bool {
+        self.inner.region.is_hugepage()
+    }
+
+    /// Lends the `len` bytes at `offset` as a buffer (no copy, no
+    /// allocation), or `None` when the window is empty, not page-aligned,
+    /// larger than a `DmaBuf` can describe, or not inside the region.
+    ///
+    /// # Safety
+    /// While the returned buffer lives, nobody may write the window's bytes
+    /// (through this region or another lent buffer), and its holder must
+    /// only read them: never through `DerefMut` or `as_mut_ptr`.
+    #[inline]
+    pub unsafe fn lend(&self, offset: usize, len: usize) -> Option<DmaBuf> {
+        let end = offset.checked_add(len)?;
+        if len == 0
+            || len > u32::MAX as usize
+            || !offset.is_multiple_of(PAGE_SIZE)
+            || end > self.inner.region.len()
+        {
+            return None;
+        }
+        // SAFETY: offset + len lies inside the region (checked above).
+        let ptr = unsafe { self.inner.region.as_ptr().add(offset) };
+        Some(DmaBuf {
+            ptr: NonNull::new(ptr)?,
+            len: len as u32,
+            cap: len as u32,
+            pool: self.inner.clone(),
+        })
     }
 }
 
@@ -311,6 +402,47 @@ mod tests {
         assert_eq!(b.len(), 100);
         drop(b);
         assert_eq!(pool.available(), 1, "returned from another thread");
+    }
+
+    #[test]
+    fn a_lending_region_lends_windows_in_place_and_gets_nothing_back() {
+        let region = Region::map(4 * PAGE_SIZE, false, true).unwrap();
+        // SAFETY: nothing else refers to the fresh mapping yet.
+        unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), region.len()) }
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i / PAGE_SIZE) as u8);
+        let mem = LendingRegion::new(region);
+        // SAFETY: nothing writes the region while the windows live; the test
+        // only reads them.
+        let (a, b) = unsafe {
+            (
+                mem.lend(PAGE_SIZE, 2 * PAGE_SIZE).unwrap(),
+                mem.lend(3 * PAGE_SIZE, PAGE_SIZE).unwrap(),
+            )
+        };
+        assert_eq!(
+            a.as_ptr(),
+            mem.as_ptr().wrapping_add(PAGE_SIZE).cast_const()
+        );
+        assert_eq!((a.len(), a.capacity()), (2 * PAGE_SIZE, 2 * PAGE_SIZE));
+        assert!(a[..PAGE_SIZE].iter().all(|&x| x == 1));
+        assert!(a[PAGE_SIZE..].iter().all(|&x| x == 2));
+        assert!(b.iter().all(|&x| x == 3));
+        // SAFETY: as above (these are refused before anything is lent).
+        unsafe {
+            assert!(mem.lend(100, PAGE_SIZE).is_none(), "unaligned");
+            assert!(
+                mem.lend(3 * PAGE_SIZE, 2 * PAGE_SIZE).is_none(),
+                "past the end"
+            );
+            assert!(mem.lend(0, 0).is_none(), "empty");
+            assert!(mem.lend(usize::MAX - 1, 2).is_none(), "overflow");
+        }
+        // The memory outlives its region handle while a window is out.
+        drop(mem);
+        drop(a);
+        assert!(b.iter().all(|&x| x == 3));
     }
 
     #[test]
