@@ -5,6 +5,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hotcopy_runtime::{DmaBuf, LendingRegion};
+
 use crate::io::{BdevIo, IoError, IoStatus, IoType};
 use crate::stats::{self, IoStats, ShardHandle, StatsPool};
 use crate::BdevError;
@@ -102,6 +104,64 @@ pub trait BdevBackend: AsAny + Send + Sync + 'static {
     fn allocated_ranges(&self) -> Option<Vec<(u64, u64)>> {
         None
     }
+
+    /// The memory holding the bdev's blocks, when they live in this
+    /// process (a RAM disk): see [`MemoryWindow`]. Control path.
+    fn memory_window(&self) -> Option<MemoryWindow> {
+        None
+    }
+}
+
+/// The blocks of a RAM-backed bdev, lent in place for zero-copy reads: a
+/// copy of them to another device writes straight from the bdev's memory
+/// instead of reading into a buffer first (SPDK's zcopy on malloc bdevs).
+/// The reads bypass the bdev's channels, so they do not show in its I/O
+/// statistics.
+#[derive(Clone, Debug)]
+pub struct MemoryWindow {
+    mem: LendingRegion,
+    block_size: u64,
+    num_blocks: u64,
+}
+
+impl MemoryWindow {
+    /// The window onto `mem`, which holds `num_blocks` blocks of
+    /// `block_size` bytes from its start.
+    pub fn new(mem: LendingRegion, block_size: u64, num_blocks: u64) -> Option<MemoryWindow> {
+        let bytes = block_size.checked_mul(num_blocks)?;
+        (block_size > 0 && bytes <= mem.len() as u64).then_some(MemoryWindow {
+            mem,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    /// Blocks `[offset_blocks, offset_blocks + num_blocks)` as a buffer that
+    /// points into the bdev's memory, or `None` when the range is empty,
+    /// past the end, or not page-aligned in memory.
+    ///
+    /// # Safety
+    /// While the buffer lives nothing may write those blocks (no write to
+    /// the bdev may touch them), and its holder must only read it.
+    #[inline]
+    pub unsafe fn lend(&self, offset_blocks: u64, num_blocks: u64) -> Option<DmaBuf> {
+        let end = offset_blocks.checked_add(num_blocks)?;
+        if end > self.num_blocks {
+            return None;
+        }
+        let off = usize::try_from(offset_blocks * self.block_size).ok()?;
+        let len = usize::try_from(num_blocks * self.block_size).ok()?;
+        // SAFETY: the caller's promise is the one `lend` asks for.
+        unsafe { self.mem.lend(off, len) }
+    }
 }
 
 /// Lets the control path reach a module's own type behind a [`Bdev`]
@@ -191,6 +251,11 @@ impl Bdev {
     /// See [`BdevBackend::allocated_ranges`].
     pub fn allocated_ranges(&self) -> Option<Vec<(u64, u64)>> {
         self.0.backend.allocated_ranges()
+    }
+
+    /// See [`BdevBackend::memory_window`].
+    pub fn memory_window(&self) -> Option<MemoryWindow> {
+        self.0.backend.memory_window()
     }
 
     /// Counters and latency percentiles of the I/O through this bdev's

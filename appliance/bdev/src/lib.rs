@@ -34,7 +34,7 @@ pub mod testing;
 
 pub use bdev::{
     format_uuid, AsAny, BackendChannel, Bdev, BdevBackend, BdevChannel, BdevDesc, BdevInfo,
-    BdevRegistry, ChannelStats, Claim,
+    BdevRegistry, ChannelStats, Claim, MemoryWindow,
 };
 pub use io::{BdevIo, IoError, IoStatus, IoType};
 pub use stats::{IoStats, Latencies, LatencySummary, OpCounts};

@@ -6,6 +6,10 @@
 //! range; unmap also records the blocks as deallocated, which the backup
 //! module uses to skip them.
 //!
+//! Its blocks can also be lent in place ([`MemoryWindow`]): the backup's
+//! copy stream then writes them to the target without reading them into a
+//! buffer first.
+//!
 //! Concurrency: channels on different cores copy into the same memory without
 //! a lock, as DMA engines do into a disk's cache. Racing writes to one block
 //! leave torn data in that block (as on a disk); they cannot corrupt anything
@@ -16,8 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hotcopy_runtime::sys::{self, Region};
+use hotcopy_runtime::LendingRegion;
 
-use crate::bdev::{BackendChannel, BdevBackend, BdevInfo, BdevRegistry};
+use crate::bdev::{BackendChannel, BdevBackend, BdevInfo, BdevRegistry, MemoryWindow};
 use crate::io::{BdevIo, IoStatus, IoType};
 use crate::{Bdev, BdevError};
 
@@ -26,7 +31,8 @@ use crate::{Bdev, BdevError};
 pub const ALLOC_GRANULE: u64 = 64 * 1024;
 
 struct MallocShared {
-    region: Region,
+    /// The blocks, lendable for zero-copy reads ([`MemoryWindow`]).
+    region: LendingRegion,
     block_size: u64,
     /// One bit per granule: set once any byte of it was written.
     allocated: Vec<AtomicU64>,
@@ -66,6 +72,11 @@ impl BdevBackend for MallocBdev {
             }
         }
         Some(out)
+    }
+
+    fn memory_window(&self) -> Option<MemoryWindow> {
+        let s = &self.shared;
+        MemoryWindow::new(s.region.clone(), s.block_size, s.num_blocks)
     }
 }
 
@@ -172,7 +183,7 @@ pub fn create(
         .map(|_| AtomicU64::new(0))
         .collect();
     let shared = Arc::new(MallocShared {
-        region,
+        region: LendingRegion::new(region),
         block_size: bs,
         allocated,
         granule_blocks,
@@ -182,4 +193,35 @@ pub fn create(
         BdevInfo::new(name, "malloc", block_size, num_blocks),
         MallocBdev { shared },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing;
+
+    #[test]
+    fn lent_blocks_are_the_bdev_s_own_memory() {
+        let reg = BdevRegistry::new();
+        let bdev = create(&reg, "m", 1 << 20, 512).unwrap();
+        let mut ch = bdev.open(true).unwrap().channel().unwrap();
+        let data = testing::pattern(7, 64 << 10);
+        assert!(testing::write(&mut ch, 256, &data).is_success());
+        let win = bdev.memory_window().expect("a RAM disk lends its blocks");
+        assert_eq!((win.block_size(), win.num_blocks()), (512, 2048));
+        // SAFETY: nothing writes blocks 256..384 while `lent` lives; the
+        // test only reads it.
+        let lent = unsafe { win.lend(256, 128) }.unwrap();
+        assert_eq!(&lent[..], &data[..], "the bytes written, in place");
+        // SAFETY: refused ranges lend nothing.
+        unsafe {
+            assert!(win.lend(2000, 49).is_none(), "past the end");
+            assert!(win.lend(1, 8).is_none(), "not page-aligned");
+            assert!(win.lend(0, 0).is_none(), "empty");
+        }
+        drop(lent);
+        // A disk that is not in memory lends nothing.
+        let null = crate::modules::null::create(&reg, "n", 1 << 20, 512).unwrap();
+        assert!(null.memory_window().is_none());
+    }
 }
