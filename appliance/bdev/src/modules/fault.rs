@@ -16,6 +16,7 @@
 //! | [`fail_next_reads`](FaultControl::fail_next_reads) / [`fail_next_writes`](FaultControl::fail_next_writes) | exactly the next `n` reads / writes fail with `Injected` (replaces any count still pending) |
 //! | [`fail_writes_after`](FaultControl::fail_writes_after) | the next `n` writes succeed, the `n + 1`-th and every later one fails with `Injected` until [`clear`](FaultControl::clear): a backup target that dies mid-job |
 //! | [`set_latency_us`](FaultControl::set_latency_us) | every completion is held until at least `submit time + latency` |
+//! | [`set_late_writes`](FaultControl::set_late_writes) | writes wait in the bdev until their release time (latency, bandwidth) and only then go to the base, which takes their data from the caller's buffer then: a device that fetches write data when it runs the command, not when it is queued. Without it the base takes the data at submit and only the completion is held |
 //! | [`set_bandwidth_limit`](FaultControl::set_bandwidth_limit) | reads and writes are paced to `bytes_per_sec` for the whole bdev (0 = unlimited): a slow target. Excess I/O is held, never failed |
 //! | [`power_cut`](FaultControl::power_cut) / [`power_on`](FaultControl::power_on) | see *Power cuts* below |
 //! | [`clear`](FaultControl::clear) | all of the above off, power on (the volatile cache keeps its contents) |
@@ -246,6 +247,7 @@ struct FaultShared {
     writes_left: AtomicU64,
     latency_us: AtomicU64,
     latency_ticks: AtomicU64,
+    late_writes: AtomicBool,
     bw_limit: AtomicU64,
     /// End of the last bandwidth slot handed out, in ticks.
     bw_next: AtomicU64,
@@ -435,6 +437,14 @@ impl FaultControl {
         s.latency_ticks.store(s.us_to_ticks(us), Ordering::Relaxed);
     }
 
+    /// Writes (not write-zeroes, unmap or flush) wait in the bdev until
+    /// their release time and only then reach the base, which reads their
+    /// buffer then (see the module docs). For bdevs without a volatile
+    /// cache; with one it has no effect.
+    pub fn set_late_writes(&self, on: bool) {
+        self.shared.late_writes.store(on, Ordering::Relaxed);
+    }
+
     /// Paces reads and writes of the whole bdev to `bytes_per_sec` (0 = no
     /// limit). I/O over the budget is held until its slot ends, never failed.
     pub fn set_bandwidth_limit(&self, bytes_per_sec: u64) {
@@ -479,6 +489,7 @@ impl FaultControl {
         s.fail_writes.store(0, Ordering::Relaxed);
         s.writes_left.store(NEVER, Ordering::Relaxed);
         self.set_latency_us(0);
+        self.set_late_writes(false);
         self.set_bandwidth_limit(0);
         self.power_on();
     }
@@ -569,6 +580,7 @@ impl BdevBackend for FaultBdev {
             free_slots,
             from_base: VecDeque::with_capacity(QUEUE_HINT),
             held: VecDeque::with_capacity(QUEUE_HINT),
+            late: VecDeque::new(),
             jobs: VecDeque::new(),
             wb_pool,
             chunk_blocks: (chunk as u64 / s.block_size).max(1),
@@ -652,6 +664,8 @@ struct FaultChannel {
     free_slots: Vec<u32>,
     from_base: VecDeque<BdevIo>,
     held: VecDeque<Held>,
+    /// Late writes waiting for their release time to go to the base.
+    late: VecDeque<Held>,
     /// This channel's write-back jobs, in the device-wide order.
     jobs: VecDeque<Job>,
     wb_pool: Option<BufferPool>,
@@ -1005,12 +1019,31 @@ impl BackendChannel for FaultChannel {
         }
         if s.cache.is_some() {
             self.submit_cached(io, epoch, release);
+        } else if io.io_type == IoType::Write && s.late_writes.load(Ordering::Relaxed) {
+            self.late.push_back(Held { release, epoch, io });
         } else {
             self.submit_base(io, epoch, release, 0);
         }
     }
 
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+        if !self.late.is_empty() {
+            // Late writes whose time has come go to the base now, and
+            // complete when it does. Across a power transition one never
+            // reaches it.
+            let now = clock::ticks();
+            let epoch = self.shared.epoch.load(Ordering::SeqCst);
+            while self.late.front().is_some_and(|h| h.release <= now) {
+                let Some(h) = self.late.pop_front() else {
+                    break;
+                };
+                if h.epoch == epoch && self.shared.powered.load(Ordering::SeqCst) {
+                    self.submit_base(h.io, h.epoch, now, 0);
+                } else {
+                    self.hold(h.io, IoStatus::Failed(IoError::PowerLoss), now, h.epoch);
+                }
+            }
+        }
         {
             let q = &mut self.from_base;
             self.base.poll(&mut |io| q.push_back(io));
@@ -1094,6 +1127,7 @@ pub fn create(
         writes_left: AtomicU64::new(NEVER),
         latency_us: AtomicU64::new(0),
         latency_ticks: AtomicU64::new(0),
+        late_writes: AtomicBool::new(false),
         bw_limit: AtomicU64::new(0),
         bw_next: AtomicU64::new(0),
         powered: AtomicBool::new(true),
@@ -1485,6 +1519,62 @@ mod tests {
                 OK,
                 "u64::MAX turns it off"
             );
+        });
+    }
+
+    #[test]
+    fn late_writes_reach_the_base_only_at_their_release_time() {
+        on_reactor(|| {
+            let mut r = rig(FaultOptions {
+                latency_us: 20_000,
+                ..Default::default()
+            });
+            // Without late writes the base takes the data at submit.
+            r.ch.submit(BdevIo::write(
+                0,
+                1,
+                DmaBuf::from_slice(&[1; BS]).unwrap(),
+                1,
+            ));
+            r.ch.poll(&mut |_| panic!("back before its latency"));
+            assert_eq!(read(&mut r.base, 0, 1).unwrap(), vec![1; BS]);
+            assert_eq!(wait_for(&mut r.ch, 1).status, OK);
+            // With them it reaches the base only once its time has come.
+            r.ctl.set_late_writes(true);
+            let t0 = Instant::now();
+            r.ch.submit(BdevIo::write(
+                0,
+                1,
+                DmaBuf::from_slice(&[2; BS]).unwrap(),
+                2,
+            ));
+            r.ch.poll(&mut |_| panic!("back before its latency"));
+            let before = read(&mut r.base, 0, 1).unwrap();
+            if t0.elapsed() < Duration::from_millis(15) {
+                assert_eq!(before, vec![1; BS], "a late write reached the base early");
+            }
+            assert_eq!(wait_for(&mut r.ch, 2).status, OK);
+            assert!(t0.elapsed() >= Duration::from_millis(20));
+            assert_eq!(read(&mut r.base, 0, 1).unwrap(), vec![2; BS]);
+            // Reads are not affected; a cut while a late write waits fails
+            // it without touching the base.
+            assert_eq!(read(&mut r.ch, 0, 1).unwrap(), vec![2; BS]);
+            r.ch.submit(BdevIo::write(
+                0,
+                1,
+                DmaBuf::from_slice(&[3; BS]).unwrap(),
+                3,
+            ));
+            r.ctl.power_cut();
+            r.ctl.power_on();
+            assert_eq!(
+                wait_for(&mut r.ch, 3).status,
+                IoStatus::Failed(IoError::PowerLoss)
+            );
+            assert_eq!(read(&mut r.base, 0, 1).unwrap(), vec![2; BS]);
+            r.ctl.clear();
+            assert_eq!(write(&mut r.ch, 0, &[4; BS]), OK);
+            assert_eq!(read(&mut r.base, 0, 1).unwrap(), vec![4; BS]);
         });
     }
 
