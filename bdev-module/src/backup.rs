@@ -114,6 +114,10 @@ pub struct JobStatus {
     /// Copy runs read ahead of the target's writes while hosts were idle
     /// (see [`crate::job`]).
     pub read_ahead_runs: u64,
+    /// Copy runs written to the target straight from the source's memory
+    /// while hosts were idle (a RAM source and a raw target; see
+    /// [`crate::job`]).
+    pub zero_copy_runs: u64,
     /// The generation committed, when the target is a repository.
     pub generation: Option<u64>,
     pub submitters: Vec<SubmitterStats>,
@@ -224,6 +228,7 @@ impl BackupJob {
             pressed_drain_depth: c.drain_depth.load(Ordering::Relaxed),
             target_flush_ms: c.target_flush_ticks.load(Ordering::Relaxed) as f64 / tpu / 1000.0,
             read_ahead_runs: c.read_ahead_runs.load(Ordering::Relaxed),
+            zero_copy_runs: c.zero_copy_runs.load(Ordering::Relaxed),
             generation: match j.generation.load(Ordering::Relaxed) {
                 0 => None,
                 g => Some(g),
@@ -409,9 +414,11 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
             cont.desc.clone(),
         );
         home.exec(move || -> Result<SendStreams, String> {
+            let mem = src.bdev().memory_window();
             let s = Streams::new(
                 job,
                 src.channel().map_err(|e| e.to_string())?,
+                mem,
                 tgt.channel().map_err(|e| e.to_string())?,
                 cont.channel().map_err(|e| e.to_string())?,
             )?;

@@ -63,6 +63,19 @@
 //! from that queue before any new read. The target's writes are entered
 //! into the kernel before the next reads run. With hosts active there is no
 //! read-ahead: the budget bounds reads and writes together as before.
+//!
+//! # Writing straight from a source in memory
+//! When the source's blocks live in memory (a `malloc` bdev lends them, see
+//! [`hotcopy_bdev::MemoryWindow`]) and the target stores runs verbatim (a
+//! raw image, [`BackupTarget::place_verbatim`]), a copy run needs no read
+//! at all while hosts are idle: its target write is issued straight from
+//! the source's memory, and its chunks stay `Copying` (writers wait, as for
+//! a read in flight) until that write has landed, then become `Done`. This
+//! takes the memcpy, and the memory bandwidth it costs the target's DMA,
+//! off the backup; such runs are counted in `zero_copy_runs`. At most
+//! `max_queue_depth` of them are in flight, within the budget. With hosts
+//! active a run is read into a buffer as before, so that writers wait for
+//! a memcpy, not for a target write.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -71,7 +84,7 @@ use std::time::Duration;
 
 use crossbeam::channel::{Receiver, TryRecvError};
 use crossbeam::queue::ArrayQueue;
-use hotcopy_bdev::{BdevChannel, BdevDesc, BdevIo, IoStatus};
+use hotcopy_bdev::{BdevChannel, BdevDesc, BdevIo, IoStatus, MemoryWindow};
 use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode};
 use serde::Serialize;
 
@@ -211,6 +224,8 @@ pub struct JobCounters {
     pub target_flush_ticks: AtomicU64,
     /// Copy runs whose target write waited for another to end (read ahead).
     pub read_ahead_runs: AtomicU64,
+    /// Copy runs written to the target straight from the source's memory.
+    pub zero_copy_runs: AtomicU64,
 }
 
 /// Requests from the control path to the streams.
@@ -370,6 +385,8 @@ enum OpKind {
     FlushSource,
     CopyRead,
     CopyWrite,
+    /// A copy run's target write from the source's own memory (no read).
+    LentWrite,
     DrainRead,
     DrainWrite,
     FlushTarget,
@@ -426,9 +443,14 @@ enum Phase {
 pub(crate) struct Streams {
     job: Arc<JobShared>,
     src: BdevChannel,
+    /// The source's memory, when it can lend it (zero-copy runs).
+    src_mem: Option<MemoryWindow>,
     tgt: BdevChannel,
     cont: BdevChannel,
     bufs: Vec<DmaBuf>,
+    /// Lent-buffer target writes in flight, and the most allowed.
+    lent_ops: usize,
+    max_lent_ops: usize,
     /// Copy runs read and waiting for their target write (read-ahead), with
     /// the source blocks each holds; their chunks count in `inflight_chunks`.
     ready: VecDeque<(Op, u64, DmaBuf)>,
@@ -487,6 +509,7 @@ impl Streams {
     pub(crate) fn new(
         job: Arc<JobShared>,
         src: BdevChannel,
+        src_mem: Option<MemoryWindow>,
         tgt: BdevChannel,
         cont: BdevChannel,
     ) -> Result<Streams, String> {
@@ -523,9 +546,12 @@ impl Streams {
             inflight_chunks: 0,
             run_chunks,
             unit_chunks,
-            ops: (0..nbufs + 2).map(|_| None).collect(),
-            free_ops: (0..nbufs + 2).rev().collect(),
-            completed: Vec::with_capacity(nbufs + 2),
+            // Buffered ops, lent writes, and the two flushes.
+            ops: (0..nbufs + qd + 2).map(|_| None).collect(),
+            free_ops: (0..nbufs + qd + 2).rev().collect(),
+            completed: Vec::with_capacity(nbufs + qd + 2),
+            lent_ops: 0,
+            max_lent_ops: qd,
             bufs,
             ready: VecDeque::with_capacity(nbufs),
             writing_chunks: 0,
@@ -549,6 +575,7 @@ impl Streams {
             rate_start: now,
             rate_issued: 0,
             tick_us: clock::ticks_per_us(),
+            src_mem: src_mem.filter(|m| m.block_size() == job.block_size),
             job,
             src,
             tgt,
@@ -774,6 +801,27 @@ impl Streams {
                 self.copied(&op, now);
                 self.flush_ready();
             }
+            OpKind::LentWrite => {
+                self.writing_chunks -= op.weight;
+                self.lent_ops -= 1;
+                // A window onto the source: dropping it gives nothing back.
+                drop(buf);
+                if !ok {
+                    return self.fail(format!(
+                        "writing chunk {} to the target: {:?}",
+                        op.chunk, io.status
+                    ));
+                }
+                // Landed: the chunks' T0 content is on the target now.
+                for c in op.chunk..op.chunk + op.count {
+                    let moved = job
+                        .map
+                        .transition(c, ChunkState::Copying, ChunkState::Copied);
+                    debug_assert!(moved, "only the copy stream moves a Copying chunk");
+                }
+                self.copied(&op, now);
+                self.flush_ready();
+            }
             OpKind::DrainRead => {
                 let buf = buf.expect("drain read carries a buffer");
                 if !ok {
@@ -978,13 +1026,18 @@ impl Streams {
         self.flush_ready();
         let rate = job.rate_limit.load(Ordering::Relaxed);
         let chunk_bytes = job.chunk_blocks * job.block_size;
-        // Idle hosts: read ahead of the target's writes (module docs).
-        let cap = if self.hosts_idle && cap > 0 {
+        // Idle hosts: write straight from a source in memory, or else read
+        // ahead of the target's writes (module docs).
+        let lend = self.hosts_idle && self.src_mem.is_some();
+        let cap = if self.hosts_idle && cap > 0 && !lend {
             cap + self.ahead_chunks
         } else {
             cap
         };
-        while self.inflight_chunks < cap && !self.bufs.is_empty() {
+        while self.inflight_chunks < cap
+            && !self.bufs.is_empty()
+            && (!lend || self.lent_ops < self.max_lent_ops)
+        {
             if rate > 0 {
                 let allowed = (now - self.rate_start) as f64 / self.tick_us / 1e6 * rate as f64;
                 if self.rate_issued as f64 + chunk_bytes as f64 > allowed + chunk_bytes as f64 {
@@ -1010,6 +1063,11 @@ impl Streams {
             }
             let blocks =
                 (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
+            self.rate_issued += blocks * job.block_size;
+            issued += 1;
+            if lend && self.write_lent(chunk, count, blocks, now) {
+                continue;
+            }
             let mut buf = self.bufs.pop().expect("checked non-empty");
             buf.set_len((blocks * job.block_size) as usize);
             let i = self.start_op(OpKind::CopyRead, chunk, count, 0, count as u32, now);
@@ -1019,10 +1077,50 @@ impl Streams {
                 buf,
                 i as u64,
             ));
-            self.rate_issued += blocks * job.block_size;
-            issued += 1;
         }
         issued
+    }
+
+    /// Writes the claimed copy run of `count` chunks from `chunk` (`blocks`
+    /// source blocks) to the target straight from the source's memory (see
+    /// the module docs). Returns `false`, having done nothing, when it
+    /// cannot: no lendable source, a run that ends in a partial chunk, or a
+    /// target that does not store runs verbatim; the caller reads it.
+    fn write_lent(&mut self, chunk: u64, count: u64, blocks: u64, now: u64) -> bool {
+        let job = self.job.clone();
+        let Some(mem) = self.src_mem.as_ref() else {
+            return false;
+        };
+        if blocks != count * job.chunk_blocks {
+            return false;
+        }
+        let Some(lba) = job.target.place_verbatim(chunk, count) else {
+            return false;
+        };
+        // SAFETY: every chunk of the run is `Copying`, claimed by this
+        // stream in `next_pending` and in the run's extension, and none is
+        // fenced, so no write of the consistency point is still landing in
+        // it. A write through the cow bdev reaches a `Copying` chunk only
+        // after it leaves that state, which happens when this write has
+        // completed (`OpKind::LentWrite` in `complete`). The target only
+        // hands the buffer to its device (`place_verbatim`'s contract), so
+        // the holder only reads it. If the job ends first, the cow bdev
+        // lets held writes through and they may change these bytes while
+        // the write is in flight: the target then gets torn data, which the
+        // ended job abandons.
+        let Some(buf) = (unsafe { mem.lend(chunk << job.chunk_shift, blocks) }) else {
+            return false;
+        };
+        let tb = self.tgt.block_size() as u64;
+        let bytes = blocks * job.block_size;
+        self.writing_chunks += count as u32;
+        self.lent_ops += 1;
+        let i = self.start_op(OpKind::LentWrite, chunk, count, 0, count as u32, now);
+        self.tgt
+            .submit(BdevIo::write(lba, bytes / tb, buf, i as u64));
+        self.tgt_queued = true;
+        job.counters.zero_copy_runs.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Whether chunk `c` is fenced: a write of the consistency point is

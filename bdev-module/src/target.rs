@@ -83,6 +83,19 @@ pub trait BackupTarget: Send + Sync + 'static {
         valid: usize,
     ) -> Result<Option<(u64, usize)>, TargetError>;
 
+    /// Where a run of `count` whole chunks from `first` goes when the target
+    /// stores the source's bytes exactly as they are and never touches the
+    /// buffer: its first block on the target bdev, written with `count`
+    /// chunks' bytes. A copy run from a source whose memory can be lent
+    /// (a RAM disk) is then written straight from that memory, with no read
+    /// into a buffer first. `None` (the default) when the target may change
+    /// or inspect the data (a repository): the copy stream reads into a
+    /// buffer of its own and calls [`place`](Self::place).
+    fn place_verbatim(&self, first: u64, count: u64) -> Option<u64> {
+        let _ = (first, count);
+        None
+    }
+
     /// Where `chunk`, once placed and written, can be read back.
     fn locate(&self, chunk: u64) -> Option<Placed>;
 
@@ -173,6 +186,10 @@ impl BackupTarget for RawImageTarget {
             first * self.chunk_blocks.load(Ordering::Relaxed),
             valid,
         )))
+    }
+
+    fn place_verbatim(&self, first: u64, _count: u64) -> Option<u64> {
+        Some(first * self.chunk_blocks.load(Ordering::Relaxed))
     }
 
     fn locate(&self, chunk: u64) -> Option<Placed> {

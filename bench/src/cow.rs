@@ -807,6 +807,11 @@ pub struct IdleBackupReport {
     pub source_read_ceiling_mibps: f64,
     /// The target's final flush, part of `backup_s` (ms).
     pub target_flush_ms: f64,
+    /// Copy runs written to the target straight from the source's memory
+    /// (a RAM source and a raw target), and runs read ahead of the
+    /// target's writes (any other source): see `hotcopy_cow::job`.
+    pub zero_copy_runs: u64,
+    pub read_ahead_runs: u64,
     /// Backup MiB/s over the target's write ceiling.
     pub ratio_to_target_ceiling: f64,
     /// Backup MiB/s over the lower of the two ceilings (the backup reads the
@@ -881,6 +886,8 @@ pub fn run_idle_backup(
         target_write_ceiling_mibps: w,
         target_write_ceiling_runs_mibps: vec![w0, w1],
         source_read_ceiling_mibps: r,
+        zero_copy_runs: st.zero_copy_runs,
+        read_ahead_runs: st.read_ahead_runs,
         ratio_to_target_ceiling: st.backup_mibps / w.max(1e-9),
         ratio_to_ceiling: st.backup_mibps / w.min(r).max(1e-9),
     })

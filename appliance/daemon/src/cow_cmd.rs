@@ -342,9 +342,11 @@ pub fn table(r: &CowBenchReport) -> String {
     if let Some(i) = &r.idle_backup {
         let _ = writeln!(
             s,
-            "backup with no foreground load: {:.1} MiB/s (the target's final flush {:.1} ms of it); target seq-write ceiling {:.1} MiB/s (before {:.0}, after {:.0}; ratio {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
+            "backup with no foreground load: {:.1} MiB/s (the target's final flush {:.1} ms of it; {} copy runs written from the source's memory, {} read ahead); target seq-write ceiling {:.1} MiB/s (before {:.0}, after {:.0}; ratio {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
             i.backup_mibps,
             i.target_flush_ms,
+            i.zero_copy_runs,
+            i.read_ahead_runs,
             i.target_write_ceiling_mibps,
             i.target_write_ceiling_runs_mibps.first().copied().unwrap_or(0.0),
             i.target_write_ceiling_runs_mibps.last().copied().unwrap_or(0.0),
