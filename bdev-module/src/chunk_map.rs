@@ -10,6 +10,10 @@
 //!   OutOfScope: never copied, never intercepted.
 //! ```
 //!
+//! A run the copy stream writes to the target straight from a RAM source's
+//! memory (no read: see [`crate::job`]) stays `Copying` until that write has
+//! landed, then passes through `Copied` to `Done` at once.
+//!
 //! Who may pass: a write to a chunk in `Pending` must capture it first; in
 //! `Copying` or `Saving` it waits (the chunk's old content is being read);
 //! in `Copied`, `Saved`, `Done` or `OutOfScope` the old content is safe and the

@@ -38,7 +38,8 @@
 //! the chunk's old content from the source and writes it to the slot; then the
 //! chunk is `Saved`, goes on the drain queue, and the write proceeds. Writes to
 //! chunks that are `Copying` or `Saving` wait for the read of old content to
-//! finish; every other write goes straight through. Reads never wait. Held
+//! finish (or, for a copy run written straight from a RAM source's memory,
+//! for that target write); every other write goes straight through. Reads never wait. Held
 //! writes are rechecked at every `poll` of the channel.
 //!
 //! # Credits

@@ -14,7 +14,7 @@
 //! | state | T0 content | the view reads |
 //! |---|---|---|
 //! | `Pending` | the source (writes must capture it first) | the source, then re-checks; while [fenced](crate::fence), nothing: waits |
-//! | `Copying` | the source (writes wait) and the copy stream's buffer | the source, then re-checks |
+//! | `Copying` | the source (writes wait), and the copy stream's buffer or its target write from the source's memory | the source, then re-checks |
 //! | `Saving` | the source (writes wait) and the capture's buffer | the source, then re-checks |
 //! | `Copied` | only the copy stream's buffer; the target write is in flight | nothing: waits for `Done` |
 //! | `Saved` | a container slot (the source may have been overwritten) | the slot, then re-checks |
