@@ -404,6 +404,7 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
         changed: Mutex::new(None),
         t0_writes: Mutex::new(Vec::new()),
         fence: fence_table.clone(),
+        lent_writes: AtomicU64::new(0),
     });
     // The streams' channels and poller live on the home reactor.
     let streams = {

@@ -29,9 +29,11 @@ pub enum ChunkState {
     OutOfScope = 0,
     /// To be copied; its content on the source is still the consistency point's.
     Pending = 1,
-    /// The copy stream is reading it from the source.
+    /// The copy stream is reading it from the source (or writing it to the
+    /// target straight from a RAM source's memory).
     Copying = 2,
-    /// The copy stream holds its old content; the target write is in flight.
+    /// The copy stream holds its old content; the target write is in flight
+    /// (a run written from the source's memory passes through at once).
     Copied = 3,
     /// A writer is saving its old content into the container.
     Saving = 4,

@@ -62,7 +62,8 @@
 //! budget waits, read, in a queue, and a completed target write is replaced
 //! from that queue before any new read. The target's writes are entered
 //! into the kernel before the next reads run. With hosts active there is no
-//! read-ahead: the budget bounds reads and writes together as before.
+//! read-ahead: the budget bounds reads and writes together as before. A
+//! source whose memory can be lent skips the reads instead (next section).
 //!
 //! # Writing straight from a source in memory
 //! When the source's blocks live in memory (a `malloc` bdev lends them, see
@@ -73,9 +74,20 @@
 //! a read in flight) until that write has landed, then become `Done`. This
 //! takes the memcpy, and the memory bandwidth it costs the target's DMA,
 //! off the backup; such runs are counted in `zero_copy_runs`. At most
-//! `max_queue_depth` of them are in flight, within the budget. With hosts
-//! active a run is read into a buffer as before, so that writers wait for
-//! a memcpy, not for a target write.
+//! `max_queue_depth` of them are in flight, within the budget. Once hosts
+//! are active again (the next window) new runs are read into a buffer as
+//! before, so that writers wait for a memcpy, not for a target write; the
+//! lent runs already in flight finish first, and the first writers may
+//! wait for them.
+//!
+//! The target reads a lent run's bytes until its write completes, so its
+//! writers must wait even if the job ends first (cancelled, or failed
+//! elsewhere): the job counts its lent writes in flight
+//! (`JobShared::lent_writes`), a cow channel keeps an ended job while any
+//! is, and holds writes to its `Copying` chunks until they have landed.
+//! A stream announces a lent write before it checks once more that the job
+//! is running (both `SeqCst`), so a writer that sees the job ended also
+//! sees every lent write that will be issued.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -290,6 +302,11 @@ pub struct JobShared {
     pub container: Container,
     /// Saved chunks waiting to drain: (chunk, slot).
     pub(crate) saved: ArrayQueue<(u64, u32)>,
+    /// Copy runs being written to the target from the source's own memory.
+    /// While any is, writes to `Copying` chunks wait even after the job has
+    /// ended (the target is still reading those bytes): see the module
+    /// docs. Updated and read with `SeqCst`, as the job state is.
+    pub(crate) lent_writes: AtomicU64,
     /// Bounce buffers for captures (one chunk each).
     pub(crate) capture_bufs: BufferPool,
     pub target: Arc<dyn BackupTarget>,
@@ -328,7 +345,8 @@ pub struct JobShared {
 impl JobShared {
     #[inline]
     pub fn state(&self) -> JobState {
-        JobState::from_u8(self.state.load(Ordering::Acquire))
+        // SeqCst with `finish` and `lent_writes` (see `Streams::write_lent`).
+        JobState::from_u8(self.state.load(Ordering::SeqCst))
     }
 
     /// Ends the job (first caller wins); returns whether this call ended it.
@@ -338,8 +356,8 @@ impl JobShared {
             .compare_exchange(
                 JobState::Running as u8,
                 state as u8,
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             )
             .is_ok();
         if won {
@@ -575,7 +593,12 @@ impl Streams {
             rate_start: now,
             rate_issued: 0,
             tick_us: clock::ticks_per_us(),
-            src_mem: src_mem.filter(|m| m.block_size() == job.block_size),
+            // Lend only what the target writes as it is, in whole pages.
+            src_mem: src_mem.filter(|m| {
+                m.block_size() == job.block_size
+                    && chunk_bytes.is_multiple_of(4096)
+                    && job.target.place_verbatim(0, 1).is_some()
+            }),
             job,
             src,
             tgt,
@@ -807,6 +830,9 @@ impl Streams {
                 // A window onto the source: dropping it gives nothing back.
                 drop(buf);
                 if !ok {
+                    // The target is done with the bytes: with the job failed,
+                    // the chunks' writers may go.
+                    job.lent_writes.fetch_sub(1, Ordering::SeqCst);
                     return self.fail(format!(
                         "writing chunk {} to the target: {:?}",
                         op.chunk, io.status
@@ -819,6 +845,7 @@ impl Streams {
                         .transition(c, ChunkState::Copying, ChunkState::Copied);
                     debug_assert!(moved, "only the copy stream moves a Copying chunk");
                 }
+                job.lent_writes.fetch_sub(1, Ordering::SeqCst);
                 self.copied(&op, now);
                 self.flush_ready();
             }
@@ -1097,18 +1124,27 @@ impl Streams {
         let Some(lba) = job.target.place_verbatim(chunk, count) else {
             return false;
         };
+        // Announce the write before looking at the job state once more, so
+        // that a writer that sees the job ended also sees it (both SeqCst:
+        // see `JobShared::lent_writes` and the cow bdev's `admit`).
+        job.lent_writes.fetch_add(1, Ordering::SeqCst);
+        if job.state() != JobState::Running {
+            job.lent_writes.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
         // SAFETY: every chunk of the run is `Copying`, claimed by this
         // stream in `next_pending` and in the run's extension, and none is
         // fenced, so no write of the consistency point is still landing in
         // it. A write through the cow bdev reaches a `Copying` chunk only
         // after it leaves that state, which happens when this write has
-        // completed (`OpKind::LentWrite` in `complete`). The target only
-        // hands the buffer to its device (`place_verbatim`'s contract), so
-        // the holder only reads it. If the job ends first, the cow bdev
-        // lets held writes through and they may change these bytes while
-        // the write is in flight: the target then gets torn data, which the
-        // ended job abandons.
+        // completed (`OpKind::LentWrite` in `complete`), and, once the job
+        // has ended, only when no lent write is in flight (`lent_writes`,
+        // announced above while the job was running). The source is claimed
+        // by the cow bdev, so nothing else writes it. The buffer goes only
+        // to the target bdev's write path, which reads it (`as_ptr`,
+        // `Deref`); a lent `DmaBuf` refuses mutable access.
         let Some(buf) = (unsafe { mem.lend(chunk << job.chunk_shift, blocks) }) else {
+            job.lent_writes.fetch_sub(1, Ordering::SeqCst);
             return false;
         };
         let tb = self.tgt.block_size() as u64;

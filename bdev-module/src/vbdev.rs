@@ -517,7 +517,10 @@ impl CowChannel {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let had_job = self.job.is_some();
-        self.job = job.filter(|j| j.state() == JobState::Running);
+        // An ended job still matters while a copy run is being written
+        // from the source's memory: writes to its chunks wait (`admit`).
+        self.job = job
+            .filter(|j| j.state() == JobState::Running || j.lent_writes.load(Ordering::SeqCst) > 0);
         let measure = self.job.is_some() || self.shared.fg.measuring.load(Ordering::Acquire);
         if measure && !self.measure {
             self.m_last = clock::ticks();
@@ -576,10 +579,18 @@ impl CowChannel {
         let Some(job) = self.job.clone() else {
             return Admit::Pass;
         };
+        let (first, last) = job.chunk_span(io.offset_blocks, io.num_blocks.max(1));
         if job.state() != JobState::Running {
+            // A copy run still being written from the source's own memory
+            // keeps its chunks' writers out even now: the target is reading
+            // those bytes until it lands (see `crate::job`).
+            if job.lent_writes.load(Ordering::SeqCst) > 0
+                && (first..=last).any(|c| job.map.get(c) == ChunkState::Copying)
+            {
+                return Admit::Wait;
+            }
             return Admit::Pass;
         }
-        let (first, last) = job.chunk_span(io.offset_blocks, io.num_blocks.max(1));
         let mut pass = true;
         for c in first..=last {
             match job.map.get(c) {

@@ -389,6 +389,92 @@ fn writers_arriving_while_the_streams_read_ahead_keep_the_backup_exact() {
     }
 }
 
+/// A job cancelled while a copy run is being written to the target straight
+/// from the source's memory: a write to that run's chunks still waits until
+/// the target has taken the bytes. The slow target takes a write's data
+/// only when it runs it, 50 ms after it was queued, so a write let through
+/// at the cancel would be in the target's copy of the run.
+#[test]
+fn writes_wait_for_a_run_written_from_memory_even_after_a_cancel() {
+    let rt = runtime();
+    const RUN: u64 = 1 << 20;
+    for attempt in 0..3u64 {
+        let reg = BdevRegistry::new();
+        malloc::create(&reg, "src", SOURCE_BYTES, BS as u32).unwrap();
+        malloc::create(&reg, "tgt_base", SOURCE_BYTES, BS as u32).unwrap();
+        malloc::create(&reg, "cont", 4 << 16, BS as u32).unwrap();
+        let (_, tctl) =
+            fault::create(&reg, "tgt", "tgt_base", fault::FaultOptions::default()).unwrap();
+        tctl.set_latency_us(50_000);
+        tctl.set_late_writes(true);
+        let image = pattern(0xBEEF + attempt, SOURCE_BYTES as usize);
+        {
+            let desc = reg.open("src", true).unwrap();
+            let data = image.clone();
+            on_reactor(move |_| {
+                let mut ch = desc.channel().unwrap();
+                assert_eq!(write(&mut ch, 0, &data), IoStatus::Success);
+            });
+        }
+        let cow = hotcopy_cow::create(&reg, "vol", "src").unwrap();
+        let cfg = BackupConfig {
+            target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
+            container: ContainerConfig {
+                desc: reg.open("cont", true).unwrap(),
+                offset_blocks: 0,
+                slots: 4,
+            },
+            chunk_size: 64 << 10,
+            scope: Scope::default(),
+            tuning: JobTuning {
+                max_queue_depth: 1,
+                ..JobTuning::default()
+            },
+            changed_since: None,
+        };
+        let job = start_backup(&cow, rt.reactor(0), cfg).expect("job starts");
+        let t0 = std::time::Instant::now();
+        let mut st = job.status();
+        while st.zero_copy_runs == 0 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_micros(200));
+            st = job.status();
+        }
+        assert!(
+            st.zero_copy_runs > 0,
+            "a run was written from memory: {st:?}"
+        );
+        // One run at a time: the one in flight follows those done.
+        let run = st.chunks_done / 16;
+        job.cancel();
+        let new = vec![0x5A; RUN as usize];
+        let desc = reg.open("vol", true).unwrap();
+        let at = run * RUN;
+        let data = new.clone();
+        let status = on_reactor(move |_| {
+            let mut ch = desc.channel().unwrap();
+            write(&mut ch, at / BS, &data)
+        });
+        assert_eq!(status, IoStatus::Success, "the write succeeds");
+        assert_eq!(job.wait(Duration::from_secs(30)), JobState::Cancelled);
+        let tgt = read_all(&reg, "tgt_base", SOURCE_BYTES);
+        let src = read_all(&reg, "src", SOURCE_BYTES);
+        assert!(
+            src[at as usize..(at + RUN) as usize] == new[..],
+            "the write is on the source"
+        );
+        let span = at as usize..(at + RUN) as usize;
+        // The run in flight reached the target with its T0 bytes, or (when
+        // it had landed before the write) the target has them anyway.
+        if tgt[span.clone()] != [0u8; RUN as usize][..] {
+            assert!(
+                tgt[span.clone()] == image[span],
+                "run {run}: the target's copy holds bytes written after the cancel ({:?})",
+                job.status()
+            );
+        }
+    }
+}
+
 /// A one-slot container drained one I/O at a time while it is full, under
 /// a slow target: the paced writers wait longest, and the backup is exact.
 #[test]

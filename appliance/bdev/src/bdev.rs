@@ -148,9 +148,11 @@ impl MemoryWindow {
     /// points into the bdev's memory, or `None` when the range is empty,
     /// past the end, or not page-aligned in memory.
     ///
+    /// The buffer is read-only (`DerefMut` and `as_mut_ptr` panic on it).
+    ///
     /// # Safety
     /// While the buffer lives nothing may write those blocks (no write to
-    /// the bdev may touch them), and its holder must only read it.
+    /// the bdev may touch them).
     #[inline]
     pub unsafe fn lend(&self, offset_blocks: u64, num_blocks: u64) -> Option<DmaBuf> {
         let end = offset_blocks.checked_add(num_blocks)?;

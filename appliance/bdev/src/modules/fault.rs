@@ -16,7 +16,7 @@
 //! | [`fail_next_reads`](FaultControl::fail_next_reads) / [`fail_next_writes`](FaultControl::fail_next_writes) | exactly the next `n` reads / writes fail with `Injected` (replaces any count still pending) |
 //! | [`fail_writes_after`](FaultControl::fail_writes_after) | the next `n` writes succeed, the `n + 1`-th and every later one fails with `Injected` until [`clear`](FaultControl::clear): a backup target that dies mid-job |
 //! | [`set_latency_us`](FaultControl::set_latency_us) | every completion is held until at least `submit time + latency` |
-//! | [`set_late_writes`](FaultControl::set_late_writes) | writes wait in the bdev until their release time (latency, bandwidth) and only then go to the base, which takes their data from the caller's buffer then: a device that fetches write data when it runs the command, not when it is queued. Without it the base takes the data at submit and only the completion is held |
+//! | [`set_late_writes`](FaultControl::set_late_writes) | [`IoType::Write`]s (not write-zeroes or unmap) wait in the bdev, in submission order, until their release time (latency, bandwidth) and only then go to the base, which takes their data from the caller's buffer then: a device that fetches write data when it runs the command, not when it is queued. Without it the base takes the data at submit and only the completion is held. No effect with a volatile cache. Late writes still waiting when their channel is dropped never reach the base |
 //! | [`set_bandwidth_limit`](FaultControl::set_bandwidth_limit) | reads and writes are paced to `bytes_per_sec` for the whole bdev (0 = unlimited): a slow target. Excess I/O is held, never failed |
 //! | [`power_cut`](FaultControl::power_cut) / [`power_on`](FaultControl::power_on) | see *Power cuts* below |
 //! | [`clear`](FaultControl::clear) | all of the above off, power on (the volatile cache keeps its contents) |
@@ -437,10 +437,11 @@ impl FaultControl {
         s.latency_ticks.store(s.us_to_ticks(us), Ordering::Relaxed);
     }
 
-    /// Writes (not write-zeroes, unmap or flush) wait in the bdev until
-    /// their release time and only then reach the base, which reads their
-    /// buffer then (see the module docs). For bdevs without a volatile
-    /// cache; with one it has no effect.
+    /// Writes (not write-zeroes, unmap or flush) wait in the bdev, in
+    /// submission order, until their release time and only then reach the
+    /// base, which reads their buffer then (see the module docs). For bdevs
+    /// without a volatile cache; with one it has no effect. Applies to
+    /// writes submitted afterwards.
     pub fn set_late_writes(&self, on: bool) {
         self.shared.late_writes.store(on, Ordering::Relaxed);
     }

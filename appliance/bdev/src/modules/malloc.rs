@@ -209,8 +209,7 @@ mod tests {
         assert!(testing::write(&mut ch, 256, &data).is_success());
         let win = bdev.memory_window().expect("a RAM disk lends its blocks");
         assert_eq!((win.block_size(), win.num_blocks()), (512, 2048));
-        // SAFETY: nothing writes blocks 256..384 while `lent` lives; the
-        // test only reads it.
+        // SAFETY: nothing writes blocks 256..384 while `lent` lives.
         let lent = unsafe { win.lend(256, 128) }.unwrap();
         assert_eq!(&lent[..], &data[..], "the bytes written, in place");
         // SAFETY: refused ranges lend nothing.

@@ -18,9 +18,10 @@
 //! The one exception is a buffer lent by a [`LendingRegion`]: a window onto
 //! memory that something else manages (a RAM disk's blocks), handed to a
 //! write of another device so the bytes need not be copied first (SPDK's
-//! zero-copy I/O on malloc bdevs). Lending is `unsafe`: the lender promises
-//! that nobody writes the window while the buffer lives, and that its holder
-//! only reads it. Dropping a lent buffer returns nothing.
+//! zero-copy I/O on malloc bdevs). It is not the only handle to its bytes
+//! and it is read-only: `DerefMut` and `as_mut_ptr` panic on it. Lending is
+//! `unsafe`: the lender promises that nobody writes the window while the
+//! buffer lives. Dropping a lent buffer returns nothing.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -196,7 +197,8 @@ pub struct DmaBuf {
 }
 
 // SAFETY: a DmaBuf is the only handle to its bytes (module invariant), so
-// moving it to another thread moves exclusive access with it.
+// moving it to another thread moves exclusive access with it; a lent one
+// only reads bytes that nobody writes while it lives (`LendingRegion::lend`).
 unsafe impl Send for DmaBuf {}
 // SAFETY: `&DmaBuf` only gives shared, read-only access to the bytes.
 unsafe impl Sync for DmaBuf {}
@@ -252,9 +254,18 @@ impl DmaBuf {
         self.ptr.as_ptr()
     }
 
+    /// # Panics
+    /// On a lent buffer (see the module docs): it is read-only.
     #[inline]
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        assert!(!self.pool.lending, "a lent DmaBuf is read-only");
         self.ptr.as_ptr()
+    }
+
+    /// Whether this buffer is a read-only window lent by a [`LendingRegion`].
+    #[inline]
+    pub fn is_lent(&self) -> bool {
+        self.pool.lending
     }
 }
 
@@ -262,7 +273,8 @@ impl Deref for DmaBuf {
     type Target = [u8];
     #[inline]
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for cap >= len bytes and exclusively ours.
+        // SAFETY: ptr is valid for cap >= len bytes, and either exclusively
+        // ours or lent with the promise that nobody writes it meanwhile.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len as usize) }
     }
 }
@@ -270,7 +282,9 @@ impl Deref for DmaBuf {
 impl DerefMut for DmaBuf {
     #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in Deref, and `&mut self` makes the access unique.
+        assert!(!self.pool.lending, "a lent DmaBuf is read-only");
+        // SAFETY: as in Deref; not lent (checked), so exclusively ours, and
+        // `&mut self` makes the access unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len as usize) }
     }
 }
@@ -339,10 +353,11 @@ impl LendingRegion {
     /// allocation), or `None` when the window is empty, not page-aligned,
     /// larger than a `DmaBuf` can describe, or not inside the region.
     ///
+    /// The buffer is read-only: `DerefMut` and `as_mut_ptr` panic on it.
+    ///
     /// # Safety
     /// While the returned buffer lives, nobody may write the window's bytes
-    /// (through this region or another lent buffer), and its holder must
-    /// only read them: never through `DerefMut` or `as_mut_ptr`.
+    /// (through this region's memory or in any other way).
     #[inline]
     pub unsafe fn lend(&self, offset: usize, len: usize) -> Option<DmaBuf> {
         let end = offset.checked_add(len)?;
@@ -413,8 +428,7 @@ mod tests {
             .enumerate()
             .for_each(|(i, b)| *b = (i / PAGE_SIZE) as u8);
         let mem = LendingRegion::new(region);
-        // SAFETY: nothing writes the region while the windows live; the test
-        // only reads them.
+        // SAFETY: nothing writes the region while the windows live.
         let (a, b) = unsafe {
             (
                 mem.lend(PAGE_SIZE, 2 * PAGE_SIZE).unwrap(),
@@ -429,6 +443,14 @@ mod tests {
         assert!(a[..PAGE_SIZE].iter().all(|&x| x == 1));
         assert!(a[PAGE_SIZE..].iter().all(|&x| x == 2));
         assert!(b.iter().all(|&x| x == 3));
+        assert!(a.is_lent() && b.is_lent());
+        let mut c = b;
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c[0] = 9;
+        }));
+        assert!(refused.is_err(), "a lent buffer is read-only");
+        assert!(c.iter().all(|&x| x == 3));
+        let b = c;
         // SAFETY: as above (these are refused before anything is lent).
         unsafe {
             assert!(mem.lend(100, PAGE_SIZE).is_none(), "unaligned");
