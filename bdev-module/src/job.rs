@@ -383,6 +383,17 @@ impl JobShared {
         (offset >> self.chunk_shift, last >> self.chunk_shift)
     }
 
+    /// A copy run's chunks leave `Copying` (their T0 content is safe in a
+    /// buffer or on the target): writers to them may pass.
+    fn leave_copying(&self, op: &Op) {
+        for c in op.chunk..op.chunk + op.count {
+            let moved = self
+                .map
+                .transition(c, ChunkState::Copying, ChunkState::Copied);
+            debug_assert!(moved, "only the copy stream moves a Copying chunk");
+        }
+    }
+
     /// Blocks of `chunk` (the last chunk may be short).
     #[inline]
     pub fn chunk_len(&self, chunk: u64) -> u64 {
@@ -794,12 +805,7 @@ impl Streams {
                     ));
                 }
                 // The chunks' T0 content is in our buffer: writers may pass now.
-                for c in op.chunk..op.chunk + op.count {
-                    let moved = job
-                        .map
-                        .transition(c, ChunkState::Copying, ChunkState::Copied);
-                    debug_assert!(moved, "only the copy stream moves a Copying chunk");
-                }
+                job.leave_copying(&op);
                 if self.ready.is_empty() && self.writing_chunks < self.budget_chunks() {
                     self.write_to_target(OpKind::CopyWrite, &op, io.num_blocks, buf);
                 } else {
@@ -839,12 +845,7 @@ impl Streams {
                     ));
                 }
                 // Landed: the chunks' T0 content is on the target now.
-                for c in op.chunk..op.chunk + op.count {
-                    let moved = job
-                        .map
-                        .transition(c, ChunkState::Copying, ChunkState::Copied);
-                    debug_assert!(moved, "only the copy stream moves a Copying chunk");
-                }
+                job.leave_copying(&op);
                 job.lent_writes.fetch_sub(1, Ordering::SeqCst);
                 self.copied(&op, now);
                 self.flush_ready();

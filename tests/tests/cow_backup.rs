@@ -25,6 +25,16 @@ const BS: u64 = 512;
 const SOURCE_BYTES: u64 = 4 << 20;
 const BLOCKS: u64 = SOURCE_BYTES / BS;
 
+/// Writes `data` to the start of bdev `name`.
+fn fill(reg: &BdevRegistry, name: &str, data: &[u8]) {
+    let desc = reg.open(name, true).unwrap();
+    let data = data.to_vec();
+    on_reactor(move |_| {
+        let mut ch = desc.channel().unwrap();
+        assert_eq!(write(&mut ch, 0, &data), IoStatus::Success);
+    });
+}
+
 fn read_all(reg: &BdevRegistry, name: &str, bytes: u64) -> Vec<u8> {
     let desc = reg.open(name, false).unwrap();
     on_reactor(move |_| {
@@ -95,14 +105,7 @@ fn run_case(case: &Case, rt: &Runtime) -> JobStatus {
     tctl.set_late_writes(true);
     // Initial content.
     let mut image = pattern(0xC0FFEE, SOURCE_BYTES as usize);
-    {
-        let desc = reg.open("src", true).unwrap();
-        let data = image.clone();
-        on_reactor(move |_| {
-            let mut ch = desc.channel().unwrap();
-            assert_eq!(write(&mut ch, 0, &data), IoStatus::Success);
-        });
-    }
+    fill(&reg, "src", &image);
     let cow = hotcopy_cow::create(&reg, "vol", "src").unwrap();
     let desc = reg.open("vol", true).unwrap();
 
@@ -408,14 +411,7 @@ fn writes_wait_for_a_run_written_from_memory_even_after_a_cancel() {
         tctl.set_latency_us(50_000);
         tctl.set_late_writes(true);
         let image = pattern(0xBEEF + attempt, SOURCE_BYTES as usize);
-        {
-            let desc = reg.open("src", true).unwrap();
-            let data = image.clone();
-            on_reactor(move |_| {
-                let mut ch = desc.channel().unwrap();
-                assert_eq!(write(&mut ch, 0, &data), IoStatus::Success);
-            });
-        }
+        fill(&reg, "src", &image);
         let cow = hotcopy_cow::create(&reg, "vol", "src").unwrap();
         let cfg = BackupConfig {
             target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
