@@ -97,6 +97,7 @@ use std::time::Duration;
 use crossbeam::channel::{Receiver, TryRecvError};
 use crossbeam::queue::ArrayQueue;
 use hotcopy_bdev::{BdevChannel, BdevDesc, BdevIo, IoStatus, MemoryWindow};
+use hotcopy_runtime::sys::PAGE_SIZE;
 use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode};
 use serde::Serialize;
 
@@ -477,9 +478,8 @@ pub(crate) struct Streams {
     tgt: BdevChannel,
     cont: BdevChannel,
     bufs: Vec<DmaBuf>,
-    /// Lent-buffer target writes in flight, and the most allowed.
-    lent_ops: usize,
-    max_lent_ops: usize,
+    /// The most lent-buffer target writes in flight (`JobShared::lent_writes`).
+    max_lent_ops: u64,
     /// Copy runs read and waiting for their target write (read-ahead), with
     /// the source blocks each holds; their chunks count in `inflight_chunks`.
     ready: VecDeque<(Op, u64, DmaBuf)>,
@@ -579,8 +579,7 @@ impl Streams {
             ops: (0..nbufs + qd + 2).map(|_| None).collect(),
             free_ops: (0..nbufs + qd + 2).rev().collect(),
             completed: Vec::with_capacity(nbufs + qd + 2),
-            lent_ops: 0,
-            max_lent_ops: qd,
+            max_lent_ops: qd as u64,
             bufs,
             ready: VecDeque::with_capacity(nbufs),
             writing_chunks: 0,
@@ -607,7 +606,7 @@ impl Streams {
             // Lend only what the target writes as it is, in whole pages.
             src_mem: src_mem.filter(|m| {
                 m.block_size() == job.block_size
-                    && chunk_bytes.is_multiple_of(4096)
+                    && chunk_bytes.is_multiple_of(PAGE_SIZE as u64)
                     && job.target.place_verbatim(0, 1).is_some()
             }),
             job,
@@ -832,7 +831,6 @@ impl Streams {
             }
             OpKind::LentWrite => {
                 self.writing_chunks -= op.weight;
-                self.lent_ops -= 1;
                 // A window onto the source: dropping it gives nothing back.
                 drop(buf);
                 if !ok {
@@ -1064,7 +1062,7 @@ impl Streams {
         };
         while self.inflight_chunks < cap
             && !self.bufs.is_empty()
-            && (!lend || self.lent_ops < self.max_lent_ops)
+            && (!lend || job.lent_writes.load(Ordering::Relaxed) < self.max_lent_ops)
         {
             if rate > 0 {
                 let allowed = (now - self.rate_start) as f64 / self.tick_us / 1e6 * rate as f64;
@@ -1151,7 +1149,6 @@ impl Streams {
         let tb = self.tgt.block_size() as u64;
         let bytes = blocks * job.block_size;
         self.writing_chunks += count as u32;
-        self.lent_ops += 1;
         let i = self.start_op(OpKind::LentWrite, chunk, count, 0, count as u32, now);
         self.tgt
             .submit(BdevIo::write(lba, bytes / tb, buf, i as u64));
