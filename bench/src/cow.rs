@@ -165,6 +165,12 @@ struct Writer {
     inflight: usize,
     /// Completions of one pass (kept to reuse its allocation).
     fin: Vec<(usize, bool, Option<DmaBuf>)>,
+    /// Rate cap: ticks between issues (0: none, a slot is refilled as soon as
+    /// it completes), the tick the next write is due, and the slots waiting
+    /// for their turn.
+    interval: u64,
+    next_due: u64,
+    idle: Vec<usize>,
 }
 
 impl Writer {
@@ -241,11 +247,38 @@ impl Writer {
             self.bufs[slot] = buf;
             self.slot_unit[slot] = u64::MAX;
             if !self.stopping {
-                self.issue(slot, now);
+                if self.interval == 0 {
+                    self.issue(slot, now);
+                } else {
+                    self.idle.push(slot);
+                }
             }
         }
         self.fin = fin;
-        n
+        n + self.issue_due(now)
+    }
+
+    /// Under a rate cap, issues the writes that are due on idle slots. The
+    /// schedule is fixed in time (an open-loop client, like fio's
+    /// `rate_iops`), so a writer held back by the backup catches up when it
+    /// is let go, but by at most a queue's worth: it does not bank an
+    /// unbounded debt of writes while every slot is busy.
+    fn issue_due(&mut self, now: u64) -> usize {
+        if self.interval == 0 || self.stopping {
+            return 0;
+        }
+        let floor = now.saturating_sub(self.interval * self.qd as u64);
+        if self.next_due < floor {
+            self.next_due = floor;
+        }
+        let mut issued = 0;
+        while self.next_due <= now {
+            let Some(slot) = self.idle.pop() else { break };
+            self.issue(slot, now);
+            self.next_due += self.interval;
+            issued += 1;
+        }
+        issued
     }
 }
 
@@ -290,6 +323,9 @@ pub struct WriterSpec {
     pub log: bool,
     pub seq_base: u64,
     pub seed: u64,
+    /// Most writes per second this writer issues (0: as many as its queue
+    /// depth lets it, the default: a writer that saturates the device).
+    pub rate_iops: f64,
 }
 
 /// Starts writers on `desc` (one channel each), runs them until `stop` is set
@@ -345,10 +381,22 @@ pub fn run_writers(
                 end_tick: now + (max.as_secs_f64() * 1e6 * tpu) as u64,
                 inflight: 0,
                 fin: Vec::with_capacity(s.qd),
+                interval: if s.rate_iops > 0.0 {
+                    ((1e6 * tpu / s.rate_iops) as u64).max(1)
+                } else {
+                    0
+                },
+                next_due: now,
+                idle: Vec::with_capacity(s.qd),
             };
             let _ = w.unit_bytes;
-            for slot in 0..w.qd {
-                w.issue(slot, now);
+            if w.interval == 0 {
+                for slot in 0..w.qd {
+                    w.issue(slot, now);
+                }
+            } else {
+                w.idle.extend((0..w.qd).rev());
+                w.issue_due(now);
             }
             let w = Rc::new(RefCell::new(w));
             let p = Poller::builder().name("cow_writer").register({
@@ -468,6 +516,20 @@ pub struct CowBenchParams {
     /// (90, 10) like fio's `random_distribution=zoned:90/10`, with the hot
     /// zone at the end of the volume. None: uniform over the volume.
     pub hot: Option<(u32, u32)>,
+    /// A cap on the main writers' IOPS (all of them together), the same in
+    /// every phase. None: they write as fast as their queue depth lets them.
+    pub write_rate: Option<WriteRate>,
+}
+
+/// How fast the main writers may write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WriteRate {
+    /// This many writes per second.
+    Iops(f64),
+    /// This share (0..1] of what they reach uncapped, measured first in a
+    /// calibration run on the cow bdev without a job: a load that leaves the
+    /// device headroom, like a guest behind NBD or NVMe/TCP.
+    Share(f64),
 }
 
 /// Everything `--json` prints.
@@ -480,6 +542,10 @@ pub struct CowBenchReport {
     pub chunk_size: u64,
     pub queue_depth: usize,
     pub io_size: usize,
+    /// The main writers' IOPS cap (None: uncapped, saturating the device).
+    pub write_iops_cap: Option<f64>,
+    /// Under `WriteRate::Share`, the uncapped IOPS the cap was taken from.
+    pub saturated_iops: Option<f64>,
     /// The runs before and after the job taken together.
     pub baseline: PhaseReport,
     /// The main writers' IOPS in the run before the job and in the run after.
@@ -556,6 +622,47 @@ pub fn run_cow(
     let main_units = units - fair_units;
     let desc = cow.open(true).map_err(|e| e.to_string())?;
     let writers = p.writers.max(1);
+    let t0 = Instant::now();
+    let mut saturated_iops = None;
+    let mut calibration = Vec::new();
+    let cap = match p.write_rate {
+        None => None,
+        Some(WriteRate::Iops(n)) => Some(n),
+        Some(WriteRate::Share(f)) => {
+            // Calibration: the same writers uncapped, on the cow bdev without
+            // a job; the cap is a share of what they reached.
+            let calib = p.baseline.min(Duration::from_secs(3));
+            let specs: Vec<WriterSpec> = (0..writers)
+                .map(|i| WriterSpec {
+                    reactor: i % rt.num_reactors(),
+                    first_unit: i as u64,
+                    stride: writers as u64,
+                    count: main_units / writers as u64,
+                    hot_pct: 0,
+                    hot_units: 0,
+                    qd: p.queue_depth,
+                    log: p.verify,
+                    seq_base: (4 << 44) | ((i as u64 + 1) << 40),
+                    seed: p.seed + i as u64 * 7 + 4,
+                    rate_iops: 0.0,
+                })
+                .collect();
+            let ws = run_writers(
+                rt,
+                &desc,
+                p.io_size,
+                &specs,
+                Arc::new(AtomicBool::new(false)),
+                calib,
+                || std::thread::sleep(calib),
+            )?;
+            let iops: f64 = ws.iter().map(|w| w.iops()).sum();
+            saturated_iops = Some(iops);
+            calibration = ws;
+            Some(iops * f)
+        }
+    };
+    let rate_iops = cap.map_or(0.0, |c| c / writers as f64);
     let specs = |seq_tag: u64, log: bool| -> Vec<WriterSpec> {
         let mut v: Vec<WriterSpec> = (0..writers)
             .map(|i| WriterSpec {
@@ -571,6 +678,7 @@ pub fn run_cow(
                 log,
                 seq_base: (seq_tag << 44) | ((i as u64 + 1) << 40),
                 seed: p.seed + i as u64 * 7 + seq_tag,
+                rate_iops,
             })
             .collect();
         if p.fairness {
@@ -585,11 +693,11 @@ pub fn run_cow(
                 log: false,
                 seq_base: (seq_tag << 44) | (0xFF << 40),
                 seed: p.seed + 999,
+                rate_iops: 0.0,
             });
         }
         v
     };
-    let t0 = Instant::now();
     // Phase 1: no job.
     let stop = Arc::new(AtomicBool::new(false));
     let baseline = run_writers(
@@ -714,7 +822,9 @@ pub fn run_cow(
         }
     });
     let (verified, verify_detail) = if p.verify {
-        match verify_backup(rt, reg, b, p, &job, &baseline, &during, main_units) {
+        // The calibration run's writes came first, then phase 1's.
+        let before: Vec<WriterResult> = calibration.into_iter().chain(baseline.iter().cloned()).collect();
+        match verify_backup(rt, reg, b, p, &job, &before, &during, main_units) {
             Ok(()) => (Some(true), None),
             Err(e) => (Some(false), Some(e)),
         }
@@ -729,6 +839,8 @@ pub fn run_cow(
         chunk_size: p.chunk_size,
         queue_depth: p.queue_depth,
         io_size: p.io_size,
+        write_iops_cap: cap,
+        saturated_iops,
         iops_ratio: dur_r.iops / base_r.iops.max(1e-9),
         p99_ratio: dur_r.lat_us.p99 / base_r.lat_us.p99.max(1e-9),
         baseline: base_r,
@@ -917,6 +1029,7 @@ pub fn run_freeze_samples(
         log: false,
         seq_base: 3 << 44,
         seed: p.seed + 3,
+        rate_iops: 0.0,
     };
     let mut freezes = Vec::with_capacity(n);
     let mut err = None;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use hotcopy_bdev::modules::fault;
 use hotcopy_bdev::BdevRegistry;
-use hotcopy_bench::cow::{self, CowBenchBdevs, CowBenchParams, CowBenchReport};
+use hotcopy_bench::cow::{self, CowBenchBdevs, CowBenchParams, CowBenchReport, WriteRate};
 use hotcopy_config::{ByteSize, NamedBdev};
 use hotcopy_runtime::{IdlePolicy, Runtime, RuntimeConfig};
 
@@ -17,7 +17,7 @@ use crate::construct;
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
 With no options: a 2 GiB source and target as files under a temporary directory in /var/tmp,
-a RAM container of 10% of the source, 4 KiB random writes at QD32 for 5 s without a backup,
+a RAM container of 10% of the source, 16 KiB chunks, 4 KiB random writes at QD32 for 5 s without a backup,
 then the same load while a full backup runs, then 5 s without a backup again (the baseline is
 both runs without a backup, which bracket the backup). Under a minute on a 2-core machine.
 
@@ -48,8 +48,11 @@ pub struct CowArgs {
     /// Extra latency for a `fault:` target, in microseconds (a slow backup namespace).
     #[arg(long, default_value_t = 0)]
     pub target_latency_us: u64,
-    /// Chunk size (tracking and copy unit).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    /// Chunk size: the unit of tracking and of copy-before-write. A writer's first write to a
+    /// chunk waits for that chunk's old content to be read, so smaller chunks make first writes
+    /// cheaper (16K keeps more of the foreground than 64K under random writes; see
+    /// docs/BENCHMARKS.md); the copy stream still moves runs of up to 1 MiB.
+    #[arg(long, default_value = "16K", value_parser = parse_size)]
     pub chunk: u64,
     /// Queue depth of each foreground writer.
     #[arg(short = 'q', long = "queue-depth", default_value_t = 32)]
@@ -93,6 +96,13 @@ pub struct CowArgs {
     /// where the copy stream arrives last. Default: uniform over the whole volume (the worst case).
     #[arg(long, value_parser = parse_hot)]
     pub hot: Option<(u32, u32)>,
+    /// Cap the main writers' IOPS (all of them together), in every phase: N writes per second,
+    /// or P% of what they reach uncapped (measured first, for up to 3 s, on the cow volume
+    /// without a backup). A capped load leaves the device headroom, like a guest behind NBD or
+    /// NVMe/TCP; the writers still keep at most --queue-depth writes in flight. Default: uncapped,
+    /// the writers saturate the device (the worst case).
+    #[arg(long, value_parser = parse_write_rate)]
+    pub write_iops: Option<WriteRate>,
     /// Reactors (cores).
     #[arg(long, default_value_t = 2)]
     pub cores: usize,
@@ -136,6 +146,23 @@ fn parse_hot(s: &str) -> Result<(u32, u32), String> {
         }
     };
     Ok((p(w)?, p(z)?))
+}
+
+fn parse_write_rate(s: &str) -> Result<WriteRate, String> {
+    let t = s.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        match pct.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(WriteRate::Share(v / 100.0)),
+            _ => Err(format!("{s:?}: the share must be a per cent above 0 and at most 100")),
+        }
+    } else {
+        match t.parse::<f64>() {
+            Ok(v) if v >= 1.0 && v.is_finite() => Ok(WriteRate::Iops(v)),
+            _ => Err(format!(
+                "{s:?}: expected writes per second (at least 1) or a per cent such as 70%"
+            )),
+        }
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -229,6 +256,7 @@ pub fn run_scenario(
         writers: a.writers,
         seed: a.seed,
         hot: a.hot,
+        write_rate: a.write_iops,
     };
     let bdevs = CowBenchBdevs {
         cow: "vol".into(),
@@ -295,6 +323,16 @@ pub fn table(r: &CowBenchReport) -> String {
         "source {}; target {}; container {}",
         r.source, r.target, r.container
     );
+    if let Some(cap) = r.write_iops_cap {
+        let _ = match r.saturated_iops {
+            Some(sat) => writeln!(
+                s,
+                "writers capped at {cap:.0} IOPS ({:.0}% of the {sat:.0} they reached uncapped)",
+                100.0 * cap / sat.max(1e-9)
+            ),
+            None => writeln!(s, "writers capped at {cap:.0} IOPS"),
+        };
+    }
     let _ = writeln!(
         s,
         "{:<22} {:>12} {:>10} {:>10} {:>10}",

@@ -227,3 +227,56 @@ fn demo_backs_up_a_busy_volume_and_checks_it() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_cow_caps_the_writers_and_still_verifies_the_backup() {
+    let dir = scratch("cli");
+    let d = dir.path().to_str().unwrap();
+    let run = |rate: &str| {
+        let (code, out, err) = hotcopy(&[
+            "bench",
+            "cow",
+            "--dir",
+            d,
+            "--size",
+            "64M",
+            "--source",
+            "malloc:64M",
+            "--target",
+            "malloc:64M",
+            "-t",
+            "0.5",
+            "-q",
+            "8",
+            "--write-iops",
+            rate,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{rate}: {out}\n{err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("one JSON object")
+    };
+    // A fixed cap: RAM could take hundreds of thousands of writes a second,
+    // so the writers only stay under the cap if they keep to it.
+    let v = run("2000");
+    assert_eq!(v["write_iops_cap"], 2000.0);
+    assert!(v["saturated_iops"].is_null());
+    for phase in ["baseline", "during"] {
+        let iops = v[phase]["iops"].as_f64().unwrap();
+        assert!(iops > 0.0 && iops < 2000.0 * 1.15, "{phase}: {iops} IOPS");
+    }
+    assert_eq!(v["verified"], true, "{v}");
+    // A share of the uncapped rate, measured first. The calibration run's
+    // writes land on the volume before the backup, so the check of the
+    // backup must count them too.
+    let v = run("10%");
+    let sat = v["saturated_iops"].as_f64().unwrap();
+    let cap = v["write_iops_cap"].as_f64().unwrap();
+    assert!(sat > 0.0 && (cap - sat * 0.1).abs() < 1e-6 * sat, "{v}");
+    assert!(v["baseline"]["iops"].as_f64().unwrap() < cap * 1.15, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+
+    for bad in ["0%", "150%", "fast", "0"] {
+        let err = fails(&["bench", "cow", "--write-iops", bad]);
+        assert!(err.contains("--write-iops") && err.contains(bad), "{bad}: {err}");
+    }
+}
