@@ -823,7 +823,10 @@ pub fn run_cow(
     });
     let (verified, verify_detail) = if p.verify {
         // The calibration run's writes came first, then phase 1's.
-        let before: Vec<WriterResult> = calibration.into_iter().chain(baseline.iter().cloned()).collect();
+        let before: Vec<WriterResult> = calibration
+            .into_iter()
+            .chain(baseline.iter().cloned())
+            .collect();
         match verify_backup(rt, reg, b, p, &job, &before, &during, main_units) {
             Ok(()) => (Some(true), None),
             Err(e) => (Some(false), Some(e)),

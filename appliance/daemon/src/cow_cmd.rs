@@ -153,7 +153,9 @@ fn parse_write_rate(s: &str) -> Result<WriteRate, String> {
     if let Some(pct) = t.strip_suffix('%') {
         match pct.trim().parse::<f64>() {
             Ok(v) if v > 0.0 && v <= 100.0 => Ok(WriteRate::Share(v / 100.0)),
-            _ => Err(format!("{s:?}: the share must be a per cent above 0 and at most 100")),
+            _ => Err(format!(
+                "{s:?}: the share must be a per cent above 0 and at most 100"
+            )),
         }
     } else {
         match t.parse::<f64>() {

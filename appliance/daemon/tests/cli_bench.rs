@@ -277,6 +277,9 @@ fn bench_cow_caps_the_writers_and_still_verifies_the_backup() {
 
     for bad in ["0%", "150%", "fast", "0"] {
         let err = fails(&["bench", "cow", "--write-iops", bad]);
-        assert!(err.contains("--write-iops") && err.contains(bad), "{bad}: {err}");
+        assert!(
+            err.contains("--write-iops") && err.contains(bad),
+            "{bad}: {err}"
+        );
     }
 }
