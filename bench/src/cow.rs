@@ -259,15 +259,16 @@ impl Writer {
     }
 
     /// Under a rate cap, issues the writes that are due on idle slots. The
-    /// schedule is fixed in time (an open-loop client, like fio's
-    /// `rate_iops`), so a writer held back by the backup catches up when it
-    /// is let go, but by at most a queue's worth: it does not bank an
-    /// unbounded debt of writes while every slot is busy.
+    /// schedule is fixed in time, so a writer held back by the backup catches
+    /// up when it is let go, but by at most a queue's worth: it does not bank
+    /// an unbounded debt of writes while every slot is busy. Latency is timed
+    /// from the issue, as fio times it: the wait of a due write for a free
+    /// slot is not counted.
     fn issue_due(&mut self, now: u64) -> usize {
         if self.interval == 0 || self.stopping {
             return 0;
         }
-        let floor = now.saturating_sub(self.interval * self.qd as u64);
+        let floor = now.saturating_sub(self.interval.saturating_mul(self.qd as u64));
         if self.next_due < floor {
             self.next_due = floor;
         }
@@ -275,7 +276,7 @@ impl Writer {
         while self.next_due <= now {
             let Some(slot) = self.idle.pop() else { break };
             self.issue(slot, now);
-            self.next_due += self.interval;
+            self.next_due = self.next_due.saturating_add(self.interval);
             issued += 1;
         }
         issued
@@ -508,6 +509,7 @@ pub struct CowBenchParams {
     pub adaptive: bool,
     pub min_share: f64,
     pub tolerance: f64,
+    pub soft_watermark: f64,
     pub fairness: bool,
     pub verify: bool,
     pub writers: usize,
@@ -622,48 +624,10 @@ pub fn run_cow(
     let main_units = units - fair_units;
     let desc = cow.open(true).map_err(|e| e.to_string())?;
     let writers = p.writers.max(1);
-    let t0 = Instant::now();
-    let mut saturated_iops = None;
-    let mut calibration = Vec::new();
-    let cap = match p.write_rate {
-        None => None,
-        Some(WriteRate::Iops(n)) => Some(n),
-        Some(WriteRate::Share(f)) => {
-            // Calibration: the same writers uncapped, on the cow bdev without
-            // a job; the cap is a share of what they reached.
-            let calib = p.baseline.min(Duration::from_secs(3));
-            let specs: Vec<WriterSpec> = (0..writers)
-                .map(|i| WriterSpec {
-                    reactor: i % rt.num_reactors(),
-                    first_unit: i as u64,
-                    stride: writers as u64,
-                    count: main_units / writers as u64,
-                    hot_pct: 0,
-                    hot_units: 0,
-                    qd: p.queue_depth,
-                    log: p.verify,
-                    seq_base: (4 << 44) | ((i as u64 + 1) << 40),
-                    seed: p.seed + i as u64 * 7 + 4,
-                    rate_iops: 0.0,
-                })
-                .collect();
-            let ws = run_writers(
-                rt,
-                &desc,
-                p.io_size,
-                &specs,
-                Arc::new(AtomicBool::new(false)),
-                calib,
-                || std::thread::sleep(calib),
-            )?;
-            let iops: f64 = ws.iter().map(|w| w.iops()).sum();
-            saturated_iops = Some(iops);
-            calibration = ws;
-            Some(iops * f)
-        }
-    };
-    let rate_iops = cap.map_or(0.0, |c| c / writers as f64);
-    let specs = |seq_tag: u64, log: bool| -> Vec<WriterSpec> {
+    let is_main = |w: &&WriterResult| w.seq_base & (0xFF << 40) != 0xFF << 40;
+    // The writers of one phase: `rate_iops` caps each main writer (0: none);
+    // the fairness writer is never capped.
+    let specs = |seq_tag: u64, log: bool, rate_iops: f64| -> Vec<WriterSpec> {
         let mut v: Vec<WriterSpec> = (0..writers)
             .map(|i| WriterSpec {
                 reactor: i % rt.num_reactors(),
@@ -698,13 +662,48 @@ pub fn run_cow(
         }
         v
     };
+    let mut saturated_iops = None;
+    let mut calibration = Vec::new();
+    let cap = match p.write_rate {
+        None => None,
+        Some(WriteRate::Iops(n)) => Some(n),
+        Some(WriteRate::Share(f)) => {
+            // Calibration: the same writers (and the same fairness writer)
+            // uncapped, on the cow bdev without a job; the cap is a share of
+            // what the main writers reached.
+            let calib = p.baseline.min(Duration::from_secs(3));
+            let ws = run_writers(
+                rt,
+                &desc,
+                p.io_size,
+                &specs(4, p.verify, 0.0),
+                Arc::new(AtomicBool::new(false)),
+                calib,
+                || std::thread::sleep(calib),
+            )?;
+            let iops: f64 = ws.iter().filter(is_main).map(|w| w.iops()).sum();
+            saturated_iops = Some(iops);
+            calibration = ws;
+            Some(iops * f)
+        }
+    };
+    if let Some(c) = cap {
+        if c < 1.0 {
+            return Err(format!(
+                "the writers' cap came to {c:.2} IOPS (uncapped they reached {:.0}): too low to run",
+                saturated_iops.unwrap_or(0.0)
+            ));
+        }
+    }
+    let rate_iops = cap.map_or(0.0, |c| c / writers as f64);
+    let t0 = Instant::now();
     // Phase 1: no job.
     let stop = Arc::new(AtomicBool::new(false));
     let baseline = run_writers(
         rt,
         &desc,
         p.io_size,
-        &specs(1, p.verify),
+        &specs(1, p.verify, rate_iops),
         stop,
         p.baseline,
         || std::thread::sleep(p.baseline),
@@ -733,7 +732,7 @@ pub fn run_cow(
         rt,
         &desc,
         p.io_size,
-        &specs(2, p.verify),
+        &specs(2, p.verify, rate_iops),
         stop,
         p.max_backup + Duration::from_secs(5),
         || {
@@ -773,7 +772,7 @@ pub fn run_cow(
         rt,
         &desc,
         p.io_size,
-        &specs(3, false),
+        &specs(3, false, rate_iops),
         stop,
         p.baseline,
         || std::thread::sleep(p.baseline),
@@ -794,7 +793,6 @@ pub fn run_cow(
     // The "during" phase is the job's lifetime: scale each writer's I/O count
     // by the share of its run the job covered, using the timeline.
     let during_main = restrict(&during, during_offset, job_times.0, job_times.1);
-    let is_main = |w: &&WriterResult| w.seq_base & (0xFF << 40) != 0xFF << 40;
     let main_iops = |ws: &[WriterResult]| ws.iter().filter(is_main).map(|w| w.iops()).sum::<f64>();
     let base_main: Vec<&WriterResult> = base_all.iter().filter(is_main).collect();
     let dm: Vec<&WriterResult> = during_main
@@ -899,6 +897,7 @@ fn backup_config(
             adaptive: p.adaptive,
             min_share: p.min_share,
             fg_tolerance: p.tolerance,
+            soft_watermark: p.soft_watermark,
             pressed_drain_depth: p.pressed_drain_depth,
             ..JobTuning::default()
         },

@@ -85,6 +85,10 @@ pub struct CowArgs {
     /// back off.
     #[arg(long, default_value_t = hotcopy_cow::job::FG_TOLERANCE)]
     pub tolerance: f64,
+    /// Container fill (0..1] past which writers that need a slot are paced at the drain's rate
+    /// (and the drain runs at least at --pressed-drain-depth).
+    #[arg(long, default_value_t = 0.5)]
+    pub soft_watermark: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
     #[arg(long)]
     pub no_adaptive: bool,
@@ -96,9 +100,10 @@ pub struct CowArgs {
     /// where the copy stream arrives last. Default: uniform over the whole volume (the worst case).
     #[arg(long, value_parser = parse_hot)]
     pub hot: Option<(u32, u32)>,
-    /// Cap the main writers' IOPS (all of them together), in every phase: N writes per second,
-    /// or P% of what they reach uncapped (measured first, for up to 3 s, on the cow volume
-    /// without a backup). A capped load leaves the device headroom, like a guest behind NBD or
+    /// Cap the main writers' IOPS (all of them together) in the runs without and with the backup:
+    /// N writes per second, or P% of what they reach uncapped (measured first, for up to 3 s, on
+    /// the cow volume without a backup). The --fairness writer and the --freeze-samples load stay
+    /// uncapped. A capped load leaves the device headroom, like a guest behind NBD or
     /// NVMe/TCP; the writers still keep at most --queue-depth writes in flight. Default: uncapped,
     /// the writers saturate the device (the worst case).
     #[arg(long, value_parser = parse_write_rate)]
@@ -181,6 +186,12 @@ pub fn run_scenario(
     if a.seconds <= 0.0 || a.max_backup <= 0.0 {
         bail!("-t and --max-backup must be positive");
     }
+    if !(a.soft_watermark > 0.0 && a.soft_watermark <= 1.0) {
+        bail!(
+            "--soft-watermark {} is not above 0 and at most 1",
+            a.soft_watermark
+        );
+    }
     if !(0.0..=1.0).contains(&a.min_share) {
         bail!("--min-share {} is not between 0 and 1", a.min_share);
     }
@@ -253,6 +264,7 @@ pub fn run_scenario(
         adaptive: !a.no_adaptive,
         min_share: a.min_share,
         tolerance: a.tolerance,
+        soft_watermark: a.soft_watermark,
         fairness: a.fairness,
         verify: !a.no_verify,
         writers: a.writers,
