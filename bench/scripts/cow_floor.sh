@@ -34,6 +34,8 @@ QD=32
 RATE_IOPS=""
 while [ $# -gt 0 ]; do
   case $1 in
+    --dir|--size|--secs|--rounds|--spans|--qd|--rate-iops)
+      [ $# -ge 2 ] || { echo "cow_floor.sh: $1 needs a value" >&2; exit 2; } ;;&
     --dir) DIR=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --secs) SECS=$2; shift 2 ;;
@@ -75,21 +77,24 @@ print(w["iops"], w["clat_ns"]["percentile"]["99.000000"]/1000, rd, wr)'
 }
 
 RES=$(mktemp)
+trap 'rm -f "$RES"' EXIT
 echo "| round | T (s) | MiB/s each way asked | read / written | fg IOPS alone | with backup traffic | ratio | p99 alone (us) | with | p99 ratio |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for r in $(seq "$ROUNDS"); do
   for t in $SPANS; do
     rate=$(( MIB / t ))
-    read -r i0 p0 _ _ < <(fio "${FG[@]}" --output-format=json 2>/dev/null | fg_figures)
-    read -r i1 p1 mr mw < <(fio "${FG[@]}" \
+    out=$(fio "${FG[@]}" --output-format=json 2>&1) || { echo "cow_floor.sh: fio failed: $out" >&2; exit 1; }
+    read -r i0 p0 _ _ <<<"$(fg_figures <<<"$out")"
+    out=$(fio "${FG[@]}" \
       --name=rd --filename="$A" --ioengine=io_uring --direct=1 --rw=read --bs=64k --iodepth=16 \
         --size="$SIZE" --runtime="$SECS" --time_based --rate="${rate}m" \
       --name=wr --filename="$B" --ioengine=io_uring --direct=1 --rw=write --bs=64k --iodepth=16 \
         --size="$SIZE" --runtime="$SECS" --time_based --rate=",${rate}m" \
-      --output-format=json 2>/dev/null | fg_figures)
+      --output-format=json 2>&1) || { echo "cow_floor.sh: fio failed: $out" >&2; exit 1; }
+    read -r i1 p1 mr mw <<<"$(fg_figures <<<"$out")"
     python3 -c 'import sys
 r,t,rate=sys.argv[1:4]; i0,i1,p0,p1,mr,mw=map(float,sys.argv[4:10])
-print(f"{r} {t} {rate} {mr:.0f}/{mw:.0f} {i0:.0f} {i1:.0f} {i1/i0:.3f} {p0:.0f} {p1:.0f} {p1/p0:.2f}")' \
+print(f"{r} {t} {rate} {mr:.0f}/{mw:.0f} {i0:.0f} {i1:.0f} {i1/max(i0,1e-9):.3f} {p0:.0f} {p1:.0f} {p1/max(p0,1e-9):.2f}")' \
       "$r" "$t" "$rate" "$i0" "$i1" "$p0" "$p1" "$mr" "$mw" >>"$RES"
     tail -1 "$RES" | awk '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",$1,$2,$3,$4,$5,$6,$7,$8,$9,$10}'
   done
@@ -106,4 +111,3 @@ for line in open(sys.argv[1]):
     rows[(int(t),rate)].append((float(ratio),float(pr)))
 for (t,rate),v in sorted(rows.items()):
     print(f"| {t} | {rate} | {statistics.median(x for x,_ in v):.3f} | {statistics.median(y for _,y in v):.2f} |")' "$RES"
-rm -f "$RES"
