@@ -899,7 +899,6 @@ fn backup_config(
             fg_tolerance: p.tolerance,
             soft_watermark: p.soft_watermark,
             pressed_drain_depth: p.pressed_drain_depth,
-            ..JobTuning::default()
         },
         changed_since: None,
     })

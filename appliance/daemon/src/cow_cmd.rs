@@ -87,7 +87,7 @@ pub struct CowArgs {
     pub tolerance: f64,
     /// Container fill (0..1] past which writers that need a slot are paced at the drain's rate
     /// (and the drain runs at least at --pressed-drain-depth).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().soft_watermark)]
     pub soft_watermark: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
     #[arg(long)]
