@@ -821,10 +821,11 @@ fn fio_block(b: &[u8]) -> Option<FioBlock> {
 /// Checks that `backup` is the volume at one instant of fio's write stream:
 /// there is a cut `c` such that every block holds a write issued before `c`
 /// (or its content in `before`, if none was) that no later write before `c`
-/// surely overwrote, and no write issued after `c`. Two writes to one block
-/// fewer than `qd` apart may have been in flight together, and then either
-/// may land last; a write `qd` or more after another was issued after the
-/// other completed. `log` is fio's `--write_iolog`. Returns the cut's bounds
+/// surely overwrote, and no write issued after `c`. fio runs with
+/// `serialize_overlap`, so a write to a block is issued only after the
+/// earlier writes to that block completed; the bound below still allows two
+/// writes to one block fewer than `qd` apart to land in either order (more
+/// than fio does, never less). `log` is fio's `--write_iolog`. Returns the cut's bounds
 /// (a range of write numbers) and how many blocks hold one of fio's writes.
 fn assert_a_cut_of_the_write_stream(
     before: &[u8],
@@ -942,6 +943,12 @@ fn a_backup_taken_while_fio_writes_over_nbd_is_the_volume_at_its_consistency_poi
             "--iodepth=32",
             "--size=64M",
             "--norandommap",
+            // A write to a block waits until fio's earlier writes to it have
+            // completed. Without this, one write stalled in the device while
+            // the other 31 slots cycle can be overtaken by a later write to
+            // the same block, and land last: legal for a device, but not a
+            // cut of the issue order (CI saw it once).
+            "--serialize_overlap=1",
             "--randseed=11",
             "--rate_iops=3000",
             "--runtime=20",
