@@ -795,10 +795,7 @@ pub fn run_cow(
     let during_main = restrict(&during, during_offset, job_times.0, job_times.1);
     let main_iops = |ws: &[WriterResult]| ws.iter().filter(is_main).map(|w| w.iops()).sum::<f64>();
     let base_main: Vec<&WriterResult> = base_all.iter().filter(is_main).collect();
-    let dm: Vec<&WriterResult> = during_main
-        .iter()
-        .filter(|w| w.seq_base & (0xFF << 40) != 0xFF << 40)
-        .collect();
+    let dm: Vec<&WriterResult> = during_main.iter().filter(is_main).collect();
     let base_r = PhaseReport::from_writers(&base_main);
     let dur_r = PhaseReport::from_writers(&dm);
     let fairness = p.fairness.then(|| {
