@@ -78,18 +78,40 @@ impl Serve {
             socket: socket.to_path_buf(),
             log: log.to_path_buf(),
         };
+        // The socket is placed before the bdevs and exports exist (requests
+        // queue until the start is done), so a connect alone does not mean
+        // ready: the first answer does.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while UnixStream::connect(socket).is_err() {
+        while !s.answers() {
             if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "hotcopy serve exited ({st}) before serving:\n{}",
                     s.log_text()
                 );
             }
-            assert!(Instant::now() < deadline, "no socket:\n{}", s.log_text());
+            assert!(Instant::now() < deadline, "no answer:\n{}", s.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
         s
+    }
+
+    /// Whether the daemon answers `rpc_get_methods` on its socket.
+    fn answers(&self) -> bool {
+        let Ok(w) = UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let _ = w.set_read_timeout(Some(Duration::from_secs(30)));
+        let Ok(r) = w.try_clone() else {
+            return false;
+        };
+        let mut w = w;
+        if w.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"rpc_get_methods\"}\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut line = String::new();
+        BufReader::new(r).read_line(&mut line).is_ok() && line.contains("\"result\"")
     }
 
     fn sock(&self) -> &str {
