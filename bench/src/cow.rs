@@ -556,6 +556,12 @@ pub struct CowBenchReport {
     pub during: PhaseReport,
     pub iops_ratio: f64,
     pub p99_ratio: f64,
+    /// Seconds of the main writers' baseline work the backup cost them:
+    /// (baseline IOPS − during IOPS) × the during run's length / baseline
+    /// IOPS. Unlike `iops_ratio` it does not depend on how long the job's
+    /// tail lasts, when the writers are back at full speed: a backup that
+    /// dragged its tail out would raise the ratio at no gain to anyone.
+    pub foreground_lost_s: f64,
     pub backup_mibps: f64,
     pub backup_s: f64,
     pub freeze_us: f64,
@@ -841,6 +847,7 @@ pub fn run_cow(
         saturated_iops,
         iops_ratio: dur_r.iops / base_r.iops.max(1e-9),
         p99_ratio: dur_r.lat_us.p99 / base_r.lat_us.p99.max(1e-9),
+        foreground_lost_s: (base_r.iops - dur_r.iops) * dur_r.secs / base_r.iops.max(1e-9),
         baseline: base_r,
         baseline_before_iops: main_iops(&baseline),
         baseline_after_iops: main_iops(&after),

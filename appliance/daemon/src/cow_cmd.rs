@@ -374,6 +374,11 @@ pub fn table(r: &CowBenchReport) -> String {
     );
     let _ = writeln!(
         s,
+        "foreground work lost to the backup: {:.2} s at the baseline rate",
+        r.foreground_lost_s
+    );
+    let _ = writeln!(
+        s,
         "backup: {:.1} MiB/s over {:.2} s; freeze {:.0} us; container peak {} of {} slots; {} writes held, {} paced",
         r.backup_mibps, r.backup_s, r.freeze_us, r.container_peak, r.container_slots, r.held_writes, r.paced_writes
     );
