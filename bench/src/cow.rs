@@ -557,10 +557,11 @@ pub struct CowBenchReport {
     pub iops_ratio: f64,
     pub p99_ratio: f64,
     /// Seconds of the main writers' baseline work the backup cost them:
-    /// (baseline IOPS − during IOPS) × the during run's length / baseline
-    /// IOPS. Unlike `iops_ratio` it does not depend on how long the job's
-    /// tail lasts, when the writers are back at full speed: a backup that
-    /// dragged its tail out would raise the ratio at no gain to anyone.
+    /// (baseline IOPS − during IOPS) × the job's window (`during.secs`) /
+    /// baseline IOPS. Unlike `iops_ratio` it hardly depends on how long the
+    /// job's tail lasts, when the writers are back at their baseline rate:
+    /// a backup that dragged its tail out would raise the ratio at no gain
+    /// to anyone. Noise can make it slightly negative.
     pub foreground_lost_s: f64,
     pub backup_mibps: f64,
     pub backup_s: f64,

@@ -100,7 +100,7 @@ impl Serve {
         let Ok(w) = UnixStream::connect(&self.socket) else {
             return false;
         };
-        let _ = w.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = w.set_read_timeout(Some(Duration::from_secs(5)));
         let Ok(r) = w.try_clone() else {
             return false;
         };
