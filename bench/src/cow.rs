@@ -534,6 +534,20 @@ pub enum WriteRate {
     Share(f64),
 }
 
+/// A baseline spread (see [`CowBenchReport::baseline_spread`]) past which
+/// the text report warns that the device's speed moved during the run.
+pub const BASELINE_SPREAD_WARN: f64 = 1.5;
+
+/// The larger of `a` and `b` over the smaller (1 when either is zero).
+fn spread(a: f64, b: f64) -> f64 {
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    if lo > 0.0 {
+        hi / lo
+    } else {
+        1.0
+    }
+}
+
 /// Everything `--json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct CowBenchReport {
@@ -553,6 +567,11 @@ pub struct CowBenchReport {
     /// The main writers' IOPS in the run before the job and in the run after.
     pub baseline_before_iops: f64,
     pub baseline_after_iops: f64,
+    /// The larger of the two baselines over the smaller: how far the
+    /// device's own speed moved across the run. Past
+    /// [`BASELINE_SPREAD_WARN`] the ratios say as much about the device as
+    /// about the backup.
+    pub baseline_spread: f64,
     pub during: PhaseReport,
     pub iops_ratio: f64,
     pub p99_ratio: f64,
@@ -852,6 +871,7 @@ pub fn run_cow(
         baseline: base_r,
         baseline_before_iops: main_iops(&baseline),
         baseline_after_iops: main_iops(&after),
+        baseline_spread: spread(main_iops(&baseline), main_iops(&after)),
         during: dur_r,
         backup_mibps: status.backup_mibps,
         backup_s: status.elapsed_s,

@@ -367,6 +367,13 @@ pub fn table(r: &CowBenchReport) -> String {
         "{:<22} {:>12} (before the backup {:.0}, after {:.0})",
         "", "", r.baseline_before_iops, r.baseline_after_iops
     );
+    if r.baseline_spread > cow::BASELINE_SPREAD_WARN {
+        let _ = writeln!(
+            s,
+            "note: the baselines before and after the backup differ {:.1}x: the device's own speed moved during the run, so read the ratios with care (repeat with other --seed values and take medians)",
+            r.baseline_spread
+        );
+    }
     let _ = writeln!(
         s,
         "{:<22} {:>12.2} {:>21.2}",

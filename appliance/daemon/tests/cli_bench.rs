@@ -209,6 +209,13 @@ fn bench_cow_reports_both_phases_and_verifies_the_backup() {
         "{lost} != {secs} - {at_baseline}: {out}"
     );
     assert!(lost < secs, "{out}");
+    // How far the device's speed moved: the larger baseline over the smaller.
+    let (b0, b1) = (
+        v["baseline_before_iops"].as_f64().unwrap(),
+        v["baseline_after_iops"].as_f64().unwrap(),
+    );
+    let spread = v["baseline_spread"].as_f64().expect("baseline_spread");
+    assert!((spread - b0.max(b1) / b0.min(b1)).abs() < 1e-9, "{out}");
     assert_eq!(v["verified"], true, "{out}");
     assert!(v["fairness"]["ratio"].is_number());
     assert_eq!(v["job"]["state"], "complete");
