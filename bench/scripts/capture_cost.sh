@@ -42,20 +42,10 @@ while [ $# -gt 0 ]; do
     *) echo "capture_cost.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-command -v fio >/dev/null || { echo "capture_cost.sh: needs fio" >&2; exit 2; }
-mkdir -p "$DIR"
-A=$DIR/volume.img
-B=$DIR/backup.img
-BYTES=$(numfmt --from=iec "$SIZE")
-for f in "$A" "$B"; do
-  if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" -ne "$BYTES" ]; then
-    fio --name=fill --filename="$f" --ioengine=io_uring --direct=1 --rw=write --bs=1m \
-      --iodepth=16 --size="$SIZE" >/dev/null
-  fi
-done
-
-FG=(--name=fg --filename="$A" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
-    --iodepth="$QD" --size="$SIZE" --runtime="$SECS" --time_based --randrepeat=0)
+# shellcheck source=bench/scripts/fio_lib.sh
+. "$(dirname "$0")/fio_lib.sh"
+fio_setup capture_cost.sh "$DIR" "$SIZE"
+fio_fg "$SIZE" "$QD" "$SECS"
 
 # figures < fio JSON -> "FG_IOPS CAPTURE_READS_PER_S CAPTURE_WRITES_PER_S"
 figures() {

@@ -47,21 +47,11 @@ while [ $# -gt 0 ]; do
     *) echo "cow_floor.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-command -v fio >/dev/null || { echo "cow_floor.sh: needs fio" >&2; exit 2; }
-mkdir -p "$DIR"
-A=$DIR/volume.img
-B=$DIR/backup.img
-BYTES=$(numfmt --from=iec "$SIZE")
-MIB=$((BYTES / 1048576))
-for f in "$A" "$B"; do
-  if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" -ne "$BYTES" ]; then
-    fio --name=fill --filename="$f" --ioengine=io_uring --direct=1 --rw=write --bs=1m \
-      --iodepth=16 --size="$SIZE" >/dev/null
-  fi
-done
-
-FG=(--name=fg --filename="$A" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
-    --iodepth="$QD" --size="$SIZE" --runtime="$SECS" --time_based --randrepeat=0)
+# shellcheck source=bench/scripts/fio_lib.sh
+. "$(dirname "$0")/fio_lib.sh"
+fio_setup cow_floor.sh "$DIR" "$SIZE"
+MIB=$(($(numfmt --from=iec "$SIZE") / 1048576))
+fio_fg "$SIZE" "$QD" "$SECS"
 [ -n "$RATE_IOPS" ] && FG+=(--rate_iops="$RATE_IOPS")
 
 # fg_figures < fio JSON -> "IOPS P99_US READ_MIBPS WRITE_MIBPS": the foreground
