@@ -855,6 +855,7 @@ pub fn run_cow(
     } else {
         (None, None)
     };
+    let (before_iops, after_iops) = (main_iops(&baseline), main_iops(&after));
     let report = CowBenchReport {
         source: cow.name().to_string(),
         target: b.target.clone(),
@@ -869,9 +870,9 @@ pub fn run_cow(
         p99_ratio: dur_r.lat_us.p99 / base_r.lat_us.p99.max(1e-9),
         foreground_lost_s: (base_r.iops - dur_r.iops) * dur_r.secs / base_r.iops.max(1e-9),
         baseline: base_r,
-        baseline_before_iops: main_iops(&baseline),
-        baseline_after_iops: main_iops(&after),
-        baseline_spread: spread(main_iops(&baseline), main_iops(&after)),
+        baseline_before_iops: before_iops,
+        baseline_after_iops: after_iops,
+        baseline_spread: spread(before_iops, after_iops),
         during: dur_r,
         backup_mibps: status.backup_mibps,
         backup_s: status.elapsed_s,
