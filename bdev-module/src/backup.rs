@@ -83,6 +83,10 @@ pub struct JobStatus {
     pub chunks_done: u64,
     pub chunks_pending: u64,
     pub chunks_copied: u64,
+    /// Of `chunks_copied`, those copied outside the streams' budget, paid
+    /// by captures ([`crate::JobTuning::copy_per_capture`]).
+    pub chunks_copied_ahead: u64,
+    /// Chunks writers forced into the container (captures).
     pub chunks_saved: u64,
     pub container_slots: u32,
     pub container_used: u32,
@@ -209,6 +213,7 @@ impl BackupJob {
             chunks_done: done,
             chunks_pending: j.in_scope.load(Ordering::Relaxed).saturating_sub(done),
             chunks_copied: c.chunks_copied.load(Ordering::Relaxed),
+            chunks_copied_ahead: c.chunks_copied_ahead.load(Ordering::Relaxed),
             chunks_saved: c.chunks_saved.load(Ordering::Relaxed),
             container_slots: j.container.slots,
             container_used: j.container.used(),

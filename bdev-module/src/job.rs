@@ -50,6 +50,21 @@
 //! container are then the ones paced harder, which is the point of per
 //! submitter pacing: the writer causing the pressure is the one slowed.
 //!
+//! # Copying ahead of captures
+//! The budget above prices copy I/O by the latency it adds for hosts. That
+//! leaves out what a pending chunk costs when a writer reaches it first:
+//! its capture is a chunk-sized read at a random place and, through the
+//! container, a chunk-sized write at a random place, while the same chunk
+//! copied in order is a small share of one 1 MiB sequential read and
+//! write. Under skewed writes the budget sits at its floor while writers
+//! keep capturing the cold space chunk by chunk, so the backup pays the
+//! dear price for most of the volume, and for longer. With
+//! [`JobTuning::copy_per_capture`] = k, every chunk a writer forces into
+//! the container earns the copy stream k chunks, copied in whole runs
+//! outside the budget (at most [`CREDIT_RUNS`] in flight, even while the
+//! container is pressed; none under a manual rate limit). The copying
+//! follows the captures: when writers stop forcing chunks, it stops.
+//!
 //! # Reading ahead while hosts are idle
 //! A copy run is a read from the source and then a write to the target
 //! with the same buffer. A source in memory (`malloc`) does its read as a
@@ -211,6 +226,8 @@ impl Container {
 pub struct JobCounters {
     pub chunks_done: AtomicU64,
     pub chunks_copied: AtomicU64,
+    /// Of `chunks_copied`, those copied outside the budget, paid by captures.
+    pub chunks_copied_ahead: AtomicU64,
     pub chunks_saved: AtomicU64,
     pub chunks_drained: AtomicU64,
     pub bytes_copied: AtomicU64,
@@ -274,6 +291,10 @@ pub struct JobTuning {
     /// further at the price of pacing the writers that fill the container
     /// harder.
     pub pressed_drain_depth: u32,
+    /// Chunks the copy stream moves, outside its budget, for every chunk a
+    /// writer's first write forces into the container (0: none; see the
+    /// module docs, "Copying ahead of captures").
+    pub copy_per_capture: f64,
 }
 
 impl Default for JobTuning {
@@ -286,6 +307,7 @@ impl Default for JobTuning {
             min_share: 0.25,
             fg_tolerance: FG_TOLERANCE,
             pressed_drain_depth: 16,
+            copy_per_capture: 0.0,
         }
     }
 }
@@ -428,7 +450,8 @@ struct Op {
     chunk: u64,
     count: u64,
     slot: u32,
-    /// Chunks this op holds of the budget.
+    /// Chunks this op holds of the budget (0: a copy run outside the
+    /// budget, paid by captures).
     weight: u32,
     /// When the op (or the read that led to it) was issued.
     start: u64,
@@ -436,6 +459,9 @@ struct Op {
 
 /// Largest copy I/O: consecutive pending chunks are copied together up to this.
 pub const COPY_RUN_BYTES: u64 = 1 << 20;
+
+/// Most copy runs in flight outside the budget, paid by captures.
+const CREDIT_RUNS: u32 = 2;
 
 /// Copy runs read ahead of the target's writes while hosts are idle: half
 /// the streams' queue depth (see the module docs).
@@ -532,6 +558,11 @@ pub(crate) struct Streams {
     rate_start: u64,
     rate_issued: u64,
     tick_us: f64,
+    /// Copying ahead of captures: captures counted so far, chunks earned
+    /// and not yet copied, and such copy runs in flight.
+    saved_seen: u64,
+    credit: f64,
+    credit_runs: u32,
 }
 
 impl Streams {
@@ -603,6 +634,9 @@ impl Streams {
             rate_start: now,
             rate_issued: 0,
             tick_us: clock::ticks_per_us(),
+            saved_seen: job.counters.chunks_saved.load(Ordering::Relaxed),
+            credit: 0.0,
+            credit_runs: 0,
             // Lend only what the target writes as it is, in whole pages.
             src_mem: src_mem.filter(|m| {
                 m.block_size() == job.block_size
@@ -805,7 +839,9 @@ impl Streams {
                 }
                 // The chunks' T0 content is in our buffer: writers may pass now.
                 job.leave_copying(&op);
-                if self.ready.is_empty() && self.writing_chunks < self.budget_chunks() {
+                if op.weight == 0
+                    || (self.ready.is_empty() && self.writing_chunks < self.budget_chunks())
+                {
                     self.write_to_target(OpKind::CopyWrite, &op, io.num_blocks, buf);
                 } else {
                     // Read ahead (or the budget shrank while it read): its
@@ -993,7 +1029,14 @@ impl Streams {
         job.counters
             .chunks_done
             .fetch_add(op.count, Ordering::Release);
-        self.duty_pause(op.start, now);
+        if op.weight == 0 {
+            self.credit_runs -= 1;
+            job.counters
+                .chunks_copied_ahead
+                .fetch_add(op.count, Ordering::Relaxed);
+        } else {
+            self.duty_pause(op.start, now);
+        }
     }
 
     /// A drained chunk is on the target: only now may its slot be reused.
@@ -1042,6 +1085,7 @@ impl Streams {
             ));
             issued += 1;
         }
+        issued += self.copy_ahead_of_captures(now);
         if pressed {
             return issued;
         }
@@ -1073,20 +1117,9 @@ impl Streams {
             let Some(chunk) = self.next_pending() else {
                 break;
             };
-            // Extend to a run of consecutive pending chunks (one read, one
-            // target write) when the target keeps consecutive chunks
-            // together, as far as the budget allows.
+            // As far as the budget allows.
             let max_run = self.run_chunks.min(cap - self.inflight_chunks).max(1) as u64;
-            let mut count = 1;
-            while count < max_run
-                && chunk + count < job.map.len()
-                && !self.fenced(chunk + count)
-                && job
-                    .map
-                    .transition(chunk + count, ChunkState::Pending, ChunkState::Copying)
-            {
-                count += 1;
-            }
+            let count = self.claim_run(chunk, max_run);
             let blocks =
                 (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
             self.rate_issued += blocks * job.block_size;
@@ -1103,6 +1136,60 @@ impl Streams {
                 buf,
                 i as u64,
             ));
+        }
+        issued
+    }
+
+    /// Extends the claimed chunk `chunk` to a run of up to `max_run`
+    /// consecutive pending chunks (one read, one target write) when the
+    /// target keeps consecutive chunks together; returns its length.
+    fn claim_run(&mut self, chunk: u64, max_run: u64) -> u64 {
+        let map = &self.job.map;
+        let mut count = 1;
+        while count < max_run
+            && chunk + count < map.len()
+            && !self.fenced(chunk + count)
+            && map.transition(chunk + count, ChunkState::Pending, ChunkState::Copying)
+        {
+            count += 1;
+        }
+        count
+    }
+
+    /// Copy runs outside the budget, paid by captures (module docs,
+    /// "Copying ahead of captures"): whole runs only, at most
+    /// [`CREDIT_RUNS`] in flight, none under a manual rate limit.
+    fn copy_ahead_of_captures(&mut self, now: u64) -> usize {
+        let job = self.job.clone();
+        let per = job.tuning.copy_per_capture;
+        let saved = job.counters.chunks_saved.load(Ordering::Relaxed);
+        let new = saved.saturating_sub(self.saved_seen);
+        self.saved_seen = saved;
+        if per <= 0.0 || job.rate_limit.load(Ordering::Relaxed) > 0 {
+            return 0;
+        }
+        let run = self.run_chunks as f64;
+        self.credit = (self.credit + new as f64 * per).min(run * CREDIT_RUNS as f64);
+        let mut issued = 0;
+        while self.credit >= run && self.credit_runs < CREDIT_RUNS && !self.bufs.is_empty() {
+            let Some(chunk) = self.next_pending() else {
+                break;
+            };
+            let count = self.claim_run(chunk, self.run_chunks as u64);
+            self.credit -= count as f64;
+            let blocks =
+                (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
+            let mut buf = self.bufs.pop().expect("checked non-empty");
+            buf.set_len((blocks * job.block_size) as usize);
+            let i = self.start_op(OpKind::CopyRead, chunk, count, 0, 0, now);
+            self.credit_runs += 1;
+            self.src.submit(BdevIo::read(
+                chunk << job.chunk_shift,
+                blocks,
+                buf,
+                i as u64,
+            ));
+            issued += 1;
         }
         issued
     }

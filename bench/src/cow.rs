@@ -510,6 +510,7 @@ pub struct CowBenchParams {
     pub min_share: f64,
     pub tolerance: f64,
     pub soft_watermark: f64,
+    pub copy_per_capture: f64,
     pub fairness: bool,
     pub verify: bool,
     pub writers: usize,
@@ -925,6 +926,7 @@ fn backup_config(
             fg_tolerance: p.tolerance,
             soft_watermark: p.soft_watermark,
             pressed_drain_depth: p.pressed_drain_depth,
+            copy_per_capture: p.copy_per_capture,
         },
         changed_since: None,
     })

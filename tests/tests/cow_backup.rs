@@ -76,6 +76,9 @@ struct Case {
     writers_late_ms: Option<u64>,
     /// `JobTuning::max_queue_depth`.
     stream_qd: u32,
+    /// `JobTuning::copy_per_capture`: copy runs outside the budget, paid
+    /// by captures, racing the writers and the budgeted streams for chunks.
+    copy_per_capture: f64,
 }
 
 /// Runs one case, checks the invariant, and returns the job's last status.
@@ -157,6 +160,7 @@ fn run_case(case: &Case, rt: &Runtime) -> JobStatus {
             max_queue_depth: case.stream_qd,
             soft_watermark: case.soft_watermark,
             pressed_drain_depth: case.pressed_drain_depth,
+            copy_per_capture: case.copy_per_capture,
             ..JobTuning::default()
         },
         changed_since: None,
@@ -283,6 +287,7 @@ fn base_case() -> Case {
         pressed_drain_depth: 16,
         writers_late_ms: None,
         stream_qd: 4,
+        copy_per_capture: 0.0,
     }
 }
 
@@ -308,6 +313,38 @@ fn a_one_slot_container_and_a_slow_target_still_give_an_exact_backup() {
         },
         &rt,
     );
+}
+
+/// Copies paid by captures (`JobTuning::copy_per_capture`) race the writers
+/// and the budgeted streams for the same chunks: the backup stays exact, the
+/// copies happen only when asked for, and they count among the copied chunks.
+#[test]
+fn copies_ahead_of_captures_keep_the_backup_exact() {
+    let rt = runtime();
+    for per in [0.0, 8.0] {
+        for uring in [false, true] {
+            let st = run_case(
+                &Case {
+                    copy_per_capture: per,
+                    target_latency_us: 300,
+                    slots: 8,
+                    qd: 8,
+                    uring,
+                    ..base_case()
+                },
+                &rt,
+            );
+            assert!(st.chunks_copied_ahead <= st.chunks_copied, "{st:?}");
+            if per == 0.0 {
+                assert_eq!(st.chunks_copied_ahead, 0, "none asked for: {st:?}");
+            } else {
+                assert!(
+                    st.chunks_copied_ahead > 0,
+                    "captures paid no copies: {st:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -536,12 +573,14 @@ proptest! {
         pressed_drain_depth in prop::sample::select(vec![1u32, 4, 16]),
         writers_late_ms in prop::option::weighted(0.3, 0u64..20),
         stream_qd in prop::sample::select(vec![1u32, 4]),
+        copy_per_capture in prop::sample::select(vec![0.0f64, 1.0, 8.0]),
     ) {
         let rt = runtime();
         run_case(&Case {
             chunk_kib, slots, writers, qd, max_write_blocks, target_latency_us,
             fail_target_after: fail, include, exclude, prioritize, soft_watermark,
             writes_before_ms: 5, uring, pressed_drain_depth, writers_late_ms, stream_qd,
+            copy_per_capture,
         }, &rt);
     }
 }

@@ -89,6 +89,12 @@ pub struct CowArgs {
     /// (and the drain runs at least at --pressed-drain-depth).
     #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().soft_watermark)]
     pub soft_watermark: f64,
+    /// Chunks the copy stream moves in order, outside its budget, for every chunk a writer's
+    /// first write forces into the container out of order (0: none). A capture is a random
+    /// chunk-sized read and write; a copied chunk is a share of a 1 MiB sequential run, and a
+    /// chunk copied ahead is one writers can no longer force.
+    #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().copy_per_capture)]
+    pub copy_per_capture: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
     #[arg(long)]
     pub no_adaptive: bool,
@@ -192,6 +198,12 @@ pub fn run_scenario(
             a.soft_watermark
         );
     }
+    if !(0.0..=64.0).contains(&a.copy_per_capture) {
+        bail!(
+            "--copy-per-capture {} is not between 0 and 64",
+            a.copy_per_capture
+        );
+    }
     if !(0.0..=1.0).contains(&a.min_share) {
         bail!("--min-share {} is not between 0 and 1", a.min_share);
     }
@@ -265,6 +277,7 @@ pub fn run_scenario(
         min_share: a.min_share,
         tolerance: a.tolerance,
         soft_watermark: a.soft_watermark,
+        copy_per_capture: a.copy_per_capture,
         fairness: a.fairness,
         verify: !a.no_verify,
         writers: a.writers,
@@ -388,6 +401,11 @@ pub fn table(r: &CowBenchReport) -> String {
         s,
         "backup: {:.1} MiB/s over {:.2} s; freeze {:.0} us; container peak {} of {} slots; {} writes held, {} paced",
         r.backup_mibps, r.backup_s, r.freeze_us, r.container_peak, r.container_slots, r.held_writes, r.paced_writes
+    );
+    let _ = writeln!(
+        s,
+        "chunks: {} captured by writers, {} copied ({} of them ahead of captures)",
+        r.job.chunks_saved, r.job.chunks_copied, r.job.chunks_copied_ahead
     );
     if let Some(f) = &r.fairness {
         let _ = writeln!(
