@@ -1284,6 +1284,27 @@ fn t0_for(t0: &[(String, u64)], cow: &str, w: &WriterResult) -> Option<u64> {
 /// 1 MiB writes from reactor 0, so the backup has real data to copy and the
 /// verify knows the starting image.
 pub fn fill_source(rt: &Runtime, desc: &BdevDesc, unit_bytes: usize) -> Result<(), String> {
+    fill(rt, desc, Some(unit_bytes))
+}
+
+/// Writes zeros over the whole of `desc` in 1 MiB writes and flushes: a
+/// file target's blocks then exist before the backup writes them, as a
+/// namespace's do (a sparse file would allocate them under the backup's
+/// writes, on the filesystem's journal).
+pub fn fill_zeros(rt: &Runtime, desc: &BdevDesc) -> Result<(), String> {
+    fill(rt, desc, None)
+}
+
+/// Sequential 1 MiB writes over the whole bdev: the unit pattern of
+/// `unit_bytes` units, or zeros.
+fn fill(rt: &Runtime, desc: &BdevDesc, unit_bytes: Option<usize>) -> Result<(), String> {
+    let pattern = unit_bytes.is_some();
+    let what = if pattern {
+        "the source"
+    } else {
+        "the target with zeros"
+    };
+    let unit_bytes = unit_bytes.unwrap_or(4096);
     let desc = desc.clone();
     rt.exec(0, move || -> Result<(), String> {
         let mut ch = desc.channel().map_err(|e| e.to_string())?;
@@ -1296,19 +1317,23 @@ pub fn fill_source(rt: &Runtime, desc: &BdevDesc, unit_bytes: usize) -> Result<(
             let len = step.min(total - off) / unit_bytes as u64 * unit_bytes as u64;
             buf.set_len(len as usize);
             for (i, u) in buf.chunks_exact_mut(unit_bytes).enumerate() {
-                unit_pattern(u, off / unit_bytes as u64 + i as u64, 0);
+                if pattern {
+                    unit_pattern(u, off / unit_bytes as u64 + i as u64, 0);
+                } else {
+                    u.fill(0);
+                }
             }
             let mut io =
                 hotcopy_bdev::testing::run_io(&mut ch, BdevIo::write(off / bs, len / bs, buf, 0));
             if io.status != IoStatus::Success {
-                return Err(format!("filling the source at byte {off}: {:?}", io.status));
+                return Err(format!("filling {what} at byte {off}: {:?}", io.status));
             }
             buf = io.take_buf().expect("write returns its buffer");
             off += len;
         }
         match hotcopy_bdev::testing::run_io(&mut ch, BdevIo::flush(0)).status {
             IoStatus::Success => Ok(()),
-            s => Err(format!("flushing the source: {s:?}")),
+            s => Err(format!("flushing {what}: {s:?}")),
         }
     })
     .map_err(|e| e.to_string())?
