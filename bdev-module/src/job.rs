@@ -60,10 +60,14 @@
 //! keep capturing the cold space chunk by chunk, so the backup pays the
 //! dear price for most of the volume, and for longer. With
 //! [`JobTuning::copy_per_capture`] = k, every chunk a writer forces into
-//! the container earns the copy stream k chunks, copied in whole runs
-//! outside the budget (at most [`CREDIT_RUNS`] in flight, even while the
-//! container is pressed; none under a manual rate limit). The copying
-//! follows the captures: when writers stop forcing chunks, it stops.
+//! the container earns the copy stream up to k chunks, copied in order in
+//! runs of up to [`CREDIT_RUN_BYTES`] outside the budget: at most
+//! [`CREDIT_RUNS`] in flight (credit they cannot use is dropped), also
+//! while the container is pressed, but then within the drain's depth and
+//! leaving the drain a buffer; none under a manual rate limit. Such runs
+//! are shorter than the budget's longest, because a writer that reaches a
+//! chunk of one waits for the whole read. The copying follows the
+//! captures: when writers stop forcing chunks, it stops.
 //!
 //! # Reading ahead while hosts are idle
 //! A copy run is a read from the source and then a write to the target
@@ -460,8 +464,11 @@ struct Op {
 /// Largest copy I/O: consecutive pending chunks are copied together up to this.
 pub const COPY_RUN_BYTES: u64 = 1 << 20;
 
-/// Most copy runs in flight outside the budget, paid by captures.
-const CREDIT_RUNS: u32 = 2;
+/// Most copy runs in flight outside the budget, paid by captures, and
+/// their largest size: a writer that reaches a chunk of such a run waits
+/// for the whole read, so they are kept shorter than budgeted runs.
+const CREDIT_RUNS: u32 = 4;
+const CREDIT_RUN_BYTES: u64 = 256 << 10;
 
 /// Copy runs read ahead of the target's writes while hosts are idle: half
 /// the streams' queue depth (see the module docs).
@@ -1085,7 +1092,7 @@ impl Streams {
             ));
             issued += 1;
         }
-        issued += self.copy_ahead_of_captures(now);
+        issued += self.copy_ahead_of_captures(now, pressed);
         if pressed {
             return issued;
         }
@@ -1157,25 +1164,35 @@ impl Streams {
     }
 
     /// Copy runs outside the budget, paid by captures (module docs,
-    /// "Copying ahead of captures"): whole runs only, at most
-    /// [`CREDIT_RUNS`] in flight, none under a manual rate limit.
-    fn copy_ahead_of_captures(&mut self, now: u64) -> usize {
+    /// "Copying ahead of captures"): runs of [`CREDIT_RUN_BYTES`] (one
+    /// chunk on a target that does not keep chunks together), at most
+    /// [`CREDIT_RUNS`] in flight, none under a manual rate limit. While the
+    /// container is pressed they keep within the drain's depth and leave it
+    /// a buffer. Credit the runs in flight cannot use is dropped.
+    fn copy_ahead_of_captures(&mut self, now: u64, pressed: bool) -> usize {
         let job = self.job.clone();
         let per = job.tuning.copy_per_capture;
         let saved = job.counters.chunks_saved.load(Ordering::Relaxed);
         let new = saved.saturating_sub(self.saved_seen);
         self.saved_seen = saved;
-        if per <= 0.0 || job.rate_limit.load(Ordering::Relaxed) > 0 {
+        if per.is_nan() || per <= 0.0 || job.rate_limit.load(Ordering::Relaxed) > 0 {
             return 0;
         }
-        let run = self.run_chunks as f64;
+        let chunk_bytes = job.chunk_blocks * job.block_size;
+        let run_chunks = ((CREDIT_RUN_BYTES / chunk_bytes).max(1) as u32).min(self.run_chunks);
+        let run = run_chunks as f64;
         self.credit = (self.credit + new as f64 * per).min(run * CREDIT_RUNS as f64);
+        let (max_runs, spare_bufs) = if pressed {
+            (CREDIT_RUNS.min(self.drain_depth), 1)
+        } else {
+            (CREDIT_RUNS, 0)
+        };
         let mut issued = 0;
-        while self.credit >= run && self.credit_runs < CREDIT_RUNS && !self.bufs.is_empty() {
+        while self.credit >= run && self.credit_runs < max_runs && self.bufs.len() > spare_bufs {
             let Some(chunk) = self.next_pending() else {
                 break;
             };
-            let count = self.claim_run(chunk, self.run_chunks as u64);
+            let count = self.claim_run(chunk, run_chunks as u64);
             self.credit -= count as f64;
             let blocks =
                 (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
