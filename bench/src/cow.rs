@@ -1287,40 +1287,45 @@ pub fn fill_source(rt: &Runtime, desc: &BdevDesc, unit_bytes: usize) -> Result<(
     fill(rt, desc, Some(unit_bytes))
 }
 
-/// Writes zeros over the whole of `desc` in 1 MiB writes and flushes: a
-/// file target's blocks then exist before the backup writes them, as a
-/// namespace's do (a sparse file would allocate them under the backup's
-/// writes, on the filesystem's journal).
+/// Writes zeros over the whole of `desc` in 1 MiB writes and flushes: on a
+/// filesystem that stores the zeros (ext4 does), a file target's blocks
+/// then exist before the backup writes them, as a namespace's do (a sparse
+/// file would allocate them under the backup's writes, on the filesystem's
+/// journal).
 pub fn fill_zeros(rt: &Runtime, desc: &BdevDesc) -> Result<(), String> {
     fill(rt, desc, None)
 }
 
 /// Sequential 1 MiB writes over the whole bdev: the unit pattern of
-/// `unit_bytes` units, or zeros.
+/// `unit_bytes` units, or zeros (in blocks, so that the whole bdev is
+/// written whatever its size).
 fn fill(rt: &Runtime, desc: &BdevDesc, unit_bytes: Option<usize>) -> Result<(), String> {
-    let pattern = unit_bytes.is_some();
-    let what = if pattern {
+    let what = if unit_bytes.is_some() {
         "the source"
     } else {
         "the target with zeros"
     };
-    let unit_bytes = unit_bytes.unwrap_or(4096);
     let desc = desc.clone();
     rt.exec(0, move || -> Result<(), String> {
         let mut ch = desc.channel().map_err(|e| e.to_string())?;
         let bs = ch.block_size() as u64;
         let total = ch.num_blocks() * bs;
-        let step = (1u64 << 20).min(total) / unit_bytes as u64 * unit_bytes as u64;
+        let unit = unit_bytes.map_or(bs, |u| u as u64);
+        let step = (1u64 << 20).min(total) / unit * unit;
+        if step == 0 {
+            return Err(format!("{what}: {total} bytes hold no {unit}-byte unit"));
+        }
+        // Zeros once; the source's pattern changes with every unit.
         let mut buf = DmaBuf::alloc(step as usize).map_err(|e| e.to_string())?;
+        buf.set_len(step as usize);
+        buf.fill(0);
         let mut off = 0;
-        while off + unit_bytes as u64 <= total {
-            let len = step.min(total - off) / unit_bytes as u64 * unit_bytes as u64;
+        while off + unit <= total {
+            let len = step.min(total - off) / unit * unit;
             buf.set_len(len as usize);
-            for (i, u) in buf.chunks_exact_mut(unit_bytes).enumerate() {
-                if pattern {
-                    unit_pattern(u, off / unit_bytes as u64 + i as u64, 0);
-                } else {
-                    u.fill(0);
+            if unit_bytes.is_some() {
+                for (i, u) in buf.chunks_exact_mut(unit as usize).enumerate() {
+                    unit_pattern(u, off / unit + i as u64, 0);
                 }
             }
             let mut io =

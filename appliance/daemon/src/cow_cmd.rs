@@ -36,14 +36,15 @@ pub struct CowArgs {
     /// Source bdev spec (default: uring:DIR/source.img@SIZE).
     #[arg(long)]
     pub source: Option<String>,
-    /// Backup target bdev spec (default: uring:DIR/target.img@SIZE, written through once
-    /// before the runs, as a namespace's blocks exist before anything is written to them; see
-    /// --sparse-target).
+    /// Backup target bdev spec (default: uring:DIR/target.img@SIZE). The bench writes zeros over
+    /// the target once before the runs, so that its blocks exist before the backup writes them,
+    /// as a namespace's do (see --sparse-target).
     #[arg(long)]
     pub target: Option<String>,
-    /// Leave the default target file sparse: the backup's writes then also allocate the file's
-    /// blocks, which costs the filesystem (extent changes, journal commits) on the disk the
-    /// writers use. Measures a file-backed target rather than a namespace.
+    /// Do not write the target through first: a file the bench creates stays sparse, and the
+    /// backup's writes then also allocate its blocks, which costs the filesystem (extent
+    /// changes, journal commits) on the disk the writers use. Measures a file-backed target
+    /// rather than a namespace. (A file already in --dir keeps the blocks it has.)
     #[arg(long)]
     pub sparse_target: bool,
     /// Intermediate container bdev spec (default: malloc of 10% of the source: RAM).
@@ -96,11 +97,12 @@ pub struct CowArgs {
     /// (and the drain runs at least at --pressed-drain-depth).
     #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().soft_watermark)]
     pub soft_watermark: f64,
-    /// Chunks the copy stream moves in order, outside its budget, for every chunk a writer's
-    /// first write forces into the container out of order (0: none). A capture is a random
+    /// Chunks (at most) the copy stream moves in order, outside its budget, for every chunk a
+    /// writer's first write forces into the container out of order (0: none). A capture is a random
     /// chunk-sized read and write; a copied chunk is a share of a 1 MiB sequential run, and a
     /// chunk copied ahead is one writers can no longer force. The job then ends sooner and the
-    /// writers lose less work in all, but the IOPS ratio over its shorter window does not rise.
+    /// writers lose less work in all, but the IOPS ratio over its shorter window does not rise
+    /// and their p99 does.
     #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().copy_per_capture)]
     pub copy_per_capture: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
@@ -269,7 +271,7 @@ pub fn run_scenario(
     let src_desc = reg.open("source", true)?;
     cow::fill_source(&rt, &src_desc, a.io_size as usize).map_err(anyhow::Error::msg)?;
     drop(src_desc);
-    if a.target.is_none() && !a.sparse_target {
+    if !a.sparse_target {
         let tgt_desc = reg.open("target", true)?;
         cow::fill_zeros(&rt, &tgt_desc).map_err(anyhow::Error::msg)?;
     }
