@@ -287,7 +287,7 @@ fn base_case() -> Case {
         pressed_drain_depth: 16,
         writers_late_ms: None,
         stream_qd: 4,
-        copy_per_capture: 0.0,
+        copy_per_capture: JobTuning::default().copy_per_capture,
     }
 }
 
@@ -573,7 +573,7 @@ proptest! {
         pressed_drain_depth in prop::sample::select(vec![1u32, 4, 16]),
         writers_late_ms in prop::option::weighted(0.3, 0u64..20),
         stream_qd in prop::sample::select(vec![1u32, 4]),
-        copy_per_capture in prop::sample::select(vec![0.0f64, 1.0, 8.0]),
+        copy_per_capture in prop::sample::select(vec![0.0f64, 1.0, 4.0, 8.0]),
     ) {
         let rt = runtime();
         run_case(&Case {

@@ -100,9 +100,8 @@ pub struct CowArgs {
     /// Chunks (at most) the copy stream moves in order, outside its budget, for every chunk a
     /// writer's first write forces into the container out of order (0: none). A capture is a random
     /// chunk-sized read and write; a copied chunk is a share of a 1 MiB sequential run, and a
-    /// chunk copied ahead is one writers can no longer force. The job then ends sooner and the
-    /// writers lose less work in all, but the IOPS ratio over its shorter window does not rise
-    /// and their p99 does.
+    /// chunk copied ahead is one writers can no longer force: the job ends sooner and the
+    /// writers lose less work in all.
     #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().copy_per_capture)]
     pub copy_per_capture: f64,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
