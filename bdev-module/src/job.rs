@@ -468,7 +468,8 @@ pub const COPY_RUN_BYTES: u64 = 1 << 20;
 /// [`JobTuning::copy_per_capture`] by default: measured against 0 under
 /// uniform and skewed saturating writes (docs/BENCHMARKS.md, session 11),
 /// it halved the backup's length and, under uniform writes, the work the
-/// writers lost, with their IOPS ratio and p99 no worse.
+/// writers lost, with their IOPS ratios about the same and p99 within 0.15
+/// of it either way.
 pub const DEFAULT_COPY_PER_CAPTURE: f64 = 4.0;
 
 /// Most copy runs in flight outside the budget, paid by captures, and
@@ -1099,7 +1100,7 @@ impl Streams {
             ));
             issued += 1;
         }
-        issued += self.copy_ahead_of_captures(now, pressed);
+        issued += self.copy_ahead_of_captures(&job, now, pressed);
         if pressed {
             return issued;
         }
@@ -1176,8 +1177,7 @@ impl Streams {
     /// [`CREDIT_RUNS`] in flight, none under a manual rate limit. While the
     /// container is pressed they keep within the drain's depth and leave it
     /// a buffer. Credit the runs in flight cannot use is dropped.
-    fn copy_ahead_of_captures(&mut self, now: u64, pressed: bool) -> usize {
-        let job = self.job.clone();
+    fn copy_ahead_of_captures(&mut self, job: &JobShared, now: u64, pressed: bool) -> usize {
         let per = job.tuning.copy_per_capture;
         let saved = job.counters.chunks_saved.load(Ordering::Relaxed);
         let new = saved.saturating_sub(self.saved_seen);

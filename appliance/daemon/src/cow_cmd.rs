@@ -17,9 +17,10 @@ use crate::construct;
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
 With no options: a 2 GiB source and target as files under a temporary directory in /var/tmp
-(the target written through with zeros first, like a namespace), a RAM container of 10% of the source, 16 KiB chunks, 4 KiB random writes at QD32 for 5 s without a backup,
-then the same load while a full backup runs, then 5 s without a backup again (the baseline is
-both runs without a backup, which bracket the backup). Under a minute on a 2-core machine.
+(the target written through with zeros first, like a namespace), a RAM container of 10% of the
+source, 16 KiB chunks, 4 KiB random writes at QD32 for 5 s without a backup, then the same load
+while a full backup runs, then 5 s without a backup again (the baseline is both runs without a
+backup, which bracket the backup). Under a minute on a 2-core machine.
 
 Examples:
   hotcopy bench cow --json
