@@ -86,6 +86,9 @@ pub struct JobStatus {
     /// Of `chunks_copied`, those copied outside the streams' budget, paid
     /// by captures ([`crate::JobTuning::copy_per_capture`]).
     pub chunks_copied_ahead: u64,
+    /// Of those, the chunks copied from where a writer's first write
+    /// reached last ([`crate::JobTuning::copy_near_writers`]).
+    pub chunks_copied_near_writers: u64,
     /// Chunks writers forced into the container (captures).
     pub chunks_saved: u64,
     pub container_slots: u32,
@@ -214,6 +217,7 @@ impl BackupJob {
             chunks_pending: j.in_scope.load(Ordering::Relaxed).saturating_sub(done),
             chunks_copied: c.chunks_copied.load(Ordering::Relaxed),
             chunks_copied_ahead: c.chunks_copied_ahead.load(Ordering::Relaxed),
+            chunks_copied_near_writers: c.chunks_copied_near.load(Ordering::Relaxed),
             chunks_saved: c.chunks_saved.load(Ordering::Relaxed),
             container_slots: j.container.slots,
             container_used: j.container.used(),
@@ -390,6 +394,7 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
             cont.slots,
         ),
         saved: ArrayQueue::new(cont.slots as usize),
+        wanted: AtomicU64::new(crate::job::NO_CHUNK),
         capture_bufs,
         target: cfg.target.clone(),
         state: Default::default(),

@@ -614,6 +614,11 @@ impl CowChannel {
     }
 
     fn start_capture(&mut self, job: &Arc<JobShared>, chunk: u64, now: u64) {
+        // Where the copies ahead of captures start (a store only when it
+        // changes: held writes come back here until admitted).
+        if job.wanted.load(Ordering::Relaxed) != chunk {
+            job.wanted.store(chunk, Ordering::Relaxed);
+        }
         let Some(jc) = self.jc.as_mut().filter(|jc| Arc::ptr_eq(&jc.job, job)) else {
             return;
         };

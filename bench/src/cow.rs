@@ -511,6 +511,7 @@ pub struct CowBenchParams {
     pub tolerance: f64,
     pub soft_watermark: f64,
     pub copy_per_capture: f64,
+    pub copy_near_writers: bool,
     pub fairness: bool,
     pub verify: bool,
     pub writers: usize,
@@ -927,6 +928,7 @@ fn backup_config(
             soft_watermark: p.soft_watermark,
             pressed_drain_depth: p.pressed_drain_depth,
             copy_per_capture: p.copy_per_capture,
+            copy_near_writers: p.copy_near_writers,
         },
         changed_since: None,
     })

@@ -79,6 +79,9 @@ struct Case {
     /// `JobTuning::copy_per_capture`: copy runs outside the budget, paid
     /// by captures, racing the writers and the budgeted streams for chunks.
     copy_per_capture: f64,
+    /// `JobTuning::copy_near_writers`: those copies start at the chunk a
+    /// writer reached last instead of at the copy cursor.
+    copy_near_writers: bool,
 }
 
 /// Runs one case, checks the invariant, and returns the job's last status.
@@ -161,6 +164,7 @@ fn run_case(case: &Case, rt: &Runtime) -> JobStatus {
             soft_watermark: case.soft_watermark,
             pressed_drain_depth: case.pressed_drain_depth,
             copy_per_capture: case.copy_per_capture,
+            copy_near_writers: case.copy_near_writers,
             ..JobTuning::default()
         },
         changed_since: None,
@@ -288,6 +292,7 @@ fn base_case() -> Case {
         writers_late_ms: None,
         stream_qd: 4,
         copy_per_capture: JobTuning::default().copy_per_capture,
+        copy_near_writers: JobTuning::default().copy_near_writers,
     }
 }
 
@@ -317,15 +322,17 @@ fn a_one_slot_container_and_a_slow_target_still_give_an_exact_backup() {
 
 /// Copies paid by captures (`JobTuning::copy_per_capture`) race the writers
 /// and the budgeted streams for the same chunks: the backup stays exact, the
-/// copies happen only when asked for, and they count among the copied chunks.
+/// copies happen only when asked for, and they count among the copied
+/// chunks, whether they start where the writers are or at the copy cursor.
 #[test]
 fn copies_ahead_of_captures_keep_the_backup_exact() {
     let rt = runtime();
-    for per in [0.0, 8.0] {
+    for (per, near) in [(0.0, true), (8.0, true), (8.0, false)] {
         for uring in [false, true] {
             let st = run_case(
                 &Case {
                     copy_per_capture: per,
+                    copy_near_writers: near,
                     target_latency_us: 300,
                     slots: 8,
                     qd: 8,
@@ -335,12 +342,24 @@ fn copies_ahead_of_captures_keep_the_backup_exact() {
                 &rt,
             );
             assert!(st.chunks_copied_ahead <= st.chunks_copied, "{st:?}");
+            assert!(
+                st.chunks_copied_near_writers <= st.chunks_copied_ahead,
+                "{st:?}"
+            );
             if per == 0.0 {
                 assert_eq!(st.chunks_copied_ahead, 0, "none asked for: {st:?}");
             } else {
                 assert!(
                     st.chunks_copied_ahead > 0,
                     "captures paid no copies: {st:?}"
+                );
+            }
+            if !near || per == 0.0 {
+                assert_eq!(st.chunks_copied_near_writers, 0, "{st:?}");
+            } else {
+                assert!(
+                    st.chunks_copied_near_writers > 0,
+                    "no copy started near the writers: {st:?}"
                 );
             }
         }
@@ -574,13 +593,14 @@ proptest! {
         writers_late_ms in prop::option::weighted(0.3, 0u64..20),
         stream_qd in prop::sample::select(vec![1u32, 4]),
         copy_per_capture in prop::sample::select(vec![0.0f64, 1.0, 4.0, 8.0]),
+        copy_near_writers in prop::bool::weighted(0.5),
     ) {
         let rt = runtime();
         run_case(&Case {
             chunk_kib, slots, writers, qd, max_write_blocks, target_latency_us,
             fail_target_after: fail, include, exclude, prioritize, soft_watermark,
             writes_before_ms: 5, uring, pressed_drain_depth, writers_late_ms, stream_qd,
-            copy_per_capture,
+            copy_per_capture, copy_near_writers,
         }, &rt);
     }
 }

@@ -98,13 +98,18 @@ pub struct CowArgs {
     /// (and the drain runs at least at --pressed-drain-depth).
     #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().soft_watermark)]
     pub soft_watermark: f64,
-    /// Chunks (at most) the copy stream moves in order, outside its budget, for every chunk a
-    /// writer's first write forces into the container out of order (0: none). A capture is a random
-    /// chunk-sized read and write; a copied chunk is a share of a 1 MiB sequential run, and a
+    /// Chunks (at most) the copy stream moves in runs, outside its budget, for every chunk a
+    /// writer's first write forces into the container (0: none). A capture is a random
+    /// chunk-sized read and write; a copied chunk is a share of a run of up to 256 KiB, and a
     /// chunk copied ahead is one writers can no longer force: the job ends sooner and the
-    /// writers lose less work in all.
+    /// writers lose less work in all. The runs start at the chunk a writer reached last.
     #[arg(long, default_value_t = hotcopy_cow::JobTuning::default().copy_per_capture)]
     pub copy_per_capture: f64,
+    /// Copy those chunks in order from the copy cursor, instead of from the chunk a writer's
+    /// first write reached last (where the next captures are likely to be; session 12 of
+    /// docs/BENCHMARKS.md compares the two).
+    #[arg(long)]
+    pub copy_ahead_in_order: bool,
     /// Turn off the latency-driven (AIMD) budget of the backup streams.
     #[arg(long)]
     pub no_adaptive: bool,
@@ -292,6 +297,7 @@ pub fn run_scenario(
         tolerance: a.tolerance,
         soft_watermark: a.soft_watermark,
         copy_per_capture: a.copy_per_capture,
+        copy_near_writers: !a.copy_ahead_in_order,
         fairness: a.fairness,
         verify: !a.no_verify,
         writers: a.writers,
@@ -418,8 +424,11 @@ pub fn table(r: &CowBenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "chunks: {} captured by writers, {} copied ({} of them ahead of captures)",
-        r.job.chunks_saved, r.job.chunks_copied, r.job.chunks_copied_ahead
+        "chunks: {} captured by writers, {} copied ({} of them ahead of captures, {} near the writers)",
+        r.job.chunks_saved,
+        r.job.chunks_copied,
+        r.job.chunks_copied_ahead,
+        r.job.chunks_copied_near_writers
     );
     if let Some(f) = &r.fairness {
         let _ = writeln!(
