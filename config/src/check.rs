@@ -366,6 +366,7 @@ pub(crate) fn check_body(bdev: &BdevConfig, path: &FieldPath) -> Result<(), Issu
             size,
             block_size,
             direct: _,
+            preallocate: _,
         } => {
             if file.as_os_str().is_empty() {
                 return Err(Issue::new(path.key("path"), "path is empty"));

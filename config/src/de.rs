@@ -228,7 +228,7 @@ impl BdevType {
     fn fields(self) -> &'static [&'static str] {
         match self {
             BdevType::Null | BdevType::Malloc => &["size", "block_size"],
-            BdevType::Uring => &["path", "size", "block_size", "direct"],
+            BdevType::Uring => &["path", "size", "block_size", "direct", "preallocate"],
             BdevType::Passthru => &["base"],
             BdevType::Cow => &["base", "tracking"],
             BdevType::Fault => &[
@@ -270,6 +270,7 @@ const BDEV_FIELDS: &[&str] = &[
     "block_size",
     "path",
     "direct",
+    "preallocate",
     "base",
     "read_error_rate",
     "write_error_rate",
@@ -287,6 +288,7 @@ pub(crate) struct RawBdev {
     pub(crate) block_size: Option<u32>,
     pub(crate) path: Option<PathBuf>,
     pub(crate) direct: Option<bool>,
+    pub(crate) preallocate: Option<bool>,
     pub(crate) base: Option<RawBase>,
     pub(crate) read_error_rate: Option<f64>,
     pub(crate) write_error_rate: Option<f64>,
@@ -353,6 +355,7 @@ fn visit_bdev_map<'de, A: MapAccess<'de>>(mut map: A, inline: bool) -> Result<Ra
     let mut block_size = None;
     let mut path = None;
     let mut direct = None;
+    let mut preallocate = None;
     let mut base = None;
     let mut read_error_rate = None;
     let mut write_error_rate = None;
@@ -401,6 +404,7 @@ fn visit_bdev_map<'de, A: MapAccess<'de>>(mut map: A, inline: bool) -> Result<Ra
             "block_size" => block_size = Some(map.next_value::<u32>()?),
             "path" => path = Some(map.next_value::<PathBuf>()?),
             "direct" => direct = Some(map.next_value::<bool>()?),
+            "preallocate" => preallocate = Some(map.next_value::<bool>()?),
             "base" => base = Some(map.next_value::<RawBase>()?),
             "read_error_rate" => read_error_rate = Some(map.next_value::<f64>()?),
             "write_error_rate" => write_error_rate = Some(map.next_value::<f64>()?),
@@ -422,6 +426,7 @@ fn visit_bdev_map<'de, A: MapAccess<'de>>(mut map: A, inline: bool) -> Result<Ra
         block_size,
         path,
         direct,
+        preallocate,
         base,
         read_error_rate,
         write_error_rate,
@@ -497,11 +502,12 @@ pub(crate) fn convert_bdev(
     path: &FieldPath,
     inline: bool,
 ) -> Result<BdevConfig, Issue> {
-    let present: [(&str, bool); 10] = [
+    let present: [(&str, bool); 11] = [
         ("size", raw.size.is_some()),
         ("block_size", raw.block_size.is_some()),
         ("path", raw.path.is_some()),
         ("direct", raw.direct.is_some()),
+        ("preallocate", raw.preallocate.is_some()),
         ("base", raw.base.is_some()),
         ("read_error_rate", raw.read_error_rate.is_some()),
         ("write_error_rate", raw.write_error_rate.is_some()),
@@ -561,6 +567,7 @@ pub(crate) fn convert_bdev(
             size: raw.size,
             block_size: raw.block_size,
             direct: raw.direct.unwrap_or(true),
+            preallocate: raw.preallocate.unwrap_or(false),
         },
         BdevType::Passthru => BdevConfig::Passthru {
             base: base(raw.base)?,

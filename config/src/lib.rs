@@ -32,6 +32,8 @@
 //!     size: 4GiB           # optional: create/extend the file to this size if smaller or missing
 //!     block_size: 4096     # optional: default = detected (512 for regular files)
 //!     direct: true         # optional, default true (O_DIRECT)
+//!     preallocate: false   # optional: write zeros over what `size` creates or extends, so
+//!                          # its blocks exist before the first writes (default false: sparse)
 //!
 //!   - name: pt
 //!     type: passthru       # forwards I/O unchanged

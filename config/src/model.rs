@@ -221,6 +221,11 @@ pub enum BdevConfig {
         /// Open with `O_DIRECT` (default true).
         #[serde(skip_serializing_if = "is_true")]
         direct: bool,
+        /// Write zeros over the part of the file that `size` creates or
+        /// extends, so its blocks exist before the first writes reach them
+        /// (default false: that part stays sparse).
+        #[serde(skip_serializing_if = "is_false")]
+        preallocate: bool,
     },
     /// Forwards every I/O to its base unchanged.
     Passthru {

@@ -140,6 +140,7 @@ pub fn parse_spec(spec: &str) -> Result<BdevConfig, SpecError> {
                     size,
                     block_size: None,
                     direct: true,
+                    preallocate: false,
                 };
             }
             _ => {
@@ -188,8 +189,9 @@ fn split_uring(args: &str) -> (&str, Option<ByteSize>) {
 
 impl BdevConfig {
     /// The `--bdev-spec` string for this bdev, if the spec grammar can express it: not for
-    /// named bases, `fault` with non-default knobs, `uring` with an explicit block size or
-    /// `direct: false`, or paths that are not UTF-8 or would parse back differently.
+    /// named bases, `fault` with non-default knobs, `uring` with an explicit block size,
+    /// `direct: false` or `preallocate: true`, or paths that are not UTF-8 or would parse back
+    /// differently.
     /// [`parse_spec`] of the result gives back an equal bdev.
     pub fn to_spec(&self) -> Option<String> {
         let inline = |base: &BaseRef| match base {
@@ -210,6 +212,7 @@ impl BdevConfig {
                 size,
                 block_size: None,
                 direct: true,
+                preallocate: false,
             } => {
                 let path = path.to_str()?;
                 if path.is_empty() || path.trim() != path {
@@ -275,7 +278,8 @@ mod tests {
                 path: "/var/tmp/disk.img".into(),
                 size: None,
                 block_size: None,
-                direct: true
+                direct: true,
+                preallocate: false
             })
         );
         assert_eq!(
@@ -284,7 +288,8 @@ mod tests {
                 path: "/var/tmp/a:b@c.img".into(),
                 size: None,
                 block_size: None,
-                direct: true
+                direct: true,
+                preallocate: false
             })
         );
         assert_eq!(
@@ -293,7 +298,8 @@ mod tests {
                 path: "/var/tmp/x@dir/disk.img".into(),
                 size: Some(ByteSize(4 << 30)),
                 block_size: None,
-                direct: true
+                direct: true,
+                preallocate: false
             })
         );
     }
@@ -435,13 +441,23 @@ mod tests {
             size: None,
             block_size: None,
             direct: false,
+            preallocate: false,
         };
         assert_eq!(buffered.to_spec(), None);
+        let preallocated = BdevConfig::Uring {
+            path: "/x".into(),
+            size: Some(ByteSize(1 << 30)),
+            block_size: None,
+            direct: true,
+            preallocate: true,
+        };
+        assert_eq!(preallocated.to_spec(), None);
         let ambiguous = BdevConfig::Uring {
             path: "/x@1G".into(),
             size: None,
             block_size: None,
             direct: true,
+            preallocate: false,
         };
         assert_eq!(ambiguous.to_spec(), None);
         let with_size = BdevConfig::Uring {
@@ -449,6 +465,7 @@ mod tests {
             size: Some(ByteSize(1 << 30)),
             block_size: None,
             direct: true,
+            preallocate: false,
         };
         let spec = with_size.to_spec().unwrap();
         assert_eq!(parse_spec(&spec), Ok(with_size));

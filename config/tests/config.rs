@@ -71,7 +71,8 @@ fn example_contents() {
             path: "/var/tmp/hotcopy-disk.img".into(),
             size: Some(ByteSize::gib(4)),
             block_size: None,
-            direct: true
+            direct: true,
+            preallocate: false
         }
     );
 
@@ -118,7 +119,8 @@ fn defaults() {
             path: "/d".into(),
             size: None,
             block_size: None,
-            direct: true
+            direct: true,
+            preallocate: false
         }
     );
     assert_eq!(
@@ -131,6 +133,50 @@ fn defaults() {
             volatile_cache: false
         }
     );
+}
+
+#[test]
+fn uring_preallocate() {
+    let text =
+        "bdevs:\n  - name: u\n    type: uring\n    path: /d\n    size: 1G\n    preallocate: true\n";
+    let c = parse(text);
+    assert_eq!(
+        c.bdevs[0].bdev,
+        BdevConfig::Uring {
+            path: "/d".into(),
+            size: Some(ByteSize::gib(1)),
+            block_size: None,
+            direct: true,
+            preallocate: true
+        }
+    );
+    c.validate().unwrap();
+    let yaml = c.to_yaml();
+    assert!(yaml.contains("preallocate: true"), "{yaml}");
+    assert_eq!(parse(&yaml), c);
+    // `false` is the default, and is left out when written.
+    let c = parse("bdevs: [{name: u, type: uring, path: /d, preallocate: false}]");
+    assert!(matches!(
+        c.bdevs[0].bdev,
+        BdevConfig::Uring {
+            preallocate: false,
+            ..
+        }
+    ));
+    let yaml = c.to_yaml();
+    assert!(!yaml.contains("preallocate"), "{yaml}");
+    // Inline, and through the plain serde impl.
+    let b: BdevConfig =
+        serde_yaml::from_str("{type: uring, path: /d, size: 1M, preallocate: true}").unwrap();
+    assert!(matches!(
+        b,
+        BdevConfig::Uring {
+            preallocate: true,
+            ..
+        }
+    ));
+    // The spec shorthand cannot say it.
+    assert_eq!(b.to_spec(), None);
 }
 
 #[test]
@@ -223,6 +269,7 @@ fn full_config() -> Config {
                     size: Some(ByteSize(3 << 30)),
                     block_size: Some(4096),
                     direct: false,
+                    preallocate: true,
                 },
             },
             NamedBdev {
@@ -414,13 +461,15 @@ fn leaf() -> impl Strategy<Value = BdevConfig> {
             "/[a-z0-9 :@#._-]{1,20}",
             proptest::option::of(1u64..1 << 20),
             proptest::option::of(block),
+            any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(path, size, bs, direct)| BdevConfig::Uring {
+            .prop_map(|(path, size, bs, direct, preallocate)| BdevConfig::Uring {
                 path: path.into(),
                 size: size.map(|n| ByteSize(n * u64::from(bs.unwrap_or(512)))),
                 block_size: bs,
                 direct,
+                preallocate,
             }),
     ]
 }
@@ -637,7 +686,8 @@ exports:
             path: "/var/tmp/vol.cbt".into(),
             size: Some(ByteSize::mib(1)),
             block_size: None,
-            direct: true
+            direct: true,
+            preallocate: false
         }))
     );
     assert_eq!(c.tracking["vol2"].bdev, BaseRef::Name("stores".into()));

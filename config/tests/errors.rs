@@ -212,6 +212,9 @@ fn type_errors() {
     let text = "bdevs:\n  - name: u\n    type: uring\n    path: /x\n    direct: maybe\n";
     let msg = at(text, 5, 13, "bdevs[0].direct", Schema);
     assert!(msg.contains("expected a boolean"), "{msg}");
+    let text = "bdevs:\n  - name: u\n    type: uring\n    path: /x\n    preallocate: 1G\n";
+    let msg = at(text, 5, 18, "bdevs[0].preallocate", Schema);
+    assert!(msg.contains("expected a boolean"), "{msg}");
 
     let text = "bdevs:\n  - name: a\n    type: malloc\n    size: -4\n";
     assert_eq!(
@@ -317,6 +320,25 @@ bdevs:
             Schema,
             "field \"base\" is not valid for a malloc bdev (valid fields: name, type, size, \
              block_size)",
+        ),
+        // A uring-only field on another type, after or before `type:`.
+        (
+            "bdevs:\n  - name: a\n    type: malloc\n    size: 1G\n    preallocate: true\n",
+            5,
+            5,
+            "bdevs[0].preallocate",
+            Schema,
+            "field \"preallocate\" is not valid for a malloc bdev (valid fields: name, type, \
+             size, block_size)",
+        ),
+        (
+            "bdevs:\n  - name: a\n    preallocate: true\n    base: b\n    type: passthru\n",
+            3,
+            5,
+            "bdevs[0].preallocate",
+            Schema,
+            "field \"preallocate\" is not valid for a passthru bdev (valid fields: name, type, \
+             base)",
         ),
         (
             inline,

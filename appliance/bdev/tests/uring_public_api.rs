@@ -22,6 +22,7 @@ fn options_default_and_create_registers_a_uring_bdev() {
     assert_eq!(o.block_size, None);
     assert!(o.direct);
     assert_eq!(o.queue_depth, uring::DEFAULT_QUEUE_DEPTH);
+    assert!(!o.preallocate);
 
     let dir = scratch();
     let mut o = uring::UringOptions::new(dir.path().join("disk.img"));

@@ -34,11 +34,13 @@ pub fn create_one(reg: &BdevRegistry, name: &str, cfg: &BdevConfig) -> Result<Bd
             size,
             block_size,
             direct,
+            preallocate,
         } => {
             let mut opts = uring::UringOptions::new(path.clone());
             opts.size = size.map(|s| s.0);
             opts.block_size = *block_size;
             opts.direct = *direct;
+            opts.preallocate = *preallocate;
             uring::create(reg, name, &opts)
         }
         BdevConfig::Passthru { base } => {

@@ -579,6 +579,14 @@ fn bad_requests_get_json_rpc_errors_and_the_daemon_keeps_serving() {
         -32602,
         "tolerance: 0.5 is below 1",
     );
+    assert_error(
+        &c.call(
+            "bdev_uring_create",
+            json!({"name": "pre", "filename": d.join("pre.img"), "size": "4M", "preallocate": "maybe"}),
+        ),
+        -32602,
+        "preallocate: expected true or false",
+    );
     // Domain errors.
     assert_error(
         &c.call("bdev_malloc_create", json!({"name": "ram", "size": "1M"})),
@@ -638,6 +646,23 @@ fn bad_requests_get_json_rpc_errors_and_the_daemon_keeps_serving() {
         d.join("none.sock").to_str().unwrap(),
     ]);
     assert!(err.contains("cannot reach the daemon"), "{err}");
+    // A uring file preallocated at creation: written through with zeros, so
+    // every block is allocated (without the option it would be sparse).
+    let pre = d.join("pre.img");
+    assert_eq!(
+        c.call(
+            "bdev_uring_create",
+            json!({"name": "pre", "filename": pre, "size": "4M", "preallocate": true}),
+        )["result"],
+        "pre"
+    );
+    let meta = std::fs::metadata(&pre).unwrap();
+    assert_eq!(meta.len(), 4 << 20);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 >= 4 << 20,
+        "{} bytes allocated",
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512
+    );
     // Still serving, on a new connection too.
     let mut c2 = Raw::new(&sock);
     assert_eq!(

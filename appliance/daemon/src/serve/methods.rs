@@ -251,7 +251,14 @@ fn bdev_null_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
 fn bdev_uring_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
     let mut p = Params::new(
         params,
-        &["name", "filename", "size", "block_size", "direct"],
+        &[
+            "name",
+            "filename",
+            "size",
+            "block_size",
+            "direct",
+            "preallocate",
+        ],
     )?;
     let name = p.str("name")?;
     let filename = p.str("filename")?;
@@ -261,6 +268,7 @@ fn bdev_uring_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
         .map(|b| u32::try_from(b).map_err(|_| ServeError::param("block_size", "too large")))
         .transpose()?;
     let direct = p.bool_or("direct", true)?;
+    let preallocate = p.bool_or("preallocate", false)?;
     p.done()?;
     create(
         d,
@@ -270,6 +278,7 @@ fn bdev_uring_create(d: &Daemon, params: Option<Value>) -> Result<Value> {
             size,
             block_size,
             direct,
+            preallocate,
         },
         None,
     )

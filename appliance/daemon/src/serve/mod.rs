@@ -44,7 +44,7 @@
 //! | `bdev_get_bdevs` | `name`? |
 //! | `bdev_get_iostat`, `bdev_reset_iostat` | `name`? |
 //! | `bdev_malloc_create`, `bdev_null_create` | `name`, `size` or `num_blocks`, `block_size`? |
-//! | `bdev_uring_create` | `name`, `filename`, `size`?, `block_size`?, `direct`? |
+//! | `bdev_uring_create` | `name`, `filename`, `size`?, `block_size`?, `direct`?, `preallocate`? |
 //! | `bdev_passthru_create` | `name`, `base_bdev_name` |
 //! | `hotcopy_bdev_create` | `name`, `spec` |
 //! | `hotcopy_cow_create` | `name`, `base_bdev_name`, `tracking_bdev`?, `tracking_offset`? |
