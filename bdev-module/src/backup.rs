@@ -394,7 +394,7 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
             cont.slots,
         ),
         saved: ArrayQueue::new(cont.slots as usize),
-        wanted: AtomicU64::new(crate::job::NO_CHUNK),
+        wanted: crossbeam::utils::CachePadded::new(AtomicU64::new(crate::job::NO_CHUNK)),
         capture_bufs,
         target: cfg.target.clone(),
         state: Default::default(),

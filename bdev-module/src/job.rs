@@ -55,13 +55,12 @@
 //! leaves out what a pending chunk costs when a writer reaches it first:
 //! its capture is a chunk-sized read at a random place and, through the
 //! container, a chunk-sized write at a random place, while the same chunk
-//! copied in order is a small share of one 1 MiB sequential read and
-//! write. Under skewed writes the budget sits at its floor while writers
+//! copied in a run is a small share of one run's read and write. Under skewed writes the budget sits at its floor while writers
 //! keep capturing the cold space chunk by chunk, so the backup pays the
 //! dear price for most of the volume, and for longer. With
 //! [`JobTuning::copy_per_capture`] = k, every chunk a writer forces into
-//! the container earns the copy stream up to k chunks, copied in order in
-//! runs of up to [`CREDIT_RUN_BYTES`] outside the budget: at most
+//! the container earns the copy stream up to k chunks, copied in runs of
+//! up to [`CREDIT_RUN_BYTES`] outside the budget: at most
 //! [`CREDIT_RUNS`] in flight (credit they cannot use is dropped), also
 //! while the container is pressed, but then within the drain's depth and
 //! leaving the drain a buffer; none under a manual rate limit. Such runs
@@ -70,15 +69,21 @@
 //! captures: when writers stop forcing chunks, it stops.
 //!
 //! With [`JobTuning::copy_near_writers`] (the default) these runs start at
-//! the chunk a writer's first write reached last ([`JobShared::wanted`],
-//! one relaxed store when it changes) and go on from there for up to
-//! [`CREDIT_RUNS`] runs' worth of chunks, then from the copy cursor until
-//! a writer reaches a new chunk. Writers that keep to a region (a hot set,
-//! a file being rewritten) get their neighbours copied in order before
-//! they force them one by one, and a writer held at the soft watermark can
-//! be freed by a copy of its own chunk rather than by a slot. Under
-//! uniform writes the runs land at random places, which costs this kind of
-//! device about what runs from the cursor do.
+//! the pending chunk the last arriving write reached ([`JobShared::wanted`]:
+//! a relaxed store when a write arrives at a pending chunk other than the
+//! one recorded, not when held writes are retried; in a cache line of its
+//! own) and go on from there for up to [`CREDIT_RUNS`] runs' worth of
+//! chunks, then from the copy cursor until a write reaches a new chunk.
+//! Prioritised ranges still go first. Writers that keep to a region (a hot
+//! set, a file being rewritten) get its chunks copied in runs before they
+//! force them one by one, and a writer held at the soft watermark can be
+//! freed by a copy of its own chunk rather than by a slot. Under uniform
+//! writes the runs land at random places, which cost this kind of device
+//! about what runs from the cursor do. Measured against runs from the
+//! cursor (docs/BENCHMARKS.md, session 12): under skewed writes p99 fell
+//! (1.42× against 1.59×, 22 seed pairs) and the backup took longer (7.9 s
+//! against 6.0 s); under uniform writes p99 fell a little (1.99× against
+//! 2.11×); the IOPS ratios moved within the noise.
 //!
 //! # Reading ahead while hosts are idle
 //! A copy run is a read from the source and then a write to the target
@@ -126,6 +131,7 @@ use std::time::Duration;
 
 use crossbeam::channel::{Receiver, TryRecvError};
 use crossbeam::queue::ArrayQueue;
+use crossbeam::utils::CachePadded;
 use hotcopy_bdev::{BdevChannel, BdevDesc, BdevIo, IoStatus, MemoryWindow};
 use hotcopy_runtime::sys::PAGE_SIZE;
 use hotcopy_runtime::{clock, BufferPool, DmaBuf, HugepageMode};
@@ -244,7 +250,7 @@ pub struct JobCounters {
     /// Of `chunks_copied`, those copied outside the budget, paid by captures.
     pub chunks_copied_ahead: AtomicU64,
     /// Of those, the chunks of runs that started near the writers
-    /// ([`JobTuning::copy_near_writers`]), counted when claimed.
+    /// ([`JobTuning::copy_near_writers`]).
     pub chunks_copied_near: AtomicU64,
     pub chunks_saved: AtomicU64,
     pub chunks_drained: AtomicU64,
@@ -317,8 +323,9 @@ pub struct JobTuning {
     /// Where those copies go: from the chunk writers last reached (on:
     /// the default), or in order from the copy cursor (off). Measured
     /// against off under skewed and uniform saturating writes
-    /// (docs/BENCHMARKS.md, session 12): p99 lower in 11 of 16 and 8 of 12
-    /// seed pairs, the other figures about the same.
+    /// (docs/BENCHMARKS.md, session 12): p99 lower in 14 of 22 and 8 of 12
+    /// seed pairs, the IOPS ratios within the noise, and the skewed
+    /// backups longer (7.9 s against 6.0 s at the median).
     pub copy_near_writers: bool,
 }
 
@@ -353,7 +360,9 @@ pub struct JobShared {
     pub(crate) saved: ArrayQueue<(u64, u32)>,
     /// The pending chunk a writer's first write reached last ([`NO_CHUNK`]:
     /// none yet), where the copies ahead of captures start (module docs).
-    pub(crate) wanted: AtomicU64,
+    /// Padded: every core writes it, and it must not share a line with
+    /// the fields every write reads.
+    pub(crate) wanted: CachePadded<AtomicU64>,
     /// Copy runs being written to the target from the source's own memory.
     /// While any is, writes to `Copying` chunks wait even after the job has
     /// ended (the target is still reading those bytes): see the module
@@ -484,6 +493,8 @@ struct Op {
     weight: u32,
     /// When the op (or the read that led to it) was issued.
     start: u64,
+    /// A copy run outside the budget that started near the writers.
+    near: bool,
 }
 
 /// Largest copy I/O: consecutive pending chunks are copied together up to this.
@@ -732,6 +743,7 @@ impl Streams {
             slot,
             weight,
             start,
+            near: false,
         });
         i
     }
@@ -1054,6 +1066,9 @@ impl Streams {
                     self.writing_chunks += op.weight;
                 }
                 let j = self.start_op(kind, op.chunk, op.count, op.slot, op.weight, op.start);
+                if let Some(w) = self.ops[j].as_mut() {
+                    w.near = op.near;
+                }
                 self.tgt
                     .submit(BdevIo::write(lba, bytes as u64 / tb, buf, j as u64));
                 self.tgt_queued = true;
@@ -1084,6 +1099,11 @@ impl Streams {
             job.counters
                 .chunks_copied_ahead
                 .fetch_add(op.count, Ordering::Relaxed);
+            if op.near {
+                job.counters
+                    .chunks_copied_near
+                    .fetch_add(op.count, Ordering::Relaxed);
+            }
         } else {
             self.duty_pause(op.start, now);
         }
@@ -1231,7 +1251,8 @@ impl Streams {
         };
         let mut issued = 0;
         while self.credit >= run && self.credit_runs < max_runs && self.bufs.len() > spare_bufs {
-            let near = if job.tuning.copy_near_writers {
+            // Prioritised ranges stay at the front of the schedule.
+            let near = if job.tuning.copy_near_writers && self.prio.is_empty() {
                 self.next_near_writers(run_chunks as u64 * CREDIT_RUNS as u64)
             } else {
                 None
@@ -1241,16 +1262,14 @@ impl Streams {
             };
             let count = self.claim_run(chunk, run_chunks as u64);
             self.credit -= count as f64;
-            if near.is_some() {
-                job.counters
-                    .chunks_copied_near
-                    .fetch_add(count, Ordering::Relaxed);
-            }
             let blocks =
                 (count * job.chunk_blocks).min(job.num_blocks - (chunk << job.chunk_shift));
             let mut buf = self.bufs.pop().expect("checked non-empty");
             buf.set_len((blocks * job.block_size) as usize);
             let i = self.start_op(OpKind::CopyRead, chunk, count, 0, 0, now);
+            if let Some(op) = self.ops[i].as_mut() {
+                op.near = near.is_some();
+            }
             self.credit_runs += 1;
             self.src.submit(BdevIo::read(
                 chunk << job.chunk_shift,

@@ -574,8 +574,9 @@ impl CowChannel {
     }
 
     /// Decides whether a mutating I/O may go to the source now; starts the
-    /// captures it needs.
-    fn admit(&mut self, io: &BdevIo, now: u64) -> Admit {
+    /// captures it needs. `arriving`: the I/O's first look, not a retry of a
+    /// held one.
+    fn admit(&mut self, io: &BdevIo, now: u64, arriving: bool) -> Admit {
         let Some(job) = self.job.clone() else {
             return Admit::Pass;
         };
@@ -597,6 +598,12 @@ impl CowChannel {
                 s if s.write_may_pass() => {}
                 ChunkState::Pending => {
                     pass = false;
+                    // Where the copies ahead of captures start (see
+                    // `crate::job`): once per arriving write, so that held
+                    // writes retried at every poll do not rewrite it.
+                    if arriving && job.wanted.load(Ordering::Relaxed) != c {
+                        job.wanted.store(c, Ordering::Relaxed);
+                    }
                     // A write of the consistency point is still landing
                     // there: its T0 content is not on the source yet.
                     if !job.fence.fenced(c << job.chunk_shift, job.chunk_blocks) {
@@ -614,11 +621,6 @@ impl CowChannel {
     }
 
     fn start_capture(&mut self, job: &Arc<JobShared>, chunk: u64, now: u64) {
-        // Where the copies ahead of captures start (a store only when it
-        // changes: held writes come back here until admitted).
-        if job.wanted.load(Ordering::Relaxed) != chunk {
-            job.wanted.store(chunk, Ordering::Relaxed);
-        }
         let Some(jc) = self.jc.as_mut().filter(|jc| Arc::ptr_eq(&jc.job, job)) else {
             return;
         };
@@ -906,7 +908,7 @@ impl CowChannel {
             };
             let since = self.held_since.pop_front().unwrap_or(now);
             let pass = !io.io_type.is_mutating()
-                || (self.can_track(&io) && matches!(self.admit(&io, now), Admit::Pass));
+                || (self.can_track(&io) && matches!(self.admit(&io, now, false), Admit::Pass));
             if pass {
                 let waited = now.saturating_sub(since);
                 self.counters
@@ -954,7 +956,7 @@ impl BackendChannel for CowChannel {
         }
         if self.job.is_some() && io.io_type.is_mutating() && io.io_type != IoType::Flush {
             let now = clock::ticks();
-            if matches!(self.admit(&io, now), Admit::Wait) {
+            if matches!(self.admit(&io, now, true), Admit::Wait) {
                 if let Some(j) = &self.job {
                     j.counters.held_writes.fetch_add(1, Ordering::Relaxed);
                 }

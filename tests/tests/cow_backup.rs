@@ -596,12 +596,19 @@ proptest! {
         copy_near_writers in prop::bool::weighted(0.5),
     ) {
         let rt = runtime();
-        run_case(&Case {
+        let st = run_case(&Case {
             chunk_kib, slots, writers, qd, max_write_blocks, target_latency_us,
             fail_target_after: fail, include, exclude, prioritize, soft_watermark,
             writes_before_ms: 5, uring, pressed_drain_depth, writers_late_ms, stream_qd,
             copy_per_capture, copy_near_writers,
         }, &rt);
+        if st.state == JobState::Complete {
+            prop_assert!(st.chunks_copied_near_writers <= st.chunks_copied_ahead, "{st:?}");
+            prop_assert!(st.chunks_copied_ahead <= st.chunks_copied, "{st:?}");
+            if !copy_near_writers || copy_per_capture == 0.0 {
+                prop_assert_eq!(st.chunks_copied_near_writers, 0, "{:?}", st);
+            }
+        }
     }
 }
 
