@@ -86,8 +86,8 @@ pub struct JobStatus {
     /// Of `chunks_copied`, those copied outside the streams' budget, paid
     /// by captures ([`crate::JobTuning::copy_per_capture`]).
     pub chunks_copied_ahead: u64,
-    /// Of those, the chunks copied from where a writer's first write
-    /// reached last ([`crate::JobTuning::copy_near_writers`]).
+    /// Of those, the chunks of runs that started at the pending chunk the
+    /// last arriving write reached ([`crate::JobTuning::copy_near_writers`]).
     pub chunks_copied_near_writers: u64,
     /// Chunks writers forced into the container (captures).
     pub chunks_saved: u64,

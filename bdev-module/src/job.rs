@@ -55,9 +55,10 @@
 //! leaves out what a pending chunk costs when a writer reaches it first:
 //! its capture is a chunk-sized read at a random place and, through the
 //! container, a chunk-sized write at a random place, while the same chunk
-//! copied in a run is a small share of one run's read and write. Under skewed writes the budget sits at its floor while writers
-//! keep capturing the cold space chunk by chunk, so the backup pays the
-//! dear price for most of the volume, and for longer. With
+//! copied in a run is a small share of one run's read and write. Under
+//! skewed writes the budget sits at its floor while writers keep capturing
+//! the cold space chunk by chunk, so the backup pays the dear price for
+//! most of the volume, and for longer. With
 //! [`JobTuning::copy_per_capture`] = k, every chunk a writer forces into
 //! the container earns the copy stream up to k chunks, copied in runs of
 //! up to [`CREDIT_RUN_BYTES`] outside the budget: at most
@@ -358,7 +359,7 @@ pub struct JobShared {
     pub container: Container,
     /// Saved chunks waiting to drain: (chunk, slot).
     pub(crate) saved: ArrayQueue<(u64, u32)>,
-    /// The pending chunk a writer's first write reached last ([`NO_CHUNK`]:
+    /// The pending chunk the last arriving write reached ([`NO_CHUNK`]:
     /// none yet), where the copies ahead of captures start (module docs).
     /// Padded: every core writes it, and it must not share a line with
     /// the fields every write reads.
@@ -1340,8 +1341,8 @@ impl Streams {
         job.fence.fenced(c << job.chunk_shift, job.chunk_blocks)
     }
 
-    /// A pending chunk at or after the one a writer's first write reached
-    /// last ([`JobShared::wanted`]), claimed (`Pending` → `Copying`): the
+    /// A pending chunk at or after the one the last arriving write reached
+    /// ([`JobShared::wanted`]), claimed (`Pending` → `Copying`): the
     /// copies ahead of captures go where the writers are (module docs).
     /// `None` once the `span` chunks from there hold no more; a new chunk
     /// reached starts a new span. A fenced chunk is passed over: the copy
