@@ -9,15 +9,15 @@
 //! * every cow channel keeps an [`InflightTable`]: how many of its mutating
 //!   I/Os are in flight per 64 KiB *granule* of the volume (a fixed-capacity
 //!   open-addressing table, updated on submit and completion: no allocation,
-//!   no lock, no sharing);
-//! * during the freeze every channel that has writes in flight adds its
-//!   counts to the job's [`FenceTable`] and acknowledges; the freeze ends
-//!   when all have (one reactor pass each), not when the writes complete;
-//! * a granule with a count is *fenced*: its content at T0 is not known until
-//!   those writes land. Nothing reads a fenced chunk's T0 content from the
-//!   source: a host write that would capture it waits, the copy stream comes
-//!   back to it later, and the point-in-time view waits. Everything else (all
-//!   reads, writes to other chunks) runs;
+//!   no lock; shared only through the channel's [`Gate`]);
+//! * during the freeze every channel's writes in flight are added to the
+//!   job's [`FenceTable`]: by the channel itself on its next poll, or by the
+//!   freeze's controller, whichever comes first. The two hand the channel's
+//!   table over through a [`Gate`] (a compare-and-swap to take it, a store
+//!   to give it back; the owner never waits for it, see there), so the freeze does not wait for every
+//!   reactor to come round, nor for the writes to complete: a reactor held
+//!   up in a system call (a virtio doorbell that takes milliseconds on a
+//!   busy host) does not hold up the consistency point;
 //! * on completion a channel takes the count off its own table first, and
 //!   off the fence only when its own table has none for that granule. A
 //!   channel's writes in flight are exactly its own entries plus what it
@@ -31,7 +31,9 @@
 //! sized for), it fences everything until every registered write has
 //! completed: the old protocol's guarantee, without holding reads.
 
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The fence granule: 64 KiB of the volume.
 pub const GRANULE_BYTES: u64 = 64 * 1024;
@@ -176,6 +178,220 @@ impl InflightTable {
 
     pub fn is_empty(&self) -> bool {
         self.used == 0
+    }
+}
+
+/// Writes over more granules than this are tracked whole (by range), at most
+/// [`BIG_WRITES`] at a time per channel.
+pub const BIG_GRANULES: u64 = 64;
+pub const BIG_WRITES: usize = 16;
+
+/// A channel's writes in flight, and what it registered at the last
+/// consistency point. Lives in the channel's [`Gate`].
+pub struct Tracking {
+    /// Writes in flight per granule.
+    tracked: InflightTable,
+    /// Writes over more than [`BIG_GRANULES`] granules, by block range.
+    big: Vec<(u64, u64)>,
+    gshift: u32,
+    /// The fence this channel's writes were registered in, and how many
+    /// granule counts of it they have not released yet.
+    fence: Option<Arc<FenceTable>>,
+    fenced_left: u64,
+    /// The consistency point (see [`Gate`]) of the last registration.
+    point: u64,
+    /// The channel is gone: nothing to register, nothing will complete.
+    closed: bool,
+}
+
+impl Tracking {
+    pub fn new(entries: usize, gshift: u32) -> Tracking {
+        Tracking {
+            tracked: InflightTable::new(entries),
+            big: Vec::with_capacity(BIG_WRITES),
+            gshift,
+            fence: None,
+            fenced_left: 0,
+            point: 0,
+            closed: false,
+        }
+    }
+
+    #[inline]
+    fn granule_count(&self, offset: u64, count: u64) -> u64 {
+        let r = granules(offset, count, self.gshift);
+        r.end() - r.start() + 1
+    }
+
+    /// Counts a write of blocks `offset .. offset + count` going to the
+    /// source; false (and nothing counted) if the tables have no room for it.
+    #[inline]
+    pub fn track(&mut self, offset: u64, count: u64) -> bool {
+        let n = self.granule_count(offset, count);
+        if n > BIG_GRANULES {
+            if self.big.len() >= BIG_WRITES {
+                return false;
+            }
+            self.big.push((offset, count));
+            return true;
+        }
+        if !self.tracked.has_room(n) {
+            return false;
+        }
+        for g in granules(offset, count, self.gshift) {
+            let added = self.tracked.add(g);
+            debug_assert!(added, "room checked above");
+        }
+        true
+    }
+
+    /// A tracked write completed: off the channel's own table, or, where
+    /// that has none (it was registered at a consistency point), off the
+    /// fence.
+    #[inline]
+    pub fn untrack(&mut self, offset: u64, count: u64) {
+        let whole = self.granule_count(offset, count) > BIG_GRANULES;
+        let Tracking {
+            tracked,
+            big,
+            gshift,
+            fence,
+            fenced_left,
+            ..
+        } = self;
+        let mut release = |g: u64| {
+            if let Some(f) = fence.as_ref() {
+                f.release(g);
+                *fenced_left -= 1;
+            }
+        };
+        if whole {
+            match big.iter().position(|&r| r == (offset, count)) {
+                Some(i) => {
+                    big.swap_remove(i);
+                }
+                None => granules(offset, count, *gshift).for_each(release),
+            }
+        } else {
+            for g in granules(offset, count, *gshift) {
+                if !tracked.remove(g) {
+                    release(g);
+                }
+            }
+        }
+        if *fenced_left == 0 {
+            *fence = None;
+        }
+    }
+
+    /// Registers every write in flight in `fence` for consistency point
+    /// `point`. False while the writes registered at an earlier point are
+    /// still landing (their counts must go back to that fence first): try
+    /// again later.
+    pub fn register(&mut self, fence: &Arc<FenceTable>, point: u64) -> bool {
+        if self.point == point || self.closed {
+            return true;
+        }
+        if self.fenced_left > 0 {
+            return false;
+        }
+        let mut moved = self.tracked.register_into(fence);
+        for (off, n) in self.big.drain(..) {
+            for g in granules(off, n, self.gshift) {
+                fence.add(g, 1);
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            self.fenced_left = moved;
+            self.fence = Some(fence.clone());
+        }
+        self.point = point;
+        true
+    }
+
+    /// The channel is going away: the writes it registered will not be
+    /// reported, so the fence must not wait for them.
+    pub fn close(&mut self) {
+        if let Some(f) = self.fence.take() {
+            f.forget(self.fenced_left);
+        }
+        self.fenced_left = 0;
+        self.closed = true;
+    }
+}
+
+/// Who holds a [`Gate`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Holder {
+    /// The channel, on its own reactor.
+    Owner = 1,
+    /// A consistency point's controller, on the job's home reactor.
+    Freezer = 2,
+}
+
+const GATE_OPEN: u32 = 0;
+
+/// A channel's [`Tracking`], handed between the channel and a consistency
+/// point's controller.
+///
+/// Whoever wants it swaps the gate from open to itself, works, and opens it
+/// again; whoever finds it taken does not wait:
+/// * the owner only takes it to count a write going to the source (after
+///   checking, inside, that no consistency point began since it decided to
+///   forward the write) and to count completions. Finding it taken means a
+///   consistency point is being set up: it holds the write like any other
+///   during a freeze, and keeps the completions for its next poll;
+/// * the controller takes it to register the channel's writes in flight,
+///   after announcing the consistency point. Finding it taken, it tries
+///   again on its next step (the owner holds it for a few table updates).
+///
+/// So taking the gate once after the announcement proves that every write
+/// the channel forwarded without seeing it is in the table, and that every
+/// later one sees it, without waiting for the channel's reactor to come
+/// round (it may be inside a system call that takes milliseconds).
+pub struct Gate {
+    state: AtomicU32,
+    tracking: UnsafeCell<Tracking>,
+}
+
+// SAFETY: `tracking` is only reached through `try_with`, which hands out the
+// `&mut` only to the one caller whose compare-and-swap took the gate from
+// open (Acquire), and opens it again (Release) after the closure returns, so
+// accesses from the two threads never overlap and each sees the other's
+// writes. `Tracking` itself is `Send`.
+unsafe impl Sync for Gate {}
+
+impl Gate {
+    pub fn new(tracking: Tracking) -> Gate {
+        Gate {
+            state: AtomicU32::new(GATE_OPEN),
+            tracking: UnsafeCell::new(tracking),
+        }
+    }
+
+    /// Runs `f` on the tracking if the gate is open; `None` if the other
+    /// side holds it.
+    #[inline]
+    pub fn try_with<R>(&self, who: Holder, f: impl FnOnce(&mut Tracking) -> R) -> Option<R> {
+        self.state
+            .compare_exchange(GATE_OPEN, who as u32, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        // SAFETY: the swap above made us the only holder (see `impl Sync`).
+        let r = f(unsafe { &mut *self.tracking.get() });
+        self.state.store(GATE_OPEN, Ordering::Release);
+        Some(r)
+    }
+
+    /// Runs `f` once the gate is open (control path: the channel going away).
+    pub fn with_spin<R>(&self, who: Holder, f: impl FnOnce(&mut Tracking) -> R) -> R {
+        let mut f = Some(f);
+        loop {
+            if let Some(r) = self.try_with(who, |t| (f.take().expect("runs once"))(t)) {
+                return r;
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -366,6 +582,141 @@ mod tests {
         assert!(!f.fenced(48, 1) && f.fenced(144, 1));
         f.release(9);
         assert!(!f.active() && !f.fenced(144, 1));
+    }
+
+    #[test]
+    fn tracking_hands_writes_in_flight_to_the_fence_and_takes_them_back() {
+        let mut t = Tracking::new(16, 4); // 16 blocks per granule
+        assert!(t.track(0, 1) && t.track(3, 1) && t.track(40, 1));
+        let f = Arc::new(FenceTable::new(16));
+        f.set_shift(4);
+        assert!(t.register(&f, 1));
+        assert!(
+            t.register(&f, 1),
+            "registering twice for one point is a no-op"
+        );
+        assert_eq!(f.left(), 3);
+        assert!(f.fenced(0, 1) && f.fenced(32, 16) && !f.fenced(16, 16));
+        // A write after the point stays the channel's own.
+        assert!(t.track(0, 1));
+        assert_eq!(f.left(), 3);
+        // The next point must wait until the first one's writes landed.
+        let g = Arc::new(FenceTable::new(16));
+        assert!(!t.register(&g, 3));
+        t.untrack(0, 1); // the post-point write: off the channel's table
+        t.untrack(0, 1);
+        t.untrack(3, 1);
+        assert_eq!(f.left(), 1);
+        assert!(!f.fenced(0, 1) && f.fenced(40, 1));
+        t.untrack(40, 1);
+        assert!(!f.active());
+        assert!(t.register(&g, 3) && !g.active(), "nothing in flight");
+        // No room: the write is not counted.
+        let mut small = Tracking::new(8, 0); // 8 entries, 6 usable
+        let fitted = (0..8).filter(|&b| small.track(b, 1)).count();
+        assert_eq!(fitted, 6);
+        // Big writes are counted by range, a few at a time.
+        let mut big = Tracking::new(16, 0);
+        let fitted = (0..20).filter(|&i| big.track(i * 1000, 100)).count();
+        assert_eq!(fitted, BIG_WRITES);
+        big.untrack(0, 100);
+        assert!(big.track(50_000, 100));
+    }
+
+    #[test]
+    fn a_closed_channel_gives_up_what_it_registered() {
+        let mut t = Tracking::new(16, 0);
+        assert!(t.track(7, 1));
+        let f = Arc::new(FenceTable::new(16));
+        assert!(t.register(&f, 1));
+        t.close();
+        assert!(!f.active());
+        assert!(t.register(&Arc::new(FenceTable::new(16)), 3));
+    }
+
+    #[test]
+    fn a_held_gate_turns_the_other_side_away() {
+        let gate = Gate::new(Tracking::new(16, 0));
+        let inner = gate.try_with(Holder::Freezer, |_| {
+            gate.try_with(Holder::Owner, |_| ()).is_some()
+        });
+        assert_eq!(inner, Some(false));
+        assert_eq!(gate.try_with(Holder::Owner, |t| t.track(1, 1)), Some(true));
+    }
+
+    /// An owner tracking and completing writes on one thread, a controller
+    /// registering them at consistency points on another, both through the
+    /// gate: every count ends up released exactly once, whoever held it.
+    #[test]
+    fn owner_and_controller_share_the_tracking_without_losing_counts() {
+        let gate = Arc::new(Gate::new(Tracking::new(64, 0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let fences: Arc<std::sync::Mutex<Vec<Arc<FenceTable>>>> = Arc::default();
+        let controller = {
+            let (gate, stop, fences) = (gate.clone(), stop.clone(), fences.clone());
+            let rounds = rounds.clone();
+            std::thread::spawn(move || {
+                let mut point = 1;
+                while !stop.load(Ordering::Acquire) {
+                    let f = Arc::new(FenceTable::new(64));
+                    loop {
+                        match gate.try_with(Holder::Freezer, |t| t.register(&f, point)) {
+                            Some(true) => break,
+                            _ if stop.load(Ordering::Acquire) => break,
+                            _ => std::hint::spin_loop(),
+                        }
+                    }
+                    fences.lock().unwrap().push(f);
+                    rounds.fetch_add(1, Ordering::Release);
+                    point += 2;
+                }
+            })
+        };
+        let mut inflight = std::collections::VecDeque::new();
+        let mut finished = Vec::new();
+        let mut x = 0x1234_5678_u64;
+        // At least 200 K steps, and on until the controller has come round
+        // 100 times (a loaded machine may not run it at once).
+        let mut i = 0u64;
+        while i < 200_000 || (rounds.load(Ordering::Acquire) < 100 && i < 1 << 32) {
+            i += 1;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if inflight.len() < 32 && !x.is_multiple_of(3) {
+                let b = x % 40;
+                if gate.try_with(Holder::Owner, |t| t.track(b, 1)) == Some(true) {
+                    inflight.push_back(b);
+                }
+            } else if let Some(b) = inflight.pop_front() {
+                finished.push(b);
+            }
+            if i.is_multiple_of(8) && !finished.is_empty() {
+                gate.try_with(Holder::Owner, |t| {
+                    for b in finished.drain(..) {
+                        t.untrack(b, 1);
+                    }
+                });
+            }
+        }
+        finished.extend(inflight.drain(..));
+        stop.store(true, Ordering::Release);
+        controller.join().unwrap();
+        let registered = rounds.load(Ordering::Acquire);
+        gate.with_spin(Holder::Owner, |t| {
+            for b in finished.drain(..) {
+                t.untrack(b, 1);
+            }
+            assert!(t.tracked.is_empty() && t.fenced_left == 0);
+        });
+        assert!(
+            registered >= 100,
+            "the controller registered {registered} times"
+        );
+        for f in fences.lock().unwrap().iter() {
+            assert_eq!(f.left(), 0);
+        }
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! I/O unchanged. A backup job copies the source, as it was at one instant
 //! (the *consistency point*), to a backup target while hosts keep writing:
 //!
-//! * **Consistency point**: new I/O is held at channel entry, in-flight I/O
-//!   drains, the job is installed, I/O resumes, and the source is flushed
-//!   ([`vbdev`] documents the protocol). The freeze is measured.
+//! * **Consistency point**: new I/O is held at channel entry while the
+//!   writes in flight are registered (not waited for), the job is
+//!   installed, I/O resumes, and the source is flushed once those writes
+//!   have landed ([`vbdev`] documents the protocol, [`fence`] the
+//!   registration). The freeze is measured.
 //! * **Scope** ([`scope`]): the whole device, include/exclude ranges, minus
 //!   space the source reports as deallocated.
 //! * **Chunk states** ([`chunk_map`]): one byte per chunk; every transition a

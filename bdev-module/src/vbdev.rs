@@ -2,28 +2,36 @@
 //!
 //! # Idle
 //! A cow channel forwards I/O to the source like passthru does. Per I/O it
-//! adds one relaxed load of the freeze flag, one of the job generation, and a
-//! store to its own in-flight counter (a cache line no other core writes);
-//! per write, the update of its own table of writes in flight per 64 KiB
-//! granule ([`crate::fence::InflightTable`]), on submit and on completion.
+//! adds one relaxed load of the consistency-point counter, one of the job
+//! generation, and a store to its own in-flight counter (a cache line no
+//! other core writes); per write, a compare-and-swap on its own gate and the
+//! update of its own table of writes in flight per 64 KiB granule
+//! ([`crate::fence::Tracking`]), on submit, and once per poll for the writes
+//! that completed.
 //!
 //! # Consistency point (quiesce)
 //! 1. The controller, a poller on the job's home reactor, hands the job's
-//!    fence table to the channels, sets `freeze`, then
-//!    sends a message to every other reactor that has a cow channel and waits
-//!    for each to run it. A reactor runs messages
-//!    between poller calls, so after the round trip every `submit` on that
-//!    reactor sees `freeze` and holds new I/O at channel entry.
-//! 2. It waits until every channel has either nothing in flight or has
-//!    registered its writes in flight in the fence table (each does on its
-//!    next poll; see [`crate::fence`]). It does **not** wait for those writes
-//!    to complete: they belong to the consistency point, and the granules
-//!    they touch stay fenced (nothing reads their T0 content from the source)
-//!    until they have.
-//! 3. It installs the job (bumping the generation) and clears `freeze`.
+//!    fence table to the channels and makes `point` odd: from then on a
+//!    channel that reads it holds new I/O at channel entry.
+//! 2. It registers every channel's writes in flight in the fence table,
+//!    taking each channel's table through the channel's gate
+//!    ([`crate::fence::Gate`]); a channel that polls first registers
+//!    itself. A channel counts a write in its table, under its gate, only
+//!    after checking there that `point` has not moved since it decided to
+//!    forward the write, so once the controller has taken a channel's gate
+//!    every write that channel forwarded without seeing the consistency
+//!    point is registered, and every later one is held. The controller
+//!    needs no other reactor to run: a reactor held up in a system call (a
+//!    virtio doorbell that takes milliseconds while the host is busy) does
+//!    not hold the consistency point up. It does **not** wait for the
+//!    registered writes to complete: they belong to the consistency point,
+//!    and the granules they touch stay fenced (nothing reads their T0
+//!    content from the source) until they have.
+//! 3. It installs the job (bumping the generation) and makes `point` even.
 //!    Channels pick up the job on their next I/O and release what they held.
-//!    The time from 1 to 3 is the freeze time: a round trip through the
-//!    reactors, not the slowest write in flight.
+//!    The time from 1 to 3 is the freeze time: one pass of the controller
+//!    over the channels' gates, not a round trip through the reactors nor
+//!    the slowest write in flight.
 //! 4. The job's first I/O is a flush of the source, issued once the fence is
 //!    empty. A flush covers every write completed before it was submitted,
 //!    which then includes every write of the consistency point, so it need not
@@ -90,7 +98,7 @@ use hotcopy_runtime::{clock, PollStatus, Poller, Reactor, ReactorHandle};
 
 use crate::cbt::Cbt;
 use crate::chunk_map::ChunkState;
-use crate::fence::{self, FenceTable, InflightTable};
+use crate::fence::{self, FenceTable, Gate, Holder, Tracking};
 use crate::job::{JobShared, JobState};
 
 /// Tokens of the cow module's own I/O.
@@ -98,7 +106,6 @@ pub(crate) const INTERNAL: u64 = 1 << 63;
 
 /// Per-channel counters the controller reads (written only by the owner).
 pub struct ChannelCounters {
-    pub reactor: ReactorHandle,
     pub name: String,
     pub inflight: AtomicU64,
     pub held: AtomicU64,
@@ -109,9 +116,11 @@ pub struct ChannelCounters {
     /// first one is held. The job records each channel's count at its
     /// consistency point: exactly those writes are in the backup.
     pub forwarded_writes: AtomicU64,
-    /// The last consistency point (freeze epoch) at which this channel
-    /// registered its writes in flight (see [`crate::fence`]).
+    /// The last consistency point at which this channel's writes in flight
+    /// were registered (see [`crate::fence`]).
     pub fence_ack: AtomicU64,
+    /// The channel's writes in flight, handed over at a consistency point.
+    pub(crate) gate: Gate,
 }
 
 /// What the channels of one cow bdev publish about their hosts' I/O.
@@ -170,10 +179,11 @@ pub(crate) struct CowShared {
     /// Changed-block tracking, when the bdev was created with it.
     pub cbt: Option<Arc<Cbt>>,
     pub source: BdevDesc,
-    pub freeze: AtomicBool,
-    /// Counts consistency points; a channel acknowledges one by storing it in
-    /// its `fence_ack`.
-    pub freeze_epoch: AtomicU64,
+    /// Consistency points: odd while one is being taken (the freeze: new
+    /// I/O is held), even otherwise; it goes up by one at each start and
+    /// end, so a channel that read it before deciding on a write can tell,
+    /// by reading it again, whether a consistency point began since.
+    pub point: AtomicU64,
     /// The fence table of the consistency point in progress.
     pub fence: Mutex<Option<Arc<FenceTable>>>,
     pub gen: AtomicU64,
@@ -227,7 +237,7 @@ impl CowBdev {
     /// returns the freeze duration.
     ///
     /// The protocol runs as a poller on `home`, a reactor: the freeze should
-    /// last as long as the in-flight I/O takes to drain and no longer, and a
+    /// last one pass over the channels' gates and no longer, and a
     /// control thread that has to be scheduled between the steps (on a machine
     /// whose cores are all busy polling) would add its wake-up latency to
     /// every step. The caller only waits for the outcome. Control path: it
@@ -238,24 +248,14 @@ impl CowBdev {
         fence: Arc<FenceTable>,
         install: impl FnOnce() + Send + 'static,
     ) -> Result<Duration, String> {
-        let mut others: Vec<ReactorHandle> = Vec::new();
-        for c in &self.channels() {
-            if c.reactor.same(home) || others.iter().any(|h| h.same(&c.reactor)) {
-                continue;
-            }
-            others.push(c.reactor.clone());
-        }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Duration, String>>(1);
         let shared = self.shared.clone();
         home.exec(move || {
             let mut fz = Freeze {
                 shared,
-                fence: Some(fence),
-                epoch: 0,
+                fence,
+                point: 0,
                 chans: Vec::new(),
-                others,
-                sent: 0,
-                acks: Arc::new(AtomicU64::new(0)),
                 start: None,
                 install: Some(Box::new(install)),
                 tx,
@@ -289,15 +289,10 @@ impl CowShared {
 /// job's home reactor.
 struct Freeze {
     shared: Arc<CowShared>,
-    /// Handed to the channels at step 1.
-    fence: Option<Arc<FenceTable>>,
-    epoch: u64,
+    fence: Arc<FenceTable>,
+    /// The (odd) value of `CowShared::point` while this one is taken.
+    point: u64,
     chans: Vec<Arc<ChannelCounters>>,
-    /// Reactors other than this one with channels, and how many of them have
-    /// been sent the round-trip message / have run it.
-    others: Vec<ReactorHandle>,
-    sent: usize,
-    acks: Arc<AtomicU64>,
     start: Option<Instant>,
     install: Option<Box<dyn FnOnce() + Send>>,
     tx: std::sync::mpsc::SyncSender<Result<Duration, String>>,
@@ -308,51 +303,45 @@ impl Freeze {
     fn step(&mut self) -> bool {
         let s = &self.shared;
         if self.start.is_none() {
-            // 1. The fence table first, so a channel that sees `freeze`
-            // finds it; from now on every submit on this reactor holds.
-            *s.fence.lock().unwrap_or_else(|e| e.into_inner()) = self.fence.take();
-            self.epoch = s.freeze_epoch.fetch_add(1, Ordering::SeqCst) + 1;
-            s.freeze.store(true, Ordering::SeqCst);
+            // 1. The fence table first, so a channel that sees the point
+            // finds it; from now on every channel that reads `point` holds
+            // new I/O.
+            *s.fence.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.fence.clone());
+            self.point = s.point.fetch_add(1, Ordering::SeqCst) + 1;
+            debug_assert!(self.point & 1 == 1, "consistency points do not overlap");
             self.start = Some(Instant::now());
-        }
-        let start = self.start.expect("set above");
-        // 1b. A message through every other reactor with a channel: once it
-        // has run there, no submit on that reactor can miss the flag.
-        while self.sent < self.others.len() {
-            let acks = self.acks.clone();
-            match self.others[self.sent].send(move || {
-                acks.fetch_add(1, Ordering::Release);
-            }) {
-                Ok(()) => self.sent += 1,
-                Err(hotcopy_runtime::SendError::Full) => return false,
-                Err(e) => return self.end(Err(format!("quiesce message: {e}"))),
-            }
-        }
-        let timeout = start.elapsed() > Duration::from_secs(30);
-        if (self.acks.load(Ordering::Acquire) as usize) < self.others.len() {
-            return timeout && self.end(Err("a reactor did not answer within 30 s".into()));
-        }
-        // 2. Every channel with I/O in flight registers its writes in the
-        // fence (on its next poll). The list is taken now, after every
-        // reactor has seen the flag, so a channel created a moment before
-        // the freeze is not missed; new I/O is held, so a channel with
-        // nothing in flight has nothing to register.
-        if self.chans.is_empty() {
+            // Taken after the announcement: a channel created since reads
+            // the new point on its first I/O.
             self.chans = s.channels();
         }
-        let epoch = self.epoch;
-        let waiting = self
-            .chans
-            .iter()
-            .filter(|c| {
-                c.fence_ack.load(Ordering::Acquire) != epoch
-                    && c.inflight.load(Ordering::Acquire) > 0
-            })
-            .count();
+        let start = self.start.expect("set above");
+        // 2. Every channel's writes in flight go into the fence: registered
+        // by the channel itself on its next poll, or here, through its gate
+        // (see `crate::fence::Gate`), whichever comes first. Taking the
+        // gate also proves that the channel is not between deciding on a
+        // write and counting it; it does not wait for the writes to
+        // complete: they belong to the consistency point, and the granules
+        // they touch stay fenced until they have.
+        let point = self.point;
+        let mut waiting = 0;
+        for c in &self.chans {
+            if c.fence_ack.load(Ordering::Acquire) == point {
+                continue;
+            }
+            let fence = &self.fence;
+            match c
+                .gate
+                .try_with(Holder::Freezer, |t| t.register(fence, point))
+            {
+                Some(true) => c.fence_ack.store(point, Ordering::Release),
+                _ => waiting += 1,
+            }
+        }
         if waiting > 0 {
+            let timeout = start.elapsed() > Duration::from_secs(30);
             return timeout
                 && self.end(Err(format!(
-                    "{waiting} channel(s) with I/O in flight did not register it within 30 s"
+                    "{waiting} channel(s) could not register their writes in flight within 30 s"
                 )));
         }
         // 3. Install and resume.
@@ -364,7 +353,8 @@ impl Freeze {
     }
 
     fn end(&mut self, r: Result<Duration, String>) -> bool {
-        self.shared.freeze.store(false, Ordering::SeqCst);
+        // Even again: the freeze is over.
+        self.shared.point.fetch_add(1, Ordering::SeqCst);
         // Channels that registered keep their reference.
         *self.shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = self.tx.try_send(r);
@@ -385,7 +375,6 @@ impl BdevBackend for CowBdev {
         let seq = self.shared.chan_seq.fetch_add(1, Ordering::Relaxed);
         let counters = Arc::new(ChannelCounters {
             name: format!("{}/core{}/ch{}", self.shared.name, reactor.core(), seq),
-            reactor: reactor.handle(),
             inflight: AtomicU64::new(0),
             held: AtomicU64::new(0),
             paced_writes: AtomicU64::new(0),
@@ -393,6 +382,10 @@ impl BdevBackend for CowBdev {
             slot_waits: AtomicU64::new(0),
             forwarded_writes: AtomicU64::new(0),
             fence_ack: AtomicU64::new(0),
+            gate: Gate::new(Tracking::new(
+                fence::CHANNEL_ENTRIES,
+                fence::granule_shift(self.shared.source.bdev().block_size() as u64),
+            )),
         });
         {
             let mut v = self
@@ -423,12 +416,7 @@ impl BdevBackend for CowBdev {
             held: VecDeque::with_capacity(256),
             held_since: VecDeque::with_capacity(256),
             out: VecDeque::with_capacity(64),
-            tracked: InflightTable::new(fence::CHANNEL_ENTRIES),
-            big: Vec::with_capacity(BIG_WRITES),
-            gshift: fence::granule_shift(self.shared.source.bdev().block_size() as u64),
-            fence: None,
-            fenced_left: 0,
-            fence_epoch: 0,
+            finished: Vec::with_capacity(256),
         }))
     }
 
@@ -454,11 +442,6 @@ struct JobChannel {
 
 /// Most captures one channel runs at once.
 const MAX_CAPTURES: usize = 64;
-
-/// Writes over more granules than this are tracked whole (by range), at most
-/// [`BIG_WRITES`] at a time per channel.
-const BIG_GRANULES: u64 = 64;
-const BIG_WRITES: usize = 16;
 
 struct CowChannel {
     base: BdevChannel,
@@ -486,15 +469,9 @@ struct CowChannel {
     held: VecDeque<BdevIo>,
     held_since: VecDeque<u64>,
     out: VecDeque<BdevIo>,
-    /// Writes in flight per granule, and large writes by range.
-    tracked: InflightTable,
-    big: Vec<(u64, u64)>,
-    gshift: u32,
-    /// The fence this channel registered writes in, and how many granule
-    /// counts it has not released yet.
-    fence: Option<Arc<FenceTable>>,
-    fenced_left: u64,
-    fence_epoch: u64,
+    /// Tracked writes completed and not yet taken off the tracking (whose
+    /// gate was taken when they completed), as block ranges.
+    finished: Vec<(u64, u64)>,
 }
 
 enum Admit {
@@ -686,84 +663,27 @@ impl CowChannel {
         ));
     }
 
-    /// Whether the writes-in-flight tables can take `io` (else it waits for
-    /// completions).
+    /// Takes the writes that completed since the last time off the
+    /// channel's tracking; if the consistency point's controller holds it
+    /// right now, they stay for the next poll.
     #[inline]
-    fn can_track(&self, io: &BdevIo) -> bool {
-        if !tracks(io) {
-            return true;
-        }
-        let n = granule_count(io, self.gshift);
-        if n > BIG_GRANULES {
-            self.big.len() < BIG_WRITES
-        } else {
-            self.tracked.has_room(n)
-        }
-    }
-
-    /// Counts a write going to the source in the tables.
-    #[inline]
-    fn track(&mut self, io: &BdevIo) {
-        if granule_count(io, self.gshift) > BIG_GRANULES {
-            self.big.push((io.offset_blocks, io.num_blocks));
+    fn untrack_finished(&mut self) {
+        if self.finished.is_empty() {
             return;
         }
-        for g in fence::granules(io.offset_blocks, io.num_blocks, self.gshift) {
-            let added = self.tracked.add(g);
-            debug_assert!(added, "room checked before forwarding");
-        }
+        let finished = &mut self.finished;
+        self.counters.gate.try_with(Holder::Owner, |t| {
+            for (off, n) in finished.drain(..) {
+                t.untrack(off, n);
+            }
+        });
     }
 
-    /// A tracked write completed: off the channel's own table, or, where
-    /// that has none (it was registered at a consistency point), off the
-    /// fence.
-    #[inline]
-    fn untrack(
-        tracked: &mut InflightTable,
-        big: &mut Vec<(u64, u64)>,
-        fence: &mut Option<Arc<FenceTable>>,
-        fenced_left: &mut u64,
-        gshift: u32,
-        io: &BdevIo,
-    ) {
-        let mut release = |g: u64| {
-            if let Some(f) = fence.as_ref() {
-                f.release(g);
-                *fenced_left -= 1;
-            }
-        };
-        if granule_count(io, gshift) > BIG_GRANULES {
-            match big
-                .iter()
-                .position(|&r| r == (io.offset_blocks, io.num_blocks))
-            {
-                Some(i) => {
-                    big.swap_remove(i);
-                }
-                None => fence::granules(io.offset_blocks, io.num_blocks, gshift).for_each(release),
-            }
-        } else {
-            for g in fence::granules(io.offset_blocks, io.num_blocks, gshift) {
-                if !tracked.remove(g) {
-                    release(g);
-                }
-            }
-        }
-        if *fenced_left == 0 {
-            *fence = None;
-        }
-    }
-
-    /// During a consistency point: moves this channel's writes in flight
-    /// into the fence table and acknowledges (see [`crate::fence`]).
-    fn register_fence(&mut self) {
-        let epoch = self.shared.freeze_epoch.load(Ordering::Acquire);
-        if self.fence_epoch == epoch {
-            return;
-        }
-        if self.fenced_left > 0 {
-            // The writes of an earlier consistency point are still landing;
-            // their counts must go back to that fence first.
+    /// During a consistency point: registers this channel's writes in
+    /// flight in the fence, unless the controller already has (see
+    /// [`crate::fence`]).
+    fn register_fence(&mut self, point: u64) {
+        if self.counters.fence_ack.load(Ordering::Acquire) == point {
             return;
         }
         let Some(f) = self
@@ -775,22 +695,27 @@ impl CowChannel {
         else {
             return;
         };
-        let mut moved = self.tracked.register_into(&f);
-        for (off, n) in self.big.drain(..) {
-            for g in fence::granules(off, n, self.gshift) {
-                f.add(g, 1);
-                moved += 1;
+        let counters = &self.counters;
+        counters.gate.try_with(Holder::Owner, |t| {
+            if t.register(&f, point) {
+                counters.fence_ack.store(point, Ordering::Release);
             }
-        }
-        if moved > 0 {
-            self.fenced_left = moved;
-            self.fence = Some(f);
-        }
-        self.fence_epoch = epoch;
-        self.counters.fence_ack.store(epoch, Ordering::Release);
+        });
     }
 
-    fn forward(&mut self, io: BdevIo) {
+    /// Holds `io` at channel entry (a consistency point, or no room in the
+    /// tracking), to be retried at every poll.
+    fn hold(&mut self, io: BdevIo, now: u64) {
+        self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
+        self.held.push_back(io);
+        self.held_since.push_back(now);
+    }
+
+    /// Hands `io` to the source. `point` is the consistency-point counter
+    /// read before the caller decided to forward it: a write is given back
+    /// (to be held) if a consistency point has begun since, so that it
+    /// meets the new job, or if the tracking has no room for it.
+    fn forward(&mut self, io: BdevIo, point: u64) -> Result<(), BdevIo> {
         #[cfg(debug_assertions)]
         if io.io_type.is_mutating() && io.io_type != IoType::Flush {
             // The invariant's guard: with a job running, a write reaches the
@@ -806,15 +731,31 @@ impl CowChannel {
                 }
             }
         }
-        if io.io_type.is_mutating() && io.io_type != IoType::Flush {
-            if let Some(t) = &self.cbt {
-                t.mark(io.offset_blocks, io.num_blocks);
+        if tracks(&io) {
+            // Counted in the tracking, and in the changed blocks and the
+            // forwarded writes, all while holding the gate: once the
+            // controller has taken it, this write is either registered in
+            // the fence (and in the consistency point's counts) or sees the
+            // new point and waits.
+            let (shared, cbt, counters, forwarded) =
+                (&self.shared, &self.cbt, &self.counters, &mut self.forwarded);
+            let (off, n) = (io.offset_blocks, io.num_blocks);
+            let counted = counters.gate.try_with(Holder::Owner, |t| {
+                if shared.point.load(Ordering::Acquire) != point || !t.track(off, n) {
+                    return false;
+                }
+                if let Some(c) = cbt {
+                    c.mark(off, n);
+                }
+                *forwarded += 1;
+                counters
+                    .forwarded_writes
+                    .store(*forwarded, Ordering::Release);
+                true
+            });
+            if counted != Some(true) {
+                return Err(io);
             }
-            self.track(&io);
-            self.forwarded += 1;
-            self.counters
-                .forwarded_writes
-                .store(self.forwarded, Ordering::Relaxed);
         }
         if self.measure {
             let now = clock::ticks();
@@ -829,6 +770,7 @@ impl CowChannel {
             .inflight
             .store(self.inflight, Ordering::Release);
         self.base.submit(io);
+        Ok(())
     }
 
     /// Handles completions of the channel's own capture I/O.
@@ -889,7 +831,8 @@ impl CowChannel {
 
     /// Retries held I/O; returns how many were released.
     fn release_held(&mut self) -> usize {
-        if self.shared.freeze.load(Ordering::Acquire) {
+        let point = self.shared.point.load(Ordering::Acquire);
+        if point & 1 == 1 {
             return 0;
         }
         // The freeze may have ended since the caller last looked at the job:
@@ -907,19 +850,25 @@ impl CowChannel {
                 break;
             };
             let since = self.held_since.pop_front().unwrap_or(now);
-            let pass = !io.io_type.is_mutating()
-                || (self.can_track(&io) && matches!(self.admit(&io, now, false), Admit::Pass));
-            if pass {
-                let waited = now.saturating_sub(since);
-                self.counters
-                    .pace_delay_ticks
-                    .fetch_add(waited, Ordering::Relaxed);
-                self.forward(io);
-                released += 1;
+            let pass =
+                !io.io_type.is_mutating() || matches!(self.admit(&io, now, false), Admit::Pass);
+            let io = if pass {
+                match self.forward(io, point) {
+                    Ok(()) => {
+                        let waited = now.saturating_sub(since);
+                        self.counters
+                            .pace_delay_ticks
+                            .fetch_add(waited, Ordering::Relaxed);
+                        released += 1;
+                        continue;
+                    }
+                    Err(io) => io,
+                }
             } else {
-                self.held.push_back(io);
-                self.held_since.push_back(since);
-            }
+                io
+            };
+            self.held.push_back(io);
+            self.held_since.push_back(since);
         }
         if released > 0 {
             self.shared
@@ -937,22 +886,14 @@ impl CowChannel {
 impl BackendChannel for CowChannel {
     #[inline]
     fn submit(&mut self, io: BdevIo) {
-        if self.shared.freeze.load(Ordering::Acquire) {
+        let point = self.shared.point.load(Ordering::Acquire);
+        if point & 1 == 1 {
             // Consistency point in progress: hold at channel entry.
-            self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
-            self.held.push_back(io);
-            self.held_since.push_back(clock::ticks());
+            self.hold(io, clock::ticks());
             return;
         }
         if self.shared.gen.load(Ordering::Acquire) != self.gen {
             self.refresh_job();
-        }
-        if !self.can_track(&io) {
-            // More writes in flight than the tables hold: wait for some.
-            self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
-            self.held.push_back(io);
-            self.held_since.push_back(clock::ticks());
-            return;
         }
         if self.job.is_some() && io.io_type.is_mutating() && io.io_type != IoType::Flush {
             let now = clock::ticks();
@@ -961,19 +902,22 @@ impl BackendChannel for CowChannel {
                     j.counters.held_writes.fetch_add(1, Ordering::Relaxed);
                 }
                 self.last_wait = now;
-                self.shared.fg.held.fetch_add(1, Ordering::Relaxed);
-                self.held.push_back(io);
-                self.held_since.push_back(now);
+                self.hold(io, now);
                 return;
             }
         }
-        self.forward(io);
+        if let Err(io) = self.forward(io, point) {
+            // A consistency point began, or more writes are in flight than
+            // the tracking holds: wait.
+            self.hold(io, clock::ticks());
+        }
     }
 
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
-        if self.shared.freeze.load(Ordering::Acquire) {
-            self.register_fence();
+        let point = self.shared.point.load(Ordering::Acquire);
+        if point & 1 == 1 {
+            self.register_fence(point);
         }
         if self.jc.is_none()
             && !self.measure
@@ -981,18 +925,10 @@ impl BackendChannel for CowChannel {
             && self.shared.gen.load(Ordering::Relaxed) == self.gen
         {
             // Idle: no internal I/O exists, so every completion is the caller's.
-            let CowChannel {
-                base,
-                tracked,
-                big,
-                fence,
-                fenced_left,
-                gshift,
-                ..
-            } = self;
+            let CowChannel { base, finished, .. } = self;
             let n = base.poll(&mut |io| {
                 if tracks(&io) {
-                    Self::untrack(tracked, big, fence, fenced_left, *gshift, &io);
+                    finished.push((io.offset_blocks, io.num_blocks));
                 }
                 done(io);
             });
@@ -1005,6 +941,7 @@ impl BackendChannel for CowChannel {
                     .inflight
                     .store(self.inflight, Ordering::Release);
             }
+            self.untrack_finished();
             return n;
         }
         let waiting = !self.held.is_empty();
@@ -1023,11 +960,7 @@ impl BackendChannel for CowChannel {
             last_wait,
             quiet_ticks,
             shared,
-            tracked,
-            big,
-            fence,
-            fenced_left,
-            gshift,
+            finished,
             ..
         } = self;
         let mut n = 0;
@@ -1039,7 +972,7 @@ impl BackendChannel for CowChannel {
                 }
             } else {
                 if tracks(&io) {
-                    Self::untrack(tracked, big, fence, fenced_left, *gshift, &io);
+                    finished.push((io.offset_blocks, io.num_blocks));
                 }
                 user += 1;
                 done(io);
@@ -1094,6 +1027,7 @@ impl BackendChannel for CowChannel {
             }
             *out = writes;
         }
+        self.untrack_finished();
         if !self.held.is_empty() || self.shared.gen.load(Ordering::Relaxed) != self.gen {
             self.refresh_job();
             self.release_held();
@@ -1105,10 +1039,9 @@ impl BackendChannel for CowChannel {
 impl Drop for CowChannel {
     fn drop(&mut self) {
         // Registered writes whose completions this channel will not see:
-        // the fence must not wait for them for ever.
-        if let Some(f) = self.fence.take() {
-            f.forget(self.fenced_left);
-        }
+        // the fence must not wait for them for ever. (The controller may be
+        // registering this channel this very moment: wait for it.)
+        self.counters.gate.with_spin(Holder::Owner, Tracking::close);
         if self.inflight > 0 {
             self.shared.fg.busy.fetch_sub(1, Ordering::Relaxed);
         }
@@ -1119,13 +1052,6 @@ impl Drop for CowChannel {
 #[inline]
 fn tracks(io: &BdevIo) -> bool {
     io.io_type.is_mutating() && io.io_type != IoType::Flush
-}
-
-/// How many granules `io` touches.
-#[inline]
-fn granule_count(io: &BdevIo, gshift: u32) -> u64 {
-    let r = fence::granules(io.offset_blocks, io.num_blocks, gshift);
-    r.end() - r.start() + 1
 }
 
 /// Creates the cow bdev `name` on `source`, claiming it.
@@ -1152,8 +1078,7 @@ pub fn create_with(
         fg: Arc::new(FgMeter::default()),
         cbt,
         source: claim.open(),
-        freeze: AtomicBool::new(false),
-        freeze_epoch: AtomicU64::new(0),
+        point: AtomicU64::new(0),
         fence: Mutex::new(None),
         gen: AtomicU64::new(0),
         job: Mutex::new(None),
