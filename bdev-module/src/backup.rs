@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -280,6 +280,18 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
     let cb = cow
         .backend::<CowBdev>()
         .ok_or_else(|| CowError::NotCow(cow.name().to_string()))?;
+    // One start at a time (checked and set at once), and none while a job
+    // runs.
+    if cb.shared.starting.swap(true, Ordering::AcqRel) {
+        return Err(CowError::Busy(cow.name().to_string()));
+    }
+    struct Started<'a>(&'a AtomicBool);
+    impl Drop for Started<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _started = Started(&cb.shared.starting);
     if cb.job().is_some_and(|j| j.state() == JobState::Running) {
         return Err(CowError::Busy(cow.name().to_string()));
     }
@@ -416,8 +428,10 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
         fence: fence_table.clone(),
         lent_writes: AtomicU64::new(0),
     });
-    // The streams' channels and poller live on the home reactor.
+    // The streams' channels and poller live on the home reactor; their
+    // buffers are made here (see `Streams::buffers`).
     let streams = {
+        let pool = Streams::buffers(&job).map_err(CowError::Start)?;
         let (job, src, tgt, cont) = (
             job.clone(),
             cb.source().clone(),
@@ -428,6 +442,7 @@ fn start(cow: &Bdev, home: &ReactorHandle, cfg: BackupConfig) -> Result<BackupJo
             let mem = src.bdev().memory_window();
             let s = Streams::new(
                 job,
+                pool,
                 src.channel().map_err(|e| e.to_string())?,
                 mem,
                 tgt.channel().map_err(|e| e.to_string())?,

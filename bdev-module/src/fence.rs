@@ -8,22 +8,27 @@
 //!
 //! * every cow channel keeps an [`InflightTable`]: how many of its mutating
 //!   I/Os are in flight per 64 KiB *granule* of the volume (a fixed-capacity
-//!   open-addressing table, updated on submit and completion: no allocation,
-//!   no lock; shared only through the channel's [`Gate`]);
+//!   open-addressing table, updated on submit, and for the completions once
+//!   per poll: no allocation, no lock; shared only through the channel's
+//!   [`Gate`]);
 //! * during the freeze every channel's writes in flight are added to the
 //!   job's [`FenceTable`]: by the channel itself on its next poll, or by the
 //!   freeze's controller, whichever comes first. The two hand the channel's
 //!   table over through a [`Gate`] (a compare-and-swap to take it, a store
-//!   to give it back; the owner never waits for it, see there), so the freeze does not wait for every
-//!   reactor to come round, nor for the writes to complete: a reactor held
-//!   up in a system call (a virtio doorbell that takes milliseconds on a
-//!   busy host) does not hold up the consistency point;
-//! * on completion a channel takes the count off its own table first, and
-//!   off the fence only when its own table has none for that granule. A
-//!   channel's writes in flight are exactly its own entries plus what it
-//!   registered and has not released, so a fence count reaches zero only
-//!   after every write registered for that granule has completed (perhaps
-//!   later, never earlier);
+//!   to give it back; the owner never waits for it, see there), so the
+//!   freeze does not wait for every reactor to come round, nor for the
+//!   writes to complete: a reactor held up in a system call (a virtio
+//!   doorbell that takes milliseconds on a busy host) does not hold up the
+//!   consistency point. (One case still waits: a channel whose writes
+//!   registered at the previous consistency point are still landing. Their
+//!   counts must go back to that fence first, so the controller waits for
+//!   that channel to reap them.);
+//! * every write a channel counts carries a tag, the number of times the
+//!   channel's writes had been registered; on completion, a write with a
+//!   lower tag was registered and releases its granules from the fence, any
+//!   other comes off the channel's own table. So a fence count reaches zero
+//!   exactly when every write registered for that granule has completed,
+//!   however many later writes to it are in flight;
 //! * the job's source flush waits until the fence is empty, so that it
 //!   covers those writes too.
 //!
@@ -198,8 +203,12 @@ pub struct Tracking {
     /// granule counts of it they have not released yet.
     fence: Option<Arc<FenceTable>>,
     fenced_left: u64,
-    /// The consistency point (see [`Gate`]) of the last registration.
+    /// The consistency point (see [`Gate`]) of the last registration, and
+    /// how many registrations there have been: a write is tagged with the
+    /// count when it is counted, so its completion can tell whether it was
+    /// registered (a lower tag) or is still the channel's own.
     point: u64,
+    registrations: u64,
     /// The channel is gone: nothing to register, nothing will complete.
     closed: bool,
 }
@@ -213,6 +222,7 @@ impl Tracking {
             fence: None,
             fenced_left: 0,
             point: 0,
+            registrations: 0,
             closed: false,
         }
     }
@@ -224,63 +234,63 @@ impl Tracking {
     }
 
     /// Counts a write of blocks `offset .. offset + count` going to the
-    /// source; false (and nothing counted) if the tables have no room for it.
+    /// source, and returns the tag to give [`Tracking::untrack`] when it
+    /// completes; `None` (and nothing counted) if the tables have no room.
     #[inline]
-    pub fn track(&mut self, offset: u64, count: u64) -> bool {
+    pub fn track(&mut self, offset: u64, count: u64) -> Option<u64> {
         let n = self.granule_count(offset, count);
         if n > BIG_GRANULES {
             if self.big.len() >= BIG_WRITES {
-                return false;
+                return None;
             }
             self.big.push((offset, count));
-            return true;
+            return Some(self.registrations);
         }
         if !self.tracked.has_room(n) {
-            return false;
+            return None;
         }
         for g in granules(offset, count, self.gshift) {
             let added = self.tracked.add(g);
             debug_assert!(added, "room checked above");
         }
-        true
+        Some(self.registrations)
     }
 
-    /// A tracked write completed: off the channel's own table, or, where
-    /// that has none (it was registered at a consistency point), off the
-    /// fence.
+    /// A tracked write completed (`tag` is what [`Tracking::track`] gave
+    /// it): off the fence if it was in flight at the last registration,
+    /// else off the channel's own tables.
+    ///
+    /// The tag, not the tables, tells the two apart: a write registered at
+    /// a consistency point and later writes to the same granule are counted
+    /// in different places, and a granule that always has a later write in
+    /// flight (a hot block written at queue depth 2 or more) would otherwise
+    /// never release the fence. Only the last registration can still have
+    /// writes in flight: the next waits until they have all completed.
     #[inline]
-    pub fn untrack(&mut self, offset: u64, count: u64) {
-        let whole = self.granule_count(offset, count) > BIG_GRANULES;
-        let Tracking {
-            tracked,
-            big,
-            gshift,
-            fence,
-            fenced_left,
-            ..
-        } = self;
-        let mut release = |g: u64| {
-            if let Some(f) = fence.as_ref() {
-                f.release(g);
-                *fenced_left -= 1;
-            }
-        };
-        if whole {
-            match big.iter().position(|&r| r == (offset, count)) {
-                Some(i) => {
-                    big.swap_remove(i);
+    pub fn untrack(&mut self, offset: u64, count: u64, tag: u64) {
+        if tag < self.registrations {
+            if let Some(f) = self.fence.as_ref() {
+                for g in granules(offset, count, self.gshift) {
+                    f.release(g);
+                    self.fenced_left -= 1;
                 }
-                None => granules(offset, count, *gshift).for_each(release),
+                if self.fenced_left == 0 {
+                    self.fence = None;
+                }
+            }
+            return;
+        }
+        if self.granule_count(offset, count) > BIG_GRANULES {
+            let i = self.big.iter().position(|&r| r == (offset, count));
+            debug_assert!(i.is_some(), "a big write counted when it went out");
+            if let Some(i) = i {
+                self.big.swap_remove(i);
             }
         } else {
-            for g in granules(offset, count, *gshift) {
-                if !tracked.remove(g) {
-                    release(g);
-                }
+            for g in granules(offset, count, self.gshift) {
+                let had = self.tracked.remove(g);
+                debug_assert!(had, "a write counted when it went out");
             }
-        }
-        if *fenced_left == 0 {
-            *fence = None;
         }
     }
 
@@ -307,6 +317,7 @@ impl Tracking {
             self.fence = Some(fence.clone());
         }
         self.point = point;
+        self.registrations += 1;
         true
     }
 
@@ -344,7 +355,8 @@ const GATE_OPEN: u32 = 0;
 ///   during a freeze, and keeps the completions for its next poll;
 /// * the controller takes it to register the channel's writes in flight,
 ///   after announcing the consistency point. Finding it taken, it tries
-///   again on its next step (the owner holds it for a few table updates).
+///   again on its next step (the owner holds it for one write's table
+///   update, or one poll's completions).
 ///
 /// So taking the gate once after the announcement proves that every write
 /// the channel forwarded without seeing it is in the table, and that every
@@ -357,7 +369,8 @@ pub struct Gate {
 
 // SAFETY: `tracking` is only reached through `try_with`, which hands out the
 // `&mut` only to the one caller whose compare-and-swap took the gate from
-// open (Acquire), and opens it again (Release) after the closure returns, so
+// open (Acquire), and opens it again (Release) after the closure returns or
+// unwinds (the `&mut` cannot outlive the closure), so
 // accesses from the two threads never overlap and each sees the other's
 // writes. `Tracking` itself is `Send`.
 unsafe impl Sync for Gate {}
@@ -377,10 +390,17 @@ impl Gate {
         self.state
             .compare_exchange(GATE_OPEN, who as u32, Ordering::Acquire, Ordering::Relaxed)
             .ok()?;
-        // SAFETY: the swap above made us the only holder (see `impl Sync`).
-        let r = f(unsafe { &mut *self.tracking.get() });
-        self.state.store(GATE_OPEN, Ordering::Release);
-        Some(r)
+        // Opens the gate again when `f` returns, or unwinds.
+        struct Reopen<'a>(&'a AtomicU32);
+        impl Drop for Reopen<'_> {
+            fn drop(&mut self) {
+                self.0.store(GATE_OPEN, Ordering::Release);
+            }
+        }
+        let _reopen = Reopen(&self.state);
+        // SAFETY: the swap above made us the only holder (see `impl Sync`),
+        // until `_reopen` opens the gate after `f` is done with the borrow.
+        Some(f(unsafe { &mut *self.tracking.get() }))
     }
 
     /// Runs `f` once the gate is open (control path: the channel going away).
@@ -587,7 +607,9 @@ mod tests {
     #[test]
     fn tracking_hands_writes_in_flight_to_the_fence_and_takes_them_back() {
         let mut t = Tracking::new(16, 4); // 16 blocks per granule
-        assert!(t.track(0, 1) && t.track(3, 1) && t.track(40, 1));
+        let a = t.track(0, 1).unwrap();
+        let b = t.track(3, 1).unwrap();
+        let c = t.track(40, 1).unwrap();
         let f = Arc::new(FenceTable::new(16));
         f.set_shift(4);
         assert!(t.register(&f, 1));
@@ -598,35 +620,62 @@ mod tests {
         assert_eq!(f.left(), 3);
         assert!(f.fenced(0, 1) && f.fenced(32, 16) && !f.fenced(16, 16));
         // A write after the point stays the channel's own.
-        assert!(t.track(0, 1));
+        let d = t.track(0, 1).unwrap();
         assert_eq!(f.left(), 3);
         // The next point must wait until the first one's writes landed.
         let g = Arc::new(FenceTable::new(16));
         assert!(!t.register(&g, 3));
-        t.untrack(0, 1); // the post-point write: off the channel's table
-        t.untrack(0, 1);
-        t.untrack(3, 1);
+        t.untrack(0, 1, d); // the post-point write: off the channel's table
+        assert_eq!(f.left(), 3);
+        t.untrack(0, 1, a);
+        t.untrack(3, 1, b);
         assert_eq!(f.left(), 1);
         assert!(!f.fenced(0, 1) && f.fenced(40, 1));
-        t.untrack(40, 1);
+        t.untrack(40, 1, c);
         assert!(!f.active());
         assert!(t.register(&g, 3) && !g.active(), "nothing in flight");
         // No room: the write is not counted.
         let mut small = Tracking::new(8, 0); // 8 entries, 6 usable
-        let fitted = (0..8).filter(|&b| small.track(b, 1)).count();
+        let fitted = (0..8).filter(|&b| small.track(b, 1).is_some()).count();
         assert_eq!(fitted, 6);
         // Big writes are counted by range, a few at a time.
         let mut big = Tracking::new(16, 0);
-        let fitted = (0..20).filter(|&i| big.track(i * 1000, 100)).count();
-        assert_eq!(fitted, BIG_WRITES);
-        big.untrack(0, 100);
-        assert!(big.track(50_000, 100));
+        let tags: Vec<_> = (0..20).map(|i| big.track(i * 1000, 100)).collect();
+        assert_eq!(tags.iter().flatten().count(), BIG_WRITES);
+        big.untrack(0, 100, tags[0].unwrap());
+        assert!(big.track(50_000, 100).is_some());
+    }
+
+    /// A hot granule that always has a later write in flight still releases
+    /// the fence when its registered write completes.
+    #[test]
+    fn a_granule_written_without_pause_releases_the_fence_on_time() {
+        let mut t = Tracking::new(16, 4);
+        let first = t.track(5, 1).unwrap();
+        let f = Arc::new(FenceTable::new(16));
+        f.set_shift(4);
+        assert!(t.register(&f, 1));
+        // Queue depth 2 on the same block: a later write is always in
+        // flight, before and after the registered one completes.
+        let mut prev = t.track(5, 1).unwrap();
+        for i in 0..10 {
+            let next = t.track(5, 1).unwrap();
+            if i == 4 {
+                assert!(f.fenced(5, 1));
+                t.untrack(5, 1, first);
+                assert!(!f.active(), "the registered write completed");
+            }
+            t.untrack(5, 1, prev);
+            prev = next;
+        }
+        t.untrack(5, 1, prev);
+        assert!(!f.active() && t.tracked.is_empty());
     }
 
     #[test]
     fn a_closed_channel_gives_up_what_it_registered() {
         let mut t = Tracking::new(16, 0);
-        assert!(t.track(7, 1));
+        assert!(t.track(7, 1).is_some());
         let f = Arc::new(FenceTable::new(16));
         assert!(t.register(&f, 1));
         t.close();
@@ -641,7 +690,10 @@ mod tests {
             gate.try_with(Holder::Owner, |_| ()).is_some()
         });
         assert_eq!(inner, Some(false));
-        assert_eq!(gate.try_with(Holder::Owner, |t| t.track(1, 1)), Some(true));
+        assert_eq!(
+            gate.try_with(Holder::Owner, |t| t.track(1, 1)),
+            Some(Some(0))
+        );
     }
 
     /// An owner tracking and completing writes on one thread, a controller
@@ -673,40 +725,47 @@ mod tests {
                 }
             })
         };
-        let mut inflight = std::collections::VecDeque::new();
+        // Writes in flight (block, tag), completing in any order.
+        let mut inflight: Vec<(u64, u64)> = Vec::new();
         let mut finished = Vec::new();
         let mut x = 0x1234_5678_u64;
         // At least 200 K steps, and on until the controller has come round
-        // 100 times (a loaded machine may not run it at once).
+        // 100 times (a loaded machine may not run it at once), for 20 s at
+        // most.
+        let started = std::time::Instant::now();
         let mut i = 0u64;
-        while i < 200_000 || (rounds.load(Ordering::Acquire) < 100 && i < 1 << 32) {
+        while i < 200_000
+            || (rounds.load(Ordering::Acquire) < 100
+                && started.elapsed() < std::time::Duration::from_secs(20))
+        {
             i += 1;
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             if inflight.len() < 32 && !x.is_multiple_of(3) {
                 let b = x % 40;
-                if gate.try_with(Holder::Owner, |t| t.track(b, 1)) == Some(true) {
-                    inflight.push_back(b);
+                if let Some(Some(tag)) = gate.try_with(Holder::Owner, |t| t.track(b, 1)) {
+                    inflight.push((b, tag));
                 }
-            } else if let Some(b) = inflight.pop_front() {
-                finished.push(b);
+            } else if !inflight.is_empty() {
+                let k = (x >> 8) as usize % inflight.len();
+                finished.push(inflight.swap_remove(k));
             }
             if i.is_multiple_of(8) && !finished.is_empty() {
                 gate.try_with(Holder::Owner, |t| {
-                    for b in finished.drain(..) {
-                        t.untrack(b, 1);
+                    for (b, tag) in finished.drain(..) {
+                        t.untrack(b, 1, tag);
                     }
                 });
             }
         }
-        finished.extend(inflight.drain(..));
+        finished.append(&mut inflight);
         stop.store(true, Ordering::Release);
         controller.join().unwrap();
         let registered = rounds.load(Ordering::Acquire);
         gate.with_spin(Holder::Owner, |t| {
-            for b in finished.drain(..) {
-                t.untrack(b, 1);
+            for (b, tag) in finished.drain(..) {
+                t.untrack(b, 1, tag);
             }
             assert!(t.tracked.is_empty() && t.fenced_left == 0);
         });

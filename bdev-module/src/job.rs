@@ -625,8 +625,31 @@ pub(crate) struct Streams {
 }
 
 impl Streams {
+    /// How many stream buffers `job` needs, and of what size.
+    fn buffer_shape(job: &JobShared) -> (usize, usize) {
+        let qd = job.tuning.max_queue_depth.max(1) as usize;
+        let chunk_bytes = job.chunk_blocks * job.block_size;
+        let bytes = chunk_bytes.max(COPY_RUN_BYTES) as usize;
+        (bytes, qd + lookahead_runs(qd))
+    }
+
+    /// The streams' buffers, in one region (transparent huge pages from
+    /// 2 MiB). Made on the control thread, before the streams move to their
+    /// reactor: mapping and populating tens of MiB takes milliseconds that
+    /// a reactor would take from its hosts' I/O.
+    pub(crate) fn buffers(job: &JobShared) -> Result<BufferPool, String> {
+        let (bytes, nbufs) = Self::buffer_shape(job);
+        BufferPool::new(
+            bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE,
+            nbufs,
+            HugepageMode::Auto,
+        )
+        .map_err(|e| format!("stream buffers: {e}"))
+    }
+
     pub(crate) fn new(
         job: Arc<JobShared>,
+        pool: BufferPool,
         src: BdevChannel,
         src_mem: Option<MemoryWindow>,
         tgt: BdevChannel,
@@ -634,15 +657,12 @@ impl Streams {
     ) -> Result<Streams, String> {
         let qd = job.tuning.max_queue_depth.max(1) as usize;
         let chunk_bytes = job.chunk_blocks * job.block_size;
-        let bytes = chunk_bytes.max(COPY_RUN_BYTES) as usize;
+        let (bytes, nbufs) = Self::buffer_shape(&job);
         let ahead = lookahead_runs(qd);
-        let nbufs = qd + ahead;
-        // One region for all of them (transparent huge pages from 2 MiB).
-        let pool = BufferPool::new(bytes.div_ceil(4096) * 4096, nbufs, HugepageMode::Auto)
-            .map_err(|e| format!("stream buffers: {e}"))?;
         let bufs = (0..nbufs)
-            .map(|_| pool.get(bytes).expect("the pool holds every stream buffer"))
-            .collect::<Vec<_>>();
+            .map(|_| pool.get(bytes))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("stream buffers: the pool is smaller than the streams need")?;
         let run_chunks = if job.target.contiguous() {
             (COPY_RUN_BYTES / chunk_bytes).max(1) as u32
         } else {

@@ -2,7 +2,7 @@
 //!
 //! # Idle
 //! A cow channel forwards I/O to the source like passthru does. Per I/O it
-//! adds one relaxed load of the consistency-point counter, one of the job
+//! adds one load of the consistency-point counter, one of the job
 //! generation, and a store to its own in-flight counter (a cache line no
 //! other core writes); per write, a compare-and-swap on its own gate and the
 //! update of its own table of writes in flight per 64 KiB granule
@@ -23,7 +23,9 @@
 //!    point is registered, and every later one is held. The controller
 //!    needs no other reactor to run: a reactor held up in a system call (a
 //!    virtio doorbell that takes milliseconds while the host is busy) does
-//!    not hold the consistency point up. It does **not** wait for the
+//!    not hold the consistency point up. (Unless a channel still has writes
+//!    in flight from the previous consistency point: then it waits for that
+//!    channel to reap them, see [`crate::fence`].) It does **not** wait for the
 //!    registered writes to complete: they belong to the consistency point,
 //!    and the granules they touch stay fenced (nothing reads their T0
 //!    content from the source) until they have.
@@ -104,7 +106,9 @@ use crate::job::{JobShared, JobState};
 /// Tokens of the cow module's own I/O.
 pub(crate) const INTERNAL: u64 = 1 << 63;
 
-/// Per-channel counters the controller reads (written only by the owner).
+/// Per-channel counters the controller reads (written by the owner, except
+/// `fence_ack` and the gate, which a consistency point's controller also
+/// writes).
 pub struct ChannelCounters {
     pub name: String,
     pub inflight: AtomicU64,
@@ -190,6 +194,9 @@ pub(crate) struct CowShared {
     pub job: Mutex<Option<Arc<JobShared>>>,
     pub channels: Mutex<Vec<Weak<ChannelCounters>>>,
     pub chan_seq: AtomicU64,
+    /// A job is being started: one at a time, so that consistency points
+    /// never overlap (`point`'s parity depends on it).
+    pub starting: AtomicBool,
 }
 
 /// The cow bdev module object (find it with `Bdev::backend::<CowBdev>()`).
@@ -416,7 +423,7 @@ impl BdevBackend for CowBdev {
             held: VecDeque::with_capacity(256),
             held_since: VecDeque::with_capacity(256),
             out: VecDeque::with_capacity(64),
-            finished: Vec::with_capacity(256),
+            finished: Vec::with_capacity(1024),
         }))
     }
 
@@ -469,9 +476,10 @@ struct CowChannel {
     held: VecDeque<BdevIo>,
     held_since: VecDeque<u64>,
     out: VecDeque<BdevIo>,
-    /// Tracked writes completed and not yet taken off the tracking (whose
-    /// gate was taken when they completed), as block ranges.
-    finished: Vec<(u64, u64)>,
+    /// Tracked writes completed and not yet taken off the tracking (block
+    /// range and tag), at most one poll's worth unless the controller held
+    /// the gate at the end of the last poll.
+    finished: Vec<(u64, u64, u64)>,
 }
 
 enum Admit {
@@ -673,8 +681,8 @@ impl CowChannel {
         }
         let finished = &mut self.finished;
         self.counters.gate.try_with(Holder::Owner, |t| {
-            for (off, n) in finished.drain(..) {
-                t.untrack(off, n);
+            for (off, n, tag) in finished.drain(..) {
+                t.untrack(off, n, tag);
             }
         });
     }
@@ -695,9 +703,11 @@ impl CowChannel {
         else {
             return;
         };
-        let counters = &self.counters;
+        let (counters, shared) = (&self.counters, &self.shared);
         counters.gate.try_with(Holder::Owner, |t| {
-            if t.register(&f, point) {
+            // The fence read above may be a later point's, if this one
+            // ended meanwhile: register only into the point's own.
+            if shared.point.load(Ordering::Acquire) == point && t.register(&f, point) {
                 counters.fence_ack.store(point, Ordering::Release);
             }
         });
@@ -715,7 +725,7 @@ impl CowChannel {
     /// read before the caller decided to forward it: a write is given back
     /// (to be held) if a consistency point has begun since, so that it
     /// meets the new job, or if the tracking has no room for it.
-    fn forward(&mut self, io: BdevIo, point: u64) -> Result<(), BdevIo> {
+    fn forward(&mut self, mut io: BdevIo, point: u64) -> Result<(), BdevIo> {
         #[cfg(debug_assertions)]
         if io.io_type.is_mutating() && io.io_type != IoType::Flush {
             // The invariant's guard: with a job running, a write reaches the
@@ -741,9 +751,10 @@ impl CowChannel {
                 (&self.shared, &self.cbt, &self.counters, &mut self.forwarded);
             let (off, n) = (io.offset_blocks, io.num_blocks);
             let counted = counters.gate.try_with(Holder::Owner, |t| {
-                if shared.point.load(Ordering::Acquire) != point || !t.track(off, n) {
-                    return false;
+                if shared.point.load(Ordering::Acquire) != point {
+                    return None;
                 }
+                let tag = t.track(off, n)?;
                 if let Some(c) = cbt {
                     c.mark(off, n);
                 }
@@ -751,10 +762,11 @@ impl CowChannel {
                 counters
                     .forwarded_writes
                     .store(*forwarded, Ordering::Release);
-                true
+                Some(tag)
             });
-            if counted != Some(true) {
-                return Err(io);
+            match counted {
+                Some(Some(tag)) => io.tag = tag,
+                _ => return Err(io),
             }
         }
         if self.measure {
@@ -928,7 +940,7 @@ impl BackendChannel for CowChannel {
             let CowChannel { base, finished, .. } = self;
             let n = base.poll(&mut |io| {
                 if tracks(&io) {
-                    finished.push((io.offset_blocks, io.num_blocks));
+                    finished.push((io.offset_blocks, io.num_blocks, io.tag));
                 }
                 done(io);
             });
@@ -972,7 +984,7 @@ impl BackendChannel for CowChannel {
                 }
             } else {
                 if tracks(&io) {
-                    finished.push((io.offset_blocks, io.num_blocks));
+                    finished.push((io.offset_blocks, io.num_blocks, io.tag));
                 }
                 user += 1;
                 done(io);
@@ -1084,6 +1096,7 @@ pub fn create_with(
         job: Mutex::new(None),
         channels: Mutex::new(Vec::new()),
         chan_seq: AtomicU64::new(0),
+        starting: AtomicBool::new(false),
     });
     reg.register(
         info,

@@ -108,6 +108,11 @@ pub struct BdevIo {
     pub buf: Option<DmaBuf>,
     /// The submitter's identifier, returned unchanged.
     pub token: u64,
+    /// Scratch for the virtual bdev the I/O is submitted to: it may set
+    /// this on submit and read it back on completion. The bdevs below pass
+    /// it through untouched. (The cow bdev marks each write it counts with
+    /// the consistency points it has seen.)
+    pub tag: u64,
     /// Force unit access: the write is durable when it completes.
     pub fua: bool,
     pub status: IoStatus,
@@ -125,6 +130,7 @@ impl BdevIo {
             num_blocks,
             buf: None,
             token,
+            tag: 0,
             fua: false,
             status: IoStatus::Pending,
             stamps: [0; STAMP_DEPTH],
