@@ -296,6 +296,29 @@ fn base_case() -> Case {
     }
 }
 
+/// A job onto the raw image `tgt`, through a container of `slots` chunks at
+/// the start of `cont`.
+fn raw_image_config(
+    reg: &BdevRegistry,
+    slots: u32,
+    chunk_size: u64,
+    scope: Scope,
+    tuning: JobTuning,
+) -> BackupConfig {
+    BackupConfig {
+        target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
+        container: ContainerConfig {
+            desc: reg.open("cont", true).unwrap(),
+            offset_blocks: 0,
+            slots,
+        },
+        chunk_size,
+        scope,
+        tuning,
+        changed_since: None,
+    }
+}
+
 fn runtime() -> Runtime {
     Runtime::start(RuntimeConfig::with_cores(2, IdlePolicy::Poll)).unwrap()
 }
@@ -668,26 +691,21 @@ fn only_writers_that_never_wait_are_measured_as_bystanders() {
     );
     std::thread::sleep(Duration::from_millis(20));
     let half = BYTES / BS / 2;
-    let cfg = BackupConfig {
-        target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
-        container: ContainerConfig {
-            desc: reg.open("cont", true).unwrap(),
-            offset_blocks: 0,
-            slots: 1,
-        },
-        chunk_size: chunk,
-        scope: Scope {
+    let cfg = raw_image_config(
+        &reg,
+        1,
+        chunk,
+        Scope {
             include: vec![],
             exclude: vec![BlockRange::new(half, half)],
             skip_unallocated: false,
         },
-        tuning: JobTuning {
+        JobTuning {
             max_queue_depth: 2,
             rate_limit: 1 << 20,
             ..JobTuning::default()
         },
-        changed_since: None,
-    };
+    );
     let fg = cow
         .backend::<hotcopy_cow::CowBdev>()
         .expect("a cow bdev")
@@ -796,18 +814,7 @@ fn a_reactor_held_up_at_the_consistency_point_does_not_hold_it_up() {
         .unwrap();
     entered_rx.recv().unwrap();
 
-    let cfg = BackupConfig {
-        target: Arc::new(RawImageTarget::new(reg.open("tgt", true).unwrap())),
-        container: ContainerConfig {
-            desc: reg.open("cont", true).unwrap(),
-            offset_blocks: 0,
-            slots: 4,
-        },
-        chunk_size: CHUNK,
-        scope: Scope::default(),
-        tuning: JobTuning::default(),
-        changed_since: None,
-    };
+    let cfg = raw_image_config(&reg, 4, CHUNK, Scope::default(), JobTuning::default());
     let job = start_backup(&cow, rt.reactor(1), cfg).expect("job starts");
     let _ = release_tx.send(());
 
