@@ -8,8 +8,8 @@
 //!
 //! * every cow channel keeps an [`InflightTable`]: how many of its mutating
 //!   I/Os are in flight per 64 KiB *granule* of the volume (a fixed-capacity
-//!   open-addressing table, updated on submit, and for the completions once
-//!   per poll: no allocation, no lock; shared only through the channel's
+//!   open-addressing table, updated on submit, and for completions in
+//!   batches: no allocation, no lock; shared only through the channel's
 //!   [`Gate`]);
 //! * during the freeze every channel's writes in flight are added to the
 //!   job's [`FenceTable`]: by the channel itself on its next poll, or by the
@@ -356,7 +356,7 @@ const GATE_OPEN: u32 = 0;
 /// * the controller takes it to register the channel's writes in flight,
 ///   after announcing the consistency point. Finding it taken, it tries
 ///   again on its next step (the owner holds it for one write's table
-///   update, or one poll's completions).
+///   update and a batch of completions).
 ///
 /// So taking the gate once after the announcement proves that every write
 /// the channel forwarded without seeing it is in the table, and that every

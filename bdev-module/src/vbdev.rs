@@ -6,8 +6,10 @@
 //! generation, and a store to its own in-flight counter (a cache line no
 //! other core writes); per write, a compare-and-swap on its own gate and the
 //! update of its own table of writes in flight per 64 KiB granule
-//! ([`crate::fence::Tracking`]), on submit, and once per poll for the writes
-//! that completed.
+//! ([`crate::fence::Tracking`]). Completed writes come off that table in
+//! batches: by the next write, under the same gate, or by the poll once
+//! [`IDLE_FINISHED`] have piled up (while a job runs or a consistency point
+//! is being taken, at every poll).
 //!
 //! # Consistency point (quiesce)
 //! 1. The controller, a poller on the job's home reactor, hands the job's
@@ -450,6 +452,10 @@ struct JobChannel {
 /// Most captures one channel runs at once.
 const MAX_CAPTURES: usize = 64;
 
+/// Completed writes an idle channel keeps for its next write to take off
+/// the tracking, before it takes the gate for them alone.
+const IDLE_FINISHED: usize = 64;
+
 struct CowChannel {
     base: BdevChannel,
     cbt: Option<Arc<Cbt>>,
@@ -477,8 +483,7 @@ struct CowChannel {
     held_since: VecDeque<u64>,
     out: VecDeque<BdevIo>,
     /// Tracked writes completed and not yet taken off the tracking (block
-    /// range and tag), at most one poll's worth unless the controller held
-    /// the gate at the end of the last poll.
+    /// range and tag): see [`IDLE_FINISHED`].
     finished: Vec<(u64, u64, u64)>,
 }
 
@@ -750,7 +755,11 @@ impl CowChannel {
             let (shared, cbt, counters, forwarded) =
                 (&self.shared, &self.cbt, &self.counters, &mut self.forwarded);
             let (off, n) = (io.offset_blocks, io.num_blocks);
+            let finished = &mut self.finished;
             let counted = counters.gate.try_with(Holder::Owner, |t| {
+                for (off, n, tag) in finished.drain(..) {
+                    t.untrack(off, n, tag);
+                }
                 if shared.point.load(Ordering::Acquire) != point {
                     return None;
                 }
@@ -953,7 +962,12 @@ impl BackendChannel for CowChannel {
                     .inflight
                     .store(self.inflight, Ordering::Release);
             }
-            self.untrack_finished();
+            // Idle: the next write takes these off under the gate it takes
+            // anyway (see `forward`), unless they pile up or a consistency
+            // point is being taken.
+            if self.finished.len() >= IDLE_FINISHED || point & 1 == 1 {
+                self.untrack_finished();
+            }
             return n;
         }
         let waiting = !self.held.is_empty();
