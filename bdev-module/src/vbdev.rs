@@ -8,7 +8,7 @@
 //! update of its own table of writes in flight per 64 KiB granule
 //! ([`crate::fence::Tracking`]). Completed writes come off that table in
 //! batches: by the next write, under the same gate, or by the poll once
-//! [`IDLE_FINISHED`] have piled up (while a job runs or a consistency point
+//! `IDLE_FINISHED` have piled up (while a job runs or a consistency point
 //! is being taken, at every poll).
 //!
 //! # Consistency point (quiesce)
@@ -483,7 +483,7 @@ struct CowChannel {
     held_since: VecDeque<u64>,
     out: VecDeque<BdevIo>,
     /// Tracked writes completed and not yet taken off the tracking (block
-    /// range and tag): see [`IDLE_FINISHED`].
+    /// range and tag): see `IDLE_FINISHED`.
     finished: Vec<(u64, u64, u64)>,
 }
 
