@@ -11,10 +11,9 @@
 //!   open-addressing table, updated on submit, and for completions in
 //!   batches: no allocation, no lock; shared only through the channel's
 //!   [`Gate`]);
-//! * during the freeze every channel's writes in flight are added to the
-//!   job's [`FenceTable`]: by the channel itself on its next poll, or by the
-//!   freeze's controller, whichever comes first. The two hand the channel's
-//!   table over through a [`Gate`] (a compare-and-swap to take it, a store
+//! * during the freeze the freeze's controller adds every channel's writes
+//!   in flight to the job's [`FenceTable`]. The channel and the controller
+//!   hand the channel's table over through a [`Gate`] (a compare-and-swap to take it, a store
 //!   to give it back; the owner never waits for it, see there), so the
 //!   freeze does not wait for every reactor to come round, nor for the
 //!   writes to complete: a reactor held up in a system call (a virtio

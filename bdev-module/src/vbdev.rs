@@ -12,13 +12,12 @@
 //! is being taken, at every poll).
 //!
 //! # Consistency point (quiesce)
-//! 1. The controller, a poller on the job's home reactor, hands the job's
-//!    fence table to the channels and makes `point` odd: from then on a
-//!    channel that reads it holds new I/O at channel entry.
-//! 2. It registers every channel's writes in flight in the fence table,
-//!    taking each channel's table through the channel's gate
-//!    ([`crate::fence::Gate`]); a channel that polls first registers
-//!    itself. A channel counts a write in its table, under its gate, only
+//! 1. The controller, a poller on the job's home reactor, makes `point`
+//!    odd: from then on a channel that reads it holds new I/O at channel
+//!    entry.
+//! 2. It registers every channel's writes in flight in the job's fence
+//!    table, taking each channel's table through the channel's gate
+//!    ([`crate::fence::Gate`]). A channel counts a write in its table, under its gate, only
 //!    after checking there that `point` has not moved since it decided to
 //!    forward the write, so once the controller has taken a channel's gate
 //!    every write that channel forwarded without seeing the consistency
@@ -190,8 +189,6 @@ pub(crate) struct CowShared {
     /// end, so a channel that read it before deciding on a write can tell,
     /// by reading it again, whether a consistency point began since.
     pub point: AtomicU64,
-    /// The fence table of the consistency point in progress.
-    pub fence: Mutex<Option<Arc<FenceTable>>>,
     pub gen: AtomicU64,
     pub job: Mutex<Option<Arc<JobShared>>>,
     pub channels: Mutex<Vec<Weak<ChannelCounters>>>,
@@ -312,10 +309,7 @@ impl Freeze {
     fn step(&mut self) -> bool {
         let s = &self.shared;
         if self.start.is_none() {
-            // 1. The fence table first, so a channel that sees the point
-            // finds it; from now on every channel that reads `point` holds
-            // new I/O.
-            *s.fence.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.fence.clone());
+            // 1. From now on every channel that reads `point` holds new I/O.
             self.point = s.point.fetch_add(1, Ordering::SeqCst) + 1;
             debug_assert!(self.point & 1 == 1, "consistency points do not overlap");
             self.start = Some(Instant::now());
@@ -324,10 +318,10 @@ impl Freeze {
             self.chans = s.channels();
         }
         let start = self.start.expect("set above");
-        // 2. Every channel's writes in flight go into the fence: registered
-        // by the channel itself on its next poll, or here, through its gate
-        // (see `crate::fence::Gate`), whichever comes first. Taking the
-        // gate also proves that the channel is not between deciding on a
+        // 2. Every channel's writes in flight go into the fence, taken here
+        // through the channel's gate (see `crate::fence::Gate`); a channel
+        // whose gate is taken right now is tried again on the next step.
+        // Taking the gate also proves that the channel is not between deciding on a
         // write and counting it; it does not wait for the writes to
         // complete: they belong to the consistency point, and the granules
         // they touch stay fenced until they have.
@@ -364,8 +358,6 @@ impl Freeze {
     fn end(&mut self, r: Result<Duration, String>) -> bool {
         // Even again: the freeze is over.
         self.shared.point.fetch_add(1, Ordering::SeqCst);
-        // Channels that registered keep their reference.
-        *self.shared.fence.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let _ = self.tx.try_send(r);
         true
     }
@@ -692,32 +684,6 @@ impl CowChannel {
         });
     }
 
-    /// During a consistency point: registers this channel's writes in
-    /// flight in the fence, unless the controller already has (see
-    /// [`crate::fence`]).
-    fn register_fence(&mut self, point: u64) {
-        if self.counters.fence_ack.load(Ordering::Acquire) == point {
-            return;
-        }
-        let Some(f) = self
-            .shared
-            .fence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
-            return;
-        };
-        let (counters, shared) = (&self.counters, &self.shared);
-        counters.gate.try_with(Holder::Owner, |t| {
-            // The fence read above may be a later point's, if this one
-            // ended meanwhile: register only into the point's own.
-            if shared.point.load(Ordering::Acquire) == point && t.register(&f, point) {
-                counters.fence_ack.store(point, Ordering::Release);
-            }
-        });
-    }
-
     /// Holds `io` at channel entry (a consistency point, or no room in the
     /// tracking), to be retried at every poll.
     fn hold(&mut self, io: BdevIo, now: u64) {
@@ -937,9 +903,6 @@ impl BackendChannel for CowChannel {
     #[inline]
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let point = self.shared.point.load(Ordering::Acquire);
-        if point & 1 == 1 {
-            self.register_fence(point);
-        }
         if self.jc.is_none()
             && !self.measure
             && self.held.is_empty()
@@ -1105,7 +1068,6 @@ pub fn create_with(
         cbt,
         source: claim.open(),
         point: AtomicU64::new(0),
-        fence: Mutex::new(None),
         gen: AtomicU64::new(0),
         job: Mutex::new(None),
         channels: Mutex::new(Vec::new()),
