@@ -11,17 +11,17 @@
 //!   open-addressing table, updated on submit, and for completions in
 //!   batches: no allocation, no lock; shared only through the channel's
 //!   [`Gate`]);
-//! * during the freeze the freeze's controller adds every channel's writes
-//!   in flight to the job's [`FenceTable`]. The channel and the controller
-//!   hand the channel's table over through a [`Gate`] (a compare-and-swap to take it, a store
-//!   to give it back; the owner never waits for it, see there), so the
-//!   freeze does not wait for every reactor to come round, nor for the
-//!   writes to complete: a reactor held up in a system call (a virtio
-//!   doorbell that takes milliseconds on a busy host) does not hold up the
-//!   consistency point. (One case still waits: a channel whose writes
-//!   registered at the previous consistency point are still landing. Their
-//!   counts must go back to that fence first, so the controller waits for
-//!   that channel to reap them.);
+//! * during the freeze, its controller adds every channel's writes in
+//!   flight to the job's [`FenceTable`]. The channel and the controller
+//!   hand the channel's table over through a [`Gate`] (a compare-and-swap
+//!   to take it, a store to give it back; the owner never waits for it, see
+//!   there), so the freeze does not wait for every reactor to come round,
+//!   nor for the writes to complete: a reactor held up in a system call (a
+//!   virtio doorbell that takes milliseconds on a busy host) does not hold
+//!   up the consistency point. (One case still waits: a channel whose
+//!   writes registered at the previous consistency point are still
+//!   landing. Their counts must go back to that fence first, so the
+//!   controller waits for that channel to reap them.);
 //! * every write a channel counts carries a tag, the number of times the
 //!   channel's writes had been registered; on completion, a write with a
 //!   lower tag was registered and releases its granules from the fence, any
