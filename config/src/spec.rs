@@ -9,7 +9,7 @@ use crate::size::ByteSize;
 
 /// The accepted spec forms, as shown in [`SpecError`] messages.
 pub const SPEC_FORMS: &str =
-    "null:SIZE[:BLOCK], malloc:SIZE[:BLOCK], uring:PATH[@SIZE], passthru:SPEC, fault:SPEC, cow:SPEC";
+    "null:SIZE[:BLOCK], malloc:SIZE[:BLOCK], uring:PATH[@SIZE[:prealloc]], passthru:SPEC, fault:SPEC, cow:SPEC";
 
 /// How many `passthru:`/`fault:` layers a spec may stack.
 pub const MAX_SPEC_DEPTH: usize = 32;
@@ -42,6 +42,7 @@ enum Layer {
 /// | `malloc:SIZE[:BLOCK]` | `malloc`, likewise |
 /// | `uring:PATH` | `uring` on `PATH` (everything after `uring:`, colons included), `O_DIRECT`, detected block size |
 /// | `uring:PATH@SIZE` | same, creating or extending the file to `SIZE` (only if the text after the last `@` is a size) |
+/// | `uring:PATH@SIZE:prealloc` | same, writing zeros over what `SIZE` creates or extends (YAML `preallocate: true`) |
 /// | `passthru:SPEC` | `passthru` over the bdev `SPEC` describes (inline base) |
 /// | `cow:SPEC` | the copy-on-write backup module over `SPEC` (the protected volume) |
 /// | `fault:SPEC` | `fault` with default knobs (no errors, no latency, no volatile cache) over `SPEC` |
@@ -131,7 +132,7 @@ pub fn parse_spec(spec: &str) -> Result<BdevConfig, SpecError> {
                             .to_string(),
                     ));
                 }
-                let (path, size) = split_uring(args);
+                let (path, size, preallocate) = split_uring(args).map_err(&fail)?;
                 if path.is_empty() {
                     return Err(fail("the uring path is empty".to_string()));
                 }
@@ -140,7 +141,7 @@ pub fn parse_spec(spec: &str) -> Result<BdevConfig, SpecError> {
                     size,
                     block_size: None,
                     direct: true,
-                    preallocate: false,
+                    preallocate,
                 };
             }
             _ => {
@@ -177,21 +178,40 @@ fn parse_block_size(text: &str) -> Result<u32, String> {
     u32::try_from(size.bytes()).map_err(|_| format!("block size {text:?} is too large"))
 }
 
-/// `PATH[@SIZE]`: split at the last `@` only if what follows is a size.
-fn split_uring(args: &str) -> (&str, Option<ByteSize>) {
-    if let Some((path, size)) = args.rsplit_once('@') {
-        if let Ok(size) = size.trim().parse::<ByteSize>() {
-            return (path.trim(), Some(size));
+/// The word after `@SIZE:` that asks for a preallocated file.
+const PREALLOC: &str = "prealloc";
+
+/// `PATH[@SIZE[:prealloc]]`: split at the last `@` only if what follows is a
+/// size, or a size, a `:` and an option (which must then be `prealloc`).
+type UringArgs<'a> = (&'a str, Option<ByteSize>, bool);
+fn split_uring(args: &str) -> Result<UringArgs<'_>, String> {
+    if let Some((path, tail)) = args.rsplit_once('@') {
+        if let Ok(size) = tail.trim().parse::<ByteSize>() {
+            return Ok((path.trim(), Some(size), false));
+        }
+        if let Some((size, option)) = tail.split_once(':') {
+            if let Ok(size) = size.trim().parse::<ByteSize>() {
+                let option = option.trim();
+                if option.eq_ignore_ascii_case(PREALLOC)
+                    || option.eq_ignore_ascii_case("preallocate")
+                {
+                    return Ok((path.trim(), Some(size), true));
+                }
+                return Err(format!(
+                    "unknown uring option {option:?} after the size; the one option is \
+                     {PREALLOC:?} (write zeros over what the size creates or extends)"
+                ));
+            }
         }
     }
-    (args, None)
+    Ok((args, None, false))
 }
 
 impl BdevConfig {
     /// The `--bdev-spec` string for this bdev, if the spec grammar can express it: not for
     /// named bases, `fault` with non-default knobs, `uring` with an explicit block size,
-    /// `direct: false` or `preallocate: true`, or paths that are not UTF-8 or would parse back
-    /// differently.
+    /// `direct: false` or `preallocate: true` without a size, or paths that are not UTF-8 or
+    /// would parse back differently.
     /// [`parse_spec`] of the result gives back an equal bdev.
     pub fn to_spec(&self) -> Option<String> {
         let inline = |base: &BaseRef| match base {
@@ -212,17 +232,19 @@ impl BdevConfig {
                 size,
                 block_size: None,
                 direct: true,
-                preallocate: false,
+                preallocate,
             } => {
                 let path = path.to_str()?;
                 if path.is_empty() || path.trim() != path {
                     return None;
                 }
-                match size {
-                    Some(size) => Some(format!("uring:{path}@{size}")),
+                match (size, preallocate) {
+                    (Some(size), false) => Some(format!("uring:{path}@{size}")),
+                    (Some(size), true) => Some(format!("uring:{path}@{size}:{PREALLOC}")),
+                    (None, true) => None,
                     // `a@1G` alone would be read as path `a` with size 1G.
-                    None if split_uring(path).1.is_some() => None,
-                    None => Some(format!("uring:{path}")),
+                    (None, false) if !matches!(split_uring(path), Ok((_, None, _))) => None,
+                    (None, false) => Some(format!("uring:{path}")),
                 }
             }
             BdevConfig::Uring { .. } => None,
@@ -451,7 +473,25 @@ mod tests {
             direct: true,
             preallocate: true,
         };
-        assert_eq!(preallocated.to_spec(), None);
+        let spec = preallocated.to_spec().unwrap();
+        assert_eq!(spec, "uring:/x@1GiB:prealloc");
+        assert_eq!(parse_spec(&spec), Ok(preallocated));
+        let preallocated_no_size = BdevConfig::Uring {
+            path: "/x".into(),
+            size: None,
+            block_size: None,
+            direct: true,
+            preallocate: true,
+        };
+        assert_eq!(preallocated_no_size.to_spec(), None);
+        let looks_like_an_option = BdevConfig::Uring {
+            path: "/x@1G:full".into(),
+            size: None,
+            block_size: None,
+            direct: true,
+            preallocate: false,
+        };
+        assert_eq!(looks_like_an_option.to_spec(), None);
         let ambiguous = BdevConfig::Uring {
             path: "/x@1G".into(),
             size: None,
@@ -469,6 +509,51 @@ mod tests {
         };
         let spec = with_size.to_spec().unwrap();
         assert_eq!(parse_spec(&spec), Ok(with_size));
+    }
+
+    #[test]
+    fn uring_prealloc_option() {
+        let want = |path: &str, preallocate| {
+            Ok(BdevConfig::Uring {
+                path: path.into(),
+                size: Some(ByteSize(4 << 30)),
+                block_size: None,
+                direct: true,
+                preallocate,
+            })
+        };
+        assert_eq!(parse_spec("uring:/t.img@4G:prealloc"), want("/t.img", true));
+        assert_eq!(
+            parse_spec("uring:/t.img@4G : PreAllocate "),
+            want("/t.img", true)
+        );
+        assert_eq!(parse_spec("cow:uring:/t.img@4G"), {
+            let leaf = want("/t.img", false).unwrap();
+            Ok(BdevConfig::Cow { base: inline(leaf) })
+        });
+        // The option is read after the last `@` only.
+        assert_eq!(
+            parse_spec("uring:/a@1G:prealloc/t.img@4G"),
+            want("/a@1G:prealloc/t.img", false)
+        );
+        for bad in ["uring:/t.img@4G:full", "uring:/t.img@4G:"] {
+            let err = parse_spec(bad).unwrap_err();
+            assert!(
+                err.message.contains("unknown uring option") && err.message.contains("prealloc"),
+                "{bad}: {err}"
+            );
+        }
+        // Not a size before the `:`: all of it is the path.
+        assert_eq!(
+            parse_spec("uring:/t@x:prealloc"),
+            Ok(BdevConfig::Uring {
+                path: "/t@x:prealloc".into(),
+                size: None,
+                block_size: None,
+                direct: true,
+                preallocate: false,
+            })
+        );
     }
 
     proptest::proptest! {

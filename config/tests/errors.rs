@@ -886,7 +886,7 @@ fn tracking_errors() {
             Schema,
             "invalid bdev spec \"malloc:12X\": invalid size \"12X\": expected a number with an \
              optional K/M/G/T suffix (accepted forms: null:SIZE[:BLOCK], malloc:SIZE[:BLOCK], \
-             uring:PATH[@SIZE], passthru:SPEC, fault:SPEC, cow:SPEC)",
+             uring:PATH[@SIZE[:prealloc]], passthru:SPEC, fault:SPEC, cow:SPEC)",
         ),
         (
             format!("{COW}    tracking:\n      bdev: malloc:1M\n      ofset: 0\n"),

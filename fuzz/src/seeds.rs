@@ -292,6 +292,7 @@ fn specs() -> Vec<(&'static str, &'static str)> {
         ("malloc", "malloc:1G"),
         ("null-block", "null:4G:4096"),
         ("uring-size", "uring:/var/tmp/x@dir/disk.img@4GiB"),
+        ("uring-prealloc", "uring:/var/tmp/disk.img@4G:prealloc"),
         ("stack", "passthru:fault:cow:malloc:64M:4K"),
         ("size-spaced", " 512 MiB "),
         ("listen-v4", "127.0.0.1:10809"),

@@ -41,7 +41,7 @@ Examples:
   hotcopy backup run --source uring:/var/tmp/vol.img --repo uring:/var/tmp/repo.img
   hotcopy backup run --source uring:/var/tmp/vol.img --repo uring:/var/tmp/repo.img --incremental")]
 pub struct RunArgs {
-    /// The bdev to back up (bench spec grammar: `uring:PATH[@SIZE]`, `malloc:SIZE`, ...).
+    /// The bdev to back up (bench spec grammar: `uring:PATH[@SIZE[:prealloc]]`, `malloc:SIZE`, ...).
     #[arg(long)]
     pub source: String,
     /// The repository's bdev spec.

@@ -25,7 +25,7 @@ Examples:
   hotcopy bench --bdev-spec uring:/var/tmp/disk.img@4G -w randwrite -q 32 -t 10
   hotcopy bench --config config/examples/malloc.yaml --bdev pt0 -w randrw -M 70 --verify
 
-Bdev specs: null:SIZE[:BLOCK]  malloc:SIZE[:BLOCK]  uring:PATH[@SIZE]  passthru:SPEC  fault:SPEC")]
+Bdev specs: null:SIZE[:BLOCK]  malloc:SIZE[:BLOCK]  uring:PATH[@SIZE[:prealloc]]  passthru:SPEC  fault:SPEC")]
 pub struct BenchArgs {
     /// YAML config describing reactors and the bdev stack.
     #[arg(long, short = 'c')]

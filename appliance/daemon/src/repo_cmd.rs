@@ -50,8 +50,9 @@ use crate::construct;
 /// The bdev-spec lines of the help texts (a literal, for `concat!`).
 macro_rules! spec_help {
     () => {
-        "Bdev specs (SPEC): uring:PATH[@SIZE]  malloc:SIZE[:BLOCK]  passthru:SPEC  fault:SPEC
-  uring:PATH@SIZE creates the file (sparse) or extends it to SIZE; uring:PATH needs it to exist.
+        "Bdev specs (SPEC): uring:PATH[@SIZE[:prealloc]]  malloc:SIZE[:BLOCK]  passthru:SPEC  fault:SPEC
+  uring:PATH@SIZE creates the file (sparse) or extends it to SIZE; uring:PATH needs it to exist;
+  uring:PATH@SIZE:prealloc also writes zeros over what SIZE creates or extends.
   A repository on a file persists between commands; one on malloc lasts one command."
     };
 }

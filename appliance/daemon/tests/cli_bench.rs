@@ -77,6 +77,25 @@ fn bench_verify_passes_on_every_storing_module() {
 }
 
 #[test]
+fn a_uring_spec_can_ask_for_a_preallocated_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch("cli");
+    let run = |spec: &str| {
+        let args = ["bench", "--bdev-spec", spec, "-w", "randread", "-t", "0.2"];
+        let (code, out, err) = hotcopy(&args);
+        assert_eq!(code, 0, "{spec}: {out}\n{err}");
+    };
+    let sparse = dir.path().join("sparse.img");
+    let full = dir.path().join("full.img");
+    run(&format!("uring:{}@16M", sparse.display()));
+    run(&format!("uring:{}@16M:prealloc", full.display()));
+    let allocated = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    // Reads allocate nothing: only the option fills the file.
+    assert!(allocated(&sparse) < 1 << 20, "{}", allocated(&sparse));
+    assert!(allocated(&full) >= 16 << 20, "{}", allocated(&full));
+}
+
+#[test]
 fn bench_verify_fails_loudly_when_the_device_fails_writes() {
     let dir = scratch("cli");
     let cfg = dir.path().join("flaky.yaml");
