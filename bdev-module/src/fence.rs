@@ -34,10 +34,44 @@
 //! If the job's table fills (more distinct granules in flight than it was
 //! sized for), it fences everything until every registered write has
 //! completed: the old protocol's guarantee, without holding reads.
+//!
+//! The hand-over (the gate, the point read again inside it, the tags, the
+//! fence's release) is checked under every interleaving by a loom model at
+//! the end of this file, against this file's own code: `.ci/run` runs it.
 
-use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use sync::{AtomicBool, AtomicU32, AtomicU64, UnsafeCell};
+
+/// What the [`Gate`] and the [`FenceTable`] are built on: std's atomics, or
+/// loom's when the crate's tests are built for the model checker
+/// (`RUSTFLAGS="--cfg hotcopy_loom"`, see `loom_model` below).
+mod sync {
+    #[cfg(all(test, hotcopy_loom))]
+    pub use loom::cell::UnsafeCell;
+    #[cfg(all(test, hotcopy_loom))]
+    pub use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+    #[cfg(not(all(test, hotcopy_loom)))]
+    pub use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+
+    /// `std::cell::UnsafeCell` with loom's way in: a raw pointer lent to a
+    /// closure (so that loom can check who touches the cell, and when).
+    #[cfg(not(all(test, hotcopy_loom)))]
+    pub struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+    #[cfg(not(all(test, hotcopy_loom)))]
+    impl<T> UnsafeCell<T> {
+        pub fn new(t: T) -> UnsafeCell<T> {
+            UnsafeCell(std::cell::UnsafeCell::new(t))
+        }
+
+        #[inline(always)]
+        pub fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            f(self.0.get())
+        }
+    }
+}
 
 /// The fence granule: 64 KiB of the volume.
 pub const GRANULE_BYTES: u64 = 64 * 1024;
@@ -399,7 +433,38 @@ impl Gate {
         let _reopen = Reopen(&self.state);
         // SAFETY: the swap above made us the only holder (see `impl Sync`),
         // until `_reopen` opens the gate after `f` is done with the borrow.
-        Some(f(unsafe { &mut *self.tracking.get() }))
+        Some(self.tracking.with_mut(|t| f(unsafe { &mut *t })))
+    }
+
+    /// The owner's side of a consistency point: counts a write of blocks
+    /// `offset .. offset + count` going to the source and returns its tag
+    /// (see [`Tracking::track`]), unless the gate is taken, the tracking is
+    /// full, or a consistency point began since the caller read `seen` from
+    /// `point` and decided to forward the write. The point is read again
+    /// inside the gate: a controller that announced it and registered the
+    /// channel in between would otherwise find the write in neither the
+    /// fence nor the channel's held writes. `inside` runs first under the
+    /// gate (completions to take off), `counted` once the write is counted
+    /// (what must be counted with it, under the gate).
+    #[inline]
+    pub fn count_write(
+        &self,
+        point: impl FnOnce() -> u64,
+        seen: u64,
+        (offset, count): (u64, u64),
+        inside: impl FnOnce(&mut Tracking),
+        counted: impl FnOnce(),
+    ) -> Option<u64> {
+        self.try_with(Holder::Owner, |t| {
+            inside(t);
+            if point() != seen {
+                return None;
+            }
+            let tag = t.track(offset, count)?;
+            counted();
+            Some(tag)
+        })
+        .flatten()
     }
 
     /// Runs `f` once the gate is open (control path: the channel going away).
@@ -788,5 +853,192 @@ mod tests {
             f.release(g);
         }
         assert!(!f.active() && !f.fenced(1 << 40, 1));
+    }
+}
+
+/// The consistency point's hand-over under every interleaving loom can find:
+/// `RUSTFLAGS="--cfg hotcopy_loom" cargo test -p hotcopy-cow --lib --release
+/// loom_model` (`.ci/run` does). The models play a cow channel's side the
+/// way `vbdev::CowChannel` does (read the point, decide, then count the write
+/// inside the gate only if the point has not moved) against a controller
+/// that announces the point and registers the channel's writes in flight.
+#[cfg(all(test, hotcopy_loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::atomic::AtomicU64 as LoomU64;
+    use loom::sync::Arc;
+    use loom::{model, thread};
+
+    /// Blocks `BLOCK .. BLOCK + 1`, granule `BLOCK` (the models use a granule
+    /// shift of 0: one block per granule).
+    const BLOCK: u64 = 5;
+
+    fn parts() -> (Arc<LoomU64>, Arc<Gate>, std::sync::Arc<FenceTable>) {
+        let fence = std::sync::Arc::new(FenceTable::new(4));
+        fence.set_shift(0);
+        (
+            Arc::new(LoomU64::new(0)),
+            Arc::new(Gate::new(Tracking::new(8, 0))),
+            fence,
+        )
+    }
+
+    /// The channel forwards one write: `Some(tag)` if it went to the
+    /// source, `None` if the channel holds it (it saw the point begin, before
+    /// or inside the gate, or found the gate taken).
+    fn forward(point: &LoomU64, gate: &Gate) -> Option<u64> {
+        let seen = point.load(Ordering::Acquire);
+        if seen & 1 == 1 {
+            return None;
+        }
+        gate.count_write(
+            || point.load(Ordering::Acquire),
+            seen,
+            (BLOCK, 1),
+            |_| {},
+            || {},
+        )
+    }
+
+    /// The write completes: taken off under the gate, retried while the
+    /// controller holds it (the channel keeps it for its next poll).
+    fn complete(gate: &Gate, tag: u64) {
+        while gate
+            .try_with(Holder::Owner, |t| t.untrack(BLOCK, 1, tag))
+            .is_none()
+        {
+            thread::yield_now();
+        }
+    }
+
+    /// The controller: announces point 1 and registers the channel's writes
+    /// in flight, trying again while the channel holds the gate.
+    fn freeze(point: &LoomU64, gate: &Gate, fence: &std::sync::Arc<FenceTable>) {
+        point.fetch_add(1, Ordering::SeqCst);
+        while !gate
+            .try_with(Holder::Freezer, |t| t.register(fence, 1))
+            .unwrap_or(false)
+        {
+            thread::yield_now();
+        }
+    }
+
+    /// A write the channel forwarded without seeing the point is in the
+    /// fence once the controller has registered the channel, until it
+    /// completes; a write that saw the point was held. The fence ends empty.
+    #[test]
+    fn a_write_forwarded_across_the_point_is_fenced_or_held() {
+        model(|| {
+            let (point, gate, fence) = parts();
+            let owner = {
+                let (point, gate) = (point.clone(), gate.clone());
+                thread::spawn(move || {
+                    let tag = forward(&point, &gate);
+                    if let Some(tag) = tag {
+                        complete(&gate, tag);
+                    }
+                    tag
+                })
+            };
+            freeze(&point, &gate, &fence);
+            // Right after registration (the owner may be anywhere).
+            let fenced_at_t0 = fence.fenced(BLOCK, 1);
+            let tag = owner.join().unwrap();
+            match tag {
+                // Forwarded under point 0: either registered (tag 0, and
+                // the fence held it until it completed) or it completed
+                // before the controller took the gate.
+                Some(0) => {}
+                Some(t) => panic!("a write forwarded with tag {t} after point 1 was announced"),
+                None => assert!(!fenced_at_t0, "a held write was fenced"),
+            }
+            assert_eq!(fence.left(), 0, "the fence did not empty");
+            assert!(!fence.fenced(BLOCK, 1));
+            gate.try_with(Holder::Owner, |t| {
+                assert!(
+                    t.tracked.is_empty() && t.fenced_left == 0,
+                    "counts left behind"
+                )
+            })
+            .expect("the gate is open at the end");
+        });
+    }
+
+    /// The case the point's re-check inside the gate exists for: the channel
+    /// read point 0 and decided to forward, and the controller announced
+    /// point 1 and registered the channel before the channel took the gate.
+    /// Then the write must not go out: the consistency point would miss it
+    /// (it is in neither the fence nor the held queue).
+    #[test]
+    fn a_write_decided_before_the_point_and_counted_after_registration_is_held() {
+        model(|| {
+            let (point, gate, fence) = parts();
+            let seen = point.load(Ordering::Acquire);
+            let controller = {
+                let (point, gate, fence) = (point.clone(), gate.clone(), fence.clone());
+                thread::spawn(move || freeze(&point, &gate, &fence))
+            };
+            controller.join().unwrap();
+            let counted = gate.count_write(
+                || point.load(Ordering::Acquire),
+                seen,
+                (BLOCK, 1),
+                |_| {},
+                || {},
+            );
+            assert_eq!(counted, None, "forwarded after registration: T0 misses it");
+            assert!(!fence.fenced(BLOCK, 1));
+        });
+    }
+
+    /// A hot block: a write in flight at the point, and a later one to the
+    /// same granule forwarded once the freeze has ended. The fence is
+    /// released when the first lands, whatever the second does, and a
+    /// reader that finds the granule unfenced after the point knows the
+    /// first has landed.
+    #[test]
+    fn a_hot_granule_releases_the_fence_when_the_registered_write_lands() {
+        model(|| {
+            let (point, gate, fence) = parts();
+            // Set just before write A is taken off (it has landed).
+            let landed = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+            // Write A went out before the point.
+            let a = forward(&point, &gate).expect("no point yet");
+            let owner = {
+                let (point, gate, landed) = (point.clone(), gate.clone(), landed.clone());
+                let fence = fence.clone();
+                thread::spawn(move || {
+                    // Write B: retried until the freeze is over.
+                    let b = loop {
+                        if let Some(tag) = forward(&point, &gate) {
+                            break tag;
+                        }
+                        thread::yield_now();
+                    };
+                    landed.store(true, Ordering::Release);
+                    complete(&gate, a);
+                    if b > a {
+                        // B went out after the registration: A was the
+                        // fence's only write there, and B must not keep it.
+                        assert!(!fence.fenced(BLOCK, 1), "B kept the fence after A landed");
+                    }
+                    complete(&gate, b);
+                })
+            };
+            freeze(&point, &gate, &fence);
+            assert!(fence.fenced(BLOCK, 1) || landed.load(Ordering::Acquire));
+            point.fetch_add(1, Ordering::SeqCst);
+            // A capture's look at the granule: unfenced means A has landed.
+            if !fence.fenced(BLOCK, 1) {
+                assert!(
+                    landed.load(Ordering::Acquire),
+                    "unfenced before write A landed"
+                );
+            }
+            owner.join().unwrap();
+            assert_eq!(fence.left(), 0);
+            gate.try_with(Holder::Owner, |t| assert!(t.tracked.is_empty()))
+                .expect("open");
+        });
     }
 }

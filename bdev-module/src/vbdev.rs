@@ -722,26 +722,28 @@ impl CowChannel {
                 (&self.shared, &self.cbt, &self.counters, &mut self.forwarded);
             let (off, n) = (io.offset_blocks, io.num_blocks);
             let finished = &mut self.finished;
-            let counted = counters.gate.try_with(Holder::Owner, |t| {
-                for (off, n, tag) in finished.drain(..) {
-                    t.untrack(off, n, tag);
-                }
-                if shared.point.load(Ordering::Acquire) != point {
-                    return None;
-                }
-                let tag = t.track(off, n)?;
-                if let Some(c) = cbt {
-                    c.mark(off, n);
-                }
-                *forwarded += 1;
-                counters
-                    .forwarded_writes
-                    .store(*forwarded, Ordering::Release);
-                Some(tag)
-            });
+            let counted = counters.gate.count_write(
+                || shared.point.load(Ordering::Acquire),
+                point,
+                (off, n),
+                |t| {
+                    for (off, n, tag) in finished.drain(..) {
+                        t.untrack(off, n, tag);
+                    }
+                },
+                || {
+                    if let Some(c) = cbt {
+                        c.mark(off, n);
+                    }
+                    *forwarded += 1;
+                    counters
+                        .forwarded_writes
+                        .store(*forwarded, Ordering::Release);
+                },
+            );
             match counted {
-                Some(Some(tag)) => io.tag = tag,
-                _ => return Err(io),
+                Some(tag) => io.tag = tag,
+                None => return Err(io),
             }
         }
         if self.measure {
