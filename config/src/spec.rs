@@ -40,9 +40,9 @@ enum Layer {
 /// |---|---|
 /// | `null:SIZE[:BLOCK]` | `null` with that size and block size (default 512) |
 /// | `malloc:SIZE[:BLOCK]` | `malloc`, likewise |
-/// | `uring:PATH` | `uring` on `PATH` (everything after `uring:`, colons included), `O_DIRECT`, detected block size |
+/// | `uring:PATH` | `uring` on `PATH` (everything after `uring:`, colons included, unless it ends in `@SIZE` or `@SIZE:WORD`), `O_DIRECT`, detected block size |
 /// | `uring:PATH@SIZE` | same, creating or extending the file to `SIZE` (only if the text after the last `@` is a size) |
-/// | `uring:PATH@SIZE:prealloc` | same, writing zeros over what `SIZE` creates or extends (YAML `preallocate: true`) |
+/// | `uring:PATH@SIZE:prealloc` | same, writing zeros over what `SIZE` creates or extends (YAML `preallocate: true`; `preallocate` is accepted too, in any case). Any other word after `@SIZE:` is an error |
 /// | `passthru:SPEC` | `passthru` over the bdev `SPEC` describes (inline base) |
 /// | `cow:SPEC` | the copy-on-write backup module over `SPEC` (the protected volume) |
 /// | `fault:SPEC` | `fault` with default knobs (no errors, no latency, no volatile cache) over `SPEC` |
@@ -197,11 +197,25 @@ fn split_uring(args: &str) -> Result<UringArgs<'_>, String> {
                 {
                     return Ok((path.trim(), Some(size), true));
                 }
+                let what = match option {
+                    "" => "a uring option after the size's ':' is missing".to_string(),
+                    _ => format!("unknown uring option {option:?} after the size"),
+                };
                 return Err(format!(
-                    "unknown uring option {option:?} after the size; the one option is \
-                     {PREALLOC:?} (write zeros over what the size creates or extends)"
+                    "{what}; the one option is {PREALLOC:?} (write zeros over what the size \
+                     creates or extends)"
                 ));
             }
+        }
+    }
+    // `PATH:prealloc` with no size, or with a size that does not parse:
+    // more likely a mistake than a file name.
+    if let Some((_, word)) = args.rsplit_once(':') {
+        if word.trim().eq_ignore_ascii_case(PREALLOC) {
+            return Err(format!(
+                "{PREALLOC:?} follows a size: uring:PATH@SIZE:{PREALLOC} (the size the file is \
+                 created or extended to, e.g. @4G)"
+            ));
         }
     }
     Ok((args, None, false))
@@ -536,18 +550,23 @@ mod tests {
             parse_spec("uring:/a@1G:prealloc/t.img@4G"),
             want("/a@1G:prealloc/t.img", false)
         );
-        for bad in ["uring:/t.img@4G:full", "uring:/t.img@4G:"] {
+        for (bad, says) in [
+            ("uring:/t.img@4G:full", "unknown uring option \"full\""),
+            ("uring:/t.img@4G:", "option after the size's ':' is missing"),
+            ("uring:/t.img:prealloc", "follows a size"),
+            ("uring:/t.img@4X:prealloc", "follows a size"),
+        ] {
             let err = parse_spec(bad).unwrap_err();
             assert!(
-                err.message.contains("unknown uring option") && err.message.contains("prealloc"),
+                err.message.contains(says) && err.message.contains("prealloc"),
                 "{bad}: {err}"
             );
         }
-        // Not a size before the `:`: all of it is the path.
+        // Not a size and not the option after the last `@`: all of it is the path.
         assert_eq!(
-            parse_spec("uring:/t@x:prealloc"),
+            parse_spec("uring:/t@x:v2"),
             Ok(BdevConfig::Uring {
-                path: "/t@x:prealloc".into(),
+                path: "/t@x:v2".into(),
                 size: None,
                 block_size: None,
                 direct: true,

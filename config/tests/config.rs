@@ -175,8 +175,12 @@ fn uring_preallocate() {
             ..
         }
     ));
-    // The spec shorthand cannot say it.
-    assert_eq!(b.to_spec(), None);
+    // The spec shorthand says it after the size, and reads it back.
+    let spec = b
+        .to_spec()
+        .expect("a preallocated file with a size has a spec");
+    assert_eq!(spec, "uring:/d@1MiB:prealloc");
+    assert_eq!(parse_spec(&spec).unwrap(), b);
 }
 
 #[test]
