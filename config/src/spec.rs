@@ -293,6 +293,17 @@ mod tests {
         BaseRef::Inline(Box::new(b))
     }
 
+    /// A `uring` bdev with `O_DIRECT` and a detected block size.
+    fn uring(path: &str, size: Option<u64>, preallocate: bool) -> BdevConfig {
+        BdevConfig::Uring {
+            path: path.into(),
+            size: size.map(ByteSize),
+            block_size: None,
+            direct: true,
+            preallocate,
+        }
+    }
+
     #[test]
     fn leaves() {
         assert_eq!(parse_spec("malloc:1G"), Ok(malloc(1 << 30, 512)));
@@ -480,32 +491,12 @@ mod tests {
             preallocate: false,
         };
         assert_eq!(buffered.to_spec(), None);
-        let preallocated = BdevConfig::Uring {
-            path: "/x".into(),
-            size: Some(ByteSize(1 << 30)),
-            block_size: None,
-            direct: true,
-            preallocate: true,
-        };
+        let preallocated = uring("/x", Some(1 << 30), true);
         let spec = preallocated.to_spec().unwrap();
         assert_eq!(spec, "uring:/x@1GiB:prealloc");
         assert_eq!(parse_spec(&spec), Ok(preallocated));
-        let preallocated_no_size = BdevConfig::Uring {
-            path: "/x".into(),
-            size: None,
-            block_size: None,
-            direct: true,
-            preallocate: true,
-        };
-        assert_eq!(preallocated_no_size.to_spec(), None);
-        let looks_like_an_option = BdevConfig::Uring {
-            path: "/x@1G:full".into(),
-            size: None,
-            block_size: None,
-            direct: true,
-            preallocate: false,
-        };
-        assert_eq!(looks_like_an_option.to_spec(), None);
+        assert_eq!(uring("/x", None, true).to_spec(), None);
+        assert_eq!(uring("/x@1G:full", None, false).to_spec(), None);
         let ambiguous = BdevConfig::Uring {
             path: "/x@1G".into(),
             size: None,
@@ -527,15 +518,7 @@ mod tests {
 
     #[test]
     fn uring_prealloc_option() {
-        let want = |path: &str, preallocate| {
-            Ok(BdevConfig::Uring {
-                path: path.into(),
-                size: Some(ByteSize(4 << 30)),
-                block_size: None,
-                direct: true,
-                preallocate,
-            })
-        };
+        let want = |path: &str, preallocate| Ok(uring(path, Some(4 << 30), preallocate));
         assert_eq!(parse_spec("uring:/t.img@4G:prealloc"), want("/t.img", true));
         assert_eq!(
             parse_spec("uring:/t.img@4G : PreAllocate "),
@@ -565,13 +548,7 @@ mod tests {
         // Not a size and not the option after the last `@`: all of it is the path.
         assert_eq!(
             parse_spec("uring:/t@x:v2"),
-            Ok(BdevConfig::Uring {
-                path: "/t@x:v2".into(),
-                size: None,
-                block_size: None,
-                direct: true,
-                preallocate: false,
-            })
+            Ok(uring("/t@x:v2", None, false))
         );
     }
 
