@@ -110,7 +110,11 @@
 //! a read in flight) until that write has landed, then become `Done`. This
 //! takes the memcpy, and the memory bandwidth it costs the target's DMA,
 //! off the backup; such runs are counted in `zero_copy_runs`. At most
-//! `max_queue_depth` of them are in flight, within the budget. Once hosts
+//! [`IDLE_LENT_DEPTH`] × `max_queue_depth` of them are in flight, within
+//! that many times the budget: the streams run on one reactor, and on a
+//! fast disk one submitter at the streams' depth kept 3.3–4.2 GB/s where
+//! two (the bench's ceiling) kept 6.3–6.6 and one at twice the depth
+//! 5.5–6.3 (docs/BENCHMARKS.md, session 14). Once hosts
 //! are active again (the next window) new runs are read into a buffer as
 //! before, so that writers wait for a memcpy, not for a target write; the
 //! lent runs already in flight finish first, and the first writers may
@@ -523,6 +527,13 @@ pub fn lookahead_runs(queue_depth: usize) -> usize {
     queue_depth.div_ceil(2)
 }
 
+/// While hosts are idle, runs written straight from the source's memory
+/// may be this many times the streams' queue depth deep: one submitting
+/// reactor at the streams' depth reached 60–70% of the target's ceiling on
+/// a fast disk (session 14), at twice that depth all of it (see the module
+/// docs, "Writing straight from a source in memory").
+pub const IDLE_LENT_DEPTH: usize = 2;
+
 /// The streams' budget is counted in units of this many bytes (or of one
 /// chunk, when chunks are larger), so that the controller's floor, its
 /// steps and its ceiling mean the same bytes in flight whatever the chunk
@@ -686,10 +697,12 @@ impl Streams {
             run_chunks,
             unit_chunks,
             // Buffered ops, lent writes, and the two flushes.
-            ops: (0..nbufs + qd + 2).map(|_| None).collect(),
-            free_ops: (0..nbufs + qd + 2).rev().collect(),
-            completed: Vec::with_capacity(nbufs + qd + 2),
-            max_lent_ops: qd as u64,
+            ops: (0..nbufs + IDLE_LENT_DEPTH * qd + 2)
+                .map(|_| None)
+                .collect(),
+            free_ops: (0..nbufs + IDLE_LENT_DEPTH * qd + 2).rev().collect(),
+            completed: Vec::with_capacity(nbufs + IDLE_LENT_DEPTH * qd + 2),
+            max_lent_ops: (IDLE_LENT_DEPTH * qd) as u64,
             bufs,
             ready: VecDeque::with_capacity(nbufs),
             writing_chunks: 0,
@@ -1187,13 +1200,14 @@ impl Streams {
         self.flush_ready();
         let rate = job.rate_limit.load(Ordering::Relaxed);
         let chunk_bytes = job.chunk_blocks * job.block_size;
-        // Idle hosts: write straight from a source in memory, or else read
-        // ahead of the target's writes (module docs).
+        // Idle hosts: write straight from a source in memory, as deep as
+        // [`IDLE_LENT_DEPTH`] allows, or else read ahead of the target's
+        // writes (module docs).
         let lend = self.hosts_idle && self.src_mem.is_some();
-        let cap = if self.hosts_idle && cap > 0 && !lend {
-            cap + self.ahead_chunks
-        } else {
-            cap
+        let cap = match (self.hosts_idle && cap > 0, lend) {
+            (true, true) => cap * IDLE_LENT_DEPTH as u32,
+            (true, false) => cap + self.ahead_chunks,
+            (false, _) => cap,
         };
         while self.inflight_chunks < cap
             && !self.bufs.is_empty()
