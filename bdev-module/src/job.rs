@@ -112,9 +112,9 @@
 //! off the backup; such runs are counted in `zero_copy_runs`. At most
 //! [`IDLE_LENT_DEPTH`] × `max_queue_depth` of them are in flight, within
 //! that many times the budget: the streams run on one reactor, and on a
-//! fast disk one submitter at the streams' depth kept 3.3–4.2 GB/s where
-//! two (the bench's ceiling) kept 6.3–6.6 and one at twice the depth
-//! 5.5–6.3 (docs/BENCHMARKS.md, session 14). Once hosts
+//! fast disk one submitter at the streams' depth kept 3289–4234 MiB/s
+//! where two (the bench's ceiling) kept 6276–6620 and one at twice the
+//! depth 5508–6304 (docs/BENCHMARKS.md, session 14). Once hosts
 //! are active again (the next window) new runs are read into a buffer as
 //! before, so that writers wait for a memcpy, not for a target write; the
 //! lent runs already in flight finish first, and the first writers may
@@ -297,7 +297,9 @@ pub(crate) struct ControlQueue {
 #[derive(Debug, Clone)]
 pub struct JobTuning {
     /// Most stream I/Os in flight at once (copy + drain); copy I/Os are up to
-    /// 1 MiB, so the largest budget is this many megabytes in flight.
+    /// 1 MiB, so the largest budget is this many megabytes in flight (while
+    /// hosts are idle, [`IDLE_LENT_DEPTH`] times as many runs written from a
+    /// source's memory, or a few runs read ahead).
     pub max_queue_depth: u32,
     /// Copy-stream rate limit in bytes per second (0: none).
     pub rate_limit: u64,
@@ -529,8 +531,8 @@ pub fn lookahead_runs(queue_depth: usize) -> usize {
 
 /// While hosts are idle, runs written straight from the source's memory
 /// may be this many times the streams' queue depth deep: one submitting
-/// reactor at the streams' depth reached 60–70% of the target's ceiling on
-/// a fast disk (session 14), at twice that depth all of it (see the module
+/// reactor at the streams' depth reached about 50–65% of the target's
+/// ceiling on a fast disk (session 14), at twice that depth 85–100% (see the module
 /// docs, "Writing straight from a source in memory").
 pub const IDLE_LENT_DEPTH: usize = 2;
 
@@ -1167,7 +1169,17 @@ impl Streams {
         // pressed depth, whatever the budget. Below it, drain goes first
         // within the budget.
         let pressed = fill >= job.soft_slots;
+        // Idle hosts: write straight from a source in memory, as deep as
+        // [`IDLE_LENT_DEPTH`] allows, or else read ahead of the target's
+        // writes (module docs). Drain shares the deeper cap, so that it
+        // still goes first.
+        let lend = self.hosts_idle && self.src_mem.is_some();
         let cap = self.cap_chunks(now);
+        let cap = match (self.hosts_idle && cap > 0, lend) {
+            (true, true) => cap * IDLE_LENT_DEPTH as u32,
+            (true, false) => cap + self.ahead_chunks,
+            (false, _) => cap,
+        };
         let drain_cap = if pressed {
             cap.max(self.drain_depth)
         } else {
@@ -1200,15 +1212,6 @@ impl Streams {
         self.flush_ready();
         let rate = job.rate_limit.load(Ordering::Relaxed);
         let chunk_bytes = job.chunk_blocks * job.block_size;
-        // Idle hosts: write straight from a source in memory, as deep as
-        // [`IDLE_LENT_DEPTH`] allows, or else read ahead of the target's
-        // writes (module docs).
-        let lend = self.hosts_idle && self.src_mem.is_some();
-        let cap = match (self.hosts_idle && cap > 0, lend) {
-            (true, true) => cap * IDLE_LENT_DEPTH as u32,
-            (true, false) => cap + self.ahead_chunks,
-            (false, _) => cap,
-        };
         while self.inflight_chunks < cap
             && !self.bufs.is_empty()
             && (!lend || job.lent_writes.load(Ordering::Relaxed) < self.max_lent_ops)
