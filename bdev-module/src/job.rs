@@ -532,8 +532,8 @@ pub fn lookahead_runs(queue_depth: usize) -> usize {
 /// While hosts are idle, runs written straight from the source's memory
 /// may be this many times the streams' queue depth deep: one submitting
 /// reactor at the streams' depth reached about 50–65% of the target's
-/// ceiling on a fast disk (session 14), at twice that depth 85–100% (see the module
-/// docs, "Writing straight from a source in memory").
+/// ceiling on a fast disk (session 14), at twice that depth 85–100% (see
+/// the module docs, "Writing straight from a source in memory").
 pub const IDLE_LENT_DEPTH: usize = 2;
 
 /// The streams' budget is counted in units of this many bytes (or of one
@@ -685,6 +685,8 @@ impl Streams {
         let max_budget_q = qd as u32 * (run_chunks / unit_chunks).max(1) * 16;
         let now = clock::ticks();
         let fg_ref = job.counters.fg_ref_ticks.load(Ordering::Relaxed);
+        // Buffered ops, lent writes, and the two flushes.
+        let nops = nbufs + IDLE_LENT_DEPTH * qd + 2;
         Ok(Streams {
             // Start small when hosts are busy; the controller opens up fast
             // if they are not.
@@ -698,12 +700,9 @@ impl Streams {
             inflight_chunks: 0,
             run_chunks,
             unit_chunks,
-            // Buffered ops, lent writes, and the two flushes.
-            ops: (0..nbufs + IDLE_LENT_DEPTH * qd + 2)
-                .map(|_| None)
-                .collect(),
-            free_ops: (0..nbufs + IDLE_LENT_DEPTH * qd + 2).rev().collect(),
-            completed: Vec::with_capacity(nbufs + IDLE_LENT_DEPTH * qd + 2),
+            ops: (0..nops).map(|_| None).collect(),
+            free_ops: (0..nops).rev().collect(),
+            completed: Vec::with_capacity(nops),
             max_lent_ops: (IDLE_LENT_DEPTH * qd) as u64,
             bufs,
             ready: VecDeque::with_capacity(nbufs),
