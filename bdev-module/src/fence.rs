@@ -329,6 +329,15 @@ impl Tracking {
         }
     }
 
+    /// Takes off every write in `finished` (block range and tag, as for
+    /// [`Tracking::untrack`]), emptying it.
+    #[inline]
+    pub fn untrack_all(&mut self, finished: &mut Vec<(u64, u64, u64)>) {
+        for (offset, count, tag) in finished.drain(..) {
+            self.untrack(offset, count, tag);
+        }
+    }
+
     /// Registers every write in flight in `fence` for consistency point
     /// `point`. False while the writes registered at an earlier point are
     /// still landing (their counts must go back to that fence first): try

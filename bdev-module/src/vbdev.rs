@@ -108,8 +108,7 @@ use crate::job::{JobShared, JobState};
 pub(crate) const INTERNAL: u64 = 1 << 63;
 
 /// Per-channel counters the controller reads (written by the owner, except
-/// `fence_ack` and the gate, which a consistency point's controller also
-/// writes).
+/// the gate, which a consistency point's controller also takes).
 pub struct ChannelCounters {
     pub name: String,
     pub inflight: AtomicU64,
@@ -121,9 +120,6 @@ pub struct ChannelCounters {
     /// first one is held. The job records each channel's count at its
     /// consistency point: exactly those writes are in the backup.
     pub forwarded_writes: AtomicU64,
-    /// The last consistency point at which this channel's writes in flight
-    /// were registered (see [`crate::fence`]).
-    pub fence_ack: AtomicU64,
     /// The channel's writes in flight, handed over at a consistency point.
     pub(crate) gate: Gate,
 }
@@ -325,21 +321,14 @@ impl Freeze {
         // write and counting it; it does not wait for the writes to
         // complete: they belong to the consistency point, and the granules
         // they touch stay fenced until they have.
-        let point = self.point;
-        let mut waiting = 0;
-        for c in &self.chans {
-            if c.fence_ack.load(Ordering::Acquire) == point {
-                continue;
-            }
-            let fence = &self.fence;
-            match c
-                .gate
+        // A registered channel leaves `chans`; the others wait for the next step.
+        let (point, fence) = (self.point, &self.fence);
+        self.chans.retain(|c| {
+            c.gate
                 .try_with(Holder::Freezer, |t| t.register(fence, point))
-            {
-                Some(true) => c.fence_ack.store(point, Ordering::Release),
-                _ => waiting += 1,
-            }
-        }
+                != Some(true)
+        });
+        let waiting = self.chans.len();
         if waiting > 0 {
             let timeout = start.elapsed() > Duration::from_secs(30);
             return timeout
@@ -382,7 +371,6 @@ impl BdevBackend for CowBdev {
             pace_delay_ticks: AtomicU64::new(0),
             slot_waits: AtomicU64::new(0),
             forwarded_writes: AtomicU64::new(0),
-            fence_ack: AtomicU64::new(0),
             gate: Gate::new(Tracking::new(
                 fence::CHANNEL_ENTRIES,
                 fence::granule_shift(self.shared.source.bdev().block_size() as u64),
@@ -677,11 +665,9 @@ impl CowChannel {
             return;
         }
         let finished = &mut self.finished;
-        self.counters.gate.try_with(Holder::Owner, |t| {
-            for (off, n, tag) in finished.drain(..) {
-                t.untrack(off, n, tag);
-            }
-        });
+        self.counters
+            .gate
+            .try_with(Holder::Owner, |t| t.untrack_all(finished));
     }
 
     /// Holds `io` at channel entry (a consistency point, or no room in the
@@ -726,11 +712,7 @@ impl CowChannel {
                 || shared.point.load(Ordering::Acquire),
                 point,
                 (off, n),
-                |t| {
-                    for (off, n, tag) in finished.drain(..) {
-                        t.untrack(off, n, tag);
-                    }
-                },
+                |t| t.untrack_all(finished),
                 || {
                     if let Some(c) = cbt {
                         c.mark(off, n);
