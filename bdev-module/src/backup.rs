@@ -89,6 +89,10 @@ pub struct JobStatus {
     /// Of those, the chunks of runs that started at the pending chunk the
     /// last arriving write reached ([`crate::JobTuning::copy_near_writers`]).
     pub chunks_copied_near_writers: u64,
+    /// The most such runs in flight at once: at most
+    /// [`crate::job::CREDIT_RUNS`], and at most the pressed drain depth
+    /// the bystanders allowed at the time.
+    pub copy_ahead_peak: u64,
     /// Chunks writers forced into the container (captures).
     pub chunks_saved: u64,
     pub container_slots: u32,
@@ -218,6 +222,7 @@ impl BackupJob {
             chunks_copied: c.chunks_copied.load(Ordering::Relaxed),
             chunks_copied_ahead: c.chunks_copied_ahead.load(Ordering::Relaxed),
             chunks_copied_near_writers: c.chunks_copied_near.load(Ordering::Relaxed),
+            copy_ahead_peak: c.copy_ahead_peak.load(Ordering::Relaxed),
             chunks_saved: c.chunks_saved.load(Ordering::Relaxed),
             container_slots: j.container.slots,
             container_used: j.container.used(),

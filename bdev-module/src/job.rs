@@ -62,9 +62,14 @@
 //! [`JobTuning::copy_per_capture`] = k, every chunk a writer forces into
 //! the container earns the copy stream up to k chunks, copied in runs of
 //! up to [`CREDIT_RUN_BYTES`] outside the budget: at most
-//! [`CREDIT_RUNS`] in flight (credit they cannot use is dropped), also
-//! while the container is pressed, but then within the drain's depth and
-//! leaving the drain a buffer; none under a manual rate limit. Such runs
+//! [`CREDIT_RUNS`] in flight (credit they cannot use is dropped), and no
+//! more than the pressed drain's depth, which the bystanders' latency
+//! sets (above), whether the container is pressed or not; while it is
+//! pressed they also leave the drain a buffer; none under a manual rate
+//! limit. (Bounded by the drain's depth only while pressed, these runs
+//! cost an out-of-scope writer 0.932 of its IOPS against 0.962 with the
+//! bound, and the uniform writer 0.557 against 0.608: docs/BENCHMARKS.md,
+//! session 15.) Such runs
 //! are shorter than the budget's longest, because a writer that reaches a
 //! chunk of one waits for the whole read. The copying follows the
 //! captures: when writers stop forcing chunks, it stops.
@@ -257,6 +262,8 @@ pub struct JobCounters {
     /// Of those, the chunks of runs that started near the writers
     /// ([`JobTuning::copy_near_writers`]).
     pub chunks_copied_near: AtomicU64,
+    /// Most copy runs paid by captures in flight at once.
+    pub copy_ahead_peak: AtomicU64,
     pub chunks_saved: AtomicU64,
     pub chunks_drained: AtomicU64,
     pub bytes_copied: AtomicU64,
@@ -516,8 +523,9 @@ pub const DEFAULT_COPY_PER_CAPTURE: f64 = 4.0;
 
 /// Most copy runs in flight outside the budget, paid by captures, and
 /// their largest size: a writer that reaches a chunk of such a run waits
-/// for the whole read, so they are kept shorter than budgeted runs.
-const CREDIT_RUNS: u32 = 4;
+/// for the whole read, so they are kept shorter than budgeted runs. Fewer
+/// while the bystanders' drain depth is lower (module docs).
+pub const CREDIT_RUNS: u32 = 4;
 const CREDIT_RUN_BYTES: u64 = 256 << 10;
 
 /// No chunk (see [`JobShared::wanted`]).
@@ -1281,11 +1289,11 @@ impl Streams {
         let run_chunks = ((CREDIT_RUN_BYTES / chunk_bytes).max(1) as u32).min(self.run_chunks);
         let run = run_chunks as f64;
         self.credit = (self.credit + new as f64 * per).min(run * CREDIT_RUNS as f64);
-        let (max_runs, spare_bufs) = if pressed {
-            (CREDIT_RUNS.min(self.drain_depth), 1)
-        } else {
-            (CREDIT_RUNS, 0)
-        };
+        // Within the pressed drain's depth, which the bystanders' latency
+        // sets, pressed or not: these runs are as long as drains and land
+        // on the device the bystanders use.
+        let max_runs = CREDIT_RUNS.min(self.drain_depth);
+        let spare_bufs = usize::from(pressed);
         let mut issued = 0;
         while self.credit >= run && self.credit_runs < max_runs && self.bufs.len() > spare_bufs {
             // Prioritised ranges stay at the front of the schedule.
@@ -1308,6 +1316,9 @@ impl Streams {
                 op.near = near.is_some();
             }
             self.credit_runs += 1;
+            job.counters
+                .copy_ahead_peak
+                .fetch_max(self.credit_runs as u64, Ordering::Relaxed);
             self.src.submit(BdevIo::read(
                 chunk << job.chunk_shift,
                 blocks,

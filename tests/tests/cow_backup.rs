@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use hotcopy_bdev::modules::{fault, malloc, uring};
 use hotcopy_bdev::{BdevRegistry, IoStatus};
+use hotcopy_cow::job::CREDIT_RUNS;
 use hotcopy_cow::{
     start_backup, BackupConfig, BlockRange, ContainerConfig, JobState, JobStatus, JobTuning,
     RawImageTarget, Scope,
@@ -389,6 +390,39 @@ fn copies_ahead_of_captures_keep_the_backup_exact() {
     }
 }
 
+/// Copies paid by captures keep within the pressed drain's depth, which
+/// the bystanders' latency sets, also while the container is far from its
+/// soft watermark: they are as long as drains and land on the device the
+/// bystanders use. A container that holds every chunk and a watermark at
+/// its top keep the container from ever being pressed.
+#[test]
+fn copies_ahead_keep_within_the_drain_depth_while_not_pressed() {
+    let rt = runtime();
+    for depth in [1, 16] {
+        for _ in 0..3 {
+            let st = run_case(
+                &Case {
+                    chunk_kib: 16,
+                    slots: (SOURCE_BYTES / (16 << 10)) as u32,
+                    soft_watermark: 1.0,
+                    copy_per_capture: 8.0,
+                    pressed_drain_depth: depth,
+                    target_latency_us: 300,
+                    qd: 8,
+                    stream_qd: 8,
+                    ..base_case()
+                },
+                &rt,
+            );
+            assert!(st.chunks_copied_ahead > 0, "no copy ahead: {st:?}");
+            assert!(
+                st.copy_ahead_peak >= 1 && st.copy_ahead_peak <= u64::from(depth.min(CREDIT_RUNS)),
+                "depth {depth}: {st:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_failing_target_ends_the_job_and_every_foreground_write_succeeds() {
     let rt = runtime();
@@ -625,6 +659,10 @@ proptest! {
             writes_before_ms: 5, uring, pressed_drain_depth, writers_late_ms, stream_qd,
             copy_per_capture, copy_near_writers,
         }, &rt);
+        prop_assert!(
+            st.copy_ahead_peak <= u64::from(pressed_drain_depth.min(CREDIT_RUNS)),
+            "{:?}", st
+        );
         if st.state == JobState::Complete {
             prop_assert!(st.chunks_copied_near_writers <= st.chunks_copied_ahead, "{st:?}");
             prop_assert!(st.chunks_copied_ahead <= st.chunks_copied, "{st:?}");
