@@ -934,32 +934,50 @@ fn backup_config(
     })
 }
 
-/// A full backup with no foreground load, next to the devices' sequential
-/// ceilings measured in the same run.
+/// Full backups with no foreground load, next to the devices' sequential
+/// ceilings measured in the same run: the target's write ceiling before
+/// each backup and after the last, so that each backup has one on either
+/// side (a 2 GiB backup from RAM lasts half a second on a fast disk, and
+/// the disk's speed moves by tens of per cent within a minute).
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleBackupReport {
+    /// The median of the runs' figures.
     pub backup_mibps: f64,
     pub backup_s: f64,
     /// 1 MiB sequential writes to the target at the streams' queue depth:
     /// the mean of `target_write_ceiling_runs_mibps`.
     pub target_write_ceiling_mibps: f64,
-    /// That ceiling measured just before the backup and just after it (the
-    /// disk's speed drifts by tens of per cent between runs seconds apart).
+    /// That ceiling measured before each backup and after the last.
     pub target_write_ceiling_runs_mibps: Vec<f64>,
     /// 1 MiB sequential reads from the source at the streams' queue depth.
     pub source_read_ceiling_mibps: f64,
-    /// The target's final flush, part of `backup_s` (ms).
+    /// The target's final flush, part of `backup_s` (ms; the median run's).
     pub target_flush_ms: f64,
     /// Copy runs written to the target straight from the source's memory
     /// (a RAM source and a raw target), and runs read ahead of the
-    /// target's writes (any other source): see `hotcopy_cow::job`.
+    /// target's writes (any other source), over all the backups: see
+    /// `hotcopy_cow::job`.
     pub zero_copy_runs: u64,
     pub read_ahead_runs: u64,
-    /// Backup MiB/s over the target's write ceiling.
+    /// The median over the backups of each one's MiB/s over the mean of
+    /// the target's write ceilings measured right before and right after
+    /// it.
     pub ratio_to_target_ceiling: f64,
-    /// Backup MiB/s over the lower of the two ceilings (the backup reads the
-    /// source and writes the target; on one disk they share it).
+    /// Backup MiB/s (the median) over the lower of the two mean ceilings
+    /// (the backup reads the source and writes the target; on one disk
+    /// they share it).
     pub ratio_to_ceiling: f64,
+    /// Each backup: MiB/s, seconds, and its ratio to the ceilings around it.
+    pub runs: Vec<IdleBackupRun>,
+}
+
+/// One backup with no foreground load.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleBackupRun {
+    pub backup_mibps: f64,
+    pub backup_s: f64,
+    pub target_flush_ms: f64,
+    pub ratio_to_target_ceiling: f64,
 }
 
 /// Freeze times over many small jobs started while the writers run.
@@ -997,42 +1015,75 @@ fn ceiling(
     Ok(r.mibps)
 }
 
-/// Runs a full backup with no writers and measures the devices' ceilings.
-/// It overwrites the target, so it runs after the verify.
+/// Runs `runs` full backups (at least one) with no writers, with the
+/// target's write ceiling measured before each and after the last, then
+/// the source's read ceiling. It overwrites the target, so it runs after
+/// the verify.
 pub fn run_idle_backup(
     rt: &Runtime,
     reg: &BdevRegistry,
     b: &CowBenchBdevs,
     p: &CowBenchParams,
+    runs: usize,
 ) -> Result<IdleBackupReport, String> {
     let cow = reg.lookup(&b.cow).map_err(|e| e.to_string())?;
-    let cfg = backup_config(reg, b, p, Scope::default())?;
-    let w0 = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
     let home = rt.reactor(rt.num_reactors() - 1);
-    let job = hotcopy_cow::start_backup(&cow, home, cfg).map_err(|e| e.to_string())?;
-    let state = job.wait(p.max_backup + Duration::from_secs(30));
-    let st = job.status();
-    if state != JobState::Complete {
-        return Err(format!(
-            "the backup with no foreground load did not complete: {state:?} {}",
-            st.error.unwrap_or_default()
-        ));
+    let mut ceilings = vec![ceiling(
+        rt,
+        reg,
+        &b.target,
+        crate::Workload::Write,
+        p.stream_qd,
+    )?];
+    let mut done = Vec::new();
+    let (mut zero_copy_runs, mut read_ahead_runs) = (0, 0);
+    for i in 0..runs.max(1) {
+        let cfg = backup_config(reg, b, p, Scope::default())?;
+        let job = hotcopy_cow::start_backup(&cow, home, cfg).map_err(|e| e.to_string())?;
+        let state = job.wait(p.max_backup + Duration::from_secs(30));
+        let st = job.status();
+        if state != JobState::Complete {
+            return Err(format!(
+                "backup {} of {} with no foreground load did not complete: {state:?} {}",
+                i + 1,
+                runs.max(1),
+                st.error.unwrap_or_default()
+            ));
+        }
+        drop(job);
+        let w = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
+        let around = (ceilings[i] + w) / 2.0;
+        ceilings.push(w);
+        zero_copy_runs += st.zero_copy_runs;
+        read_ahead_runs += st.read_ahead_runs;
+        done.push(IdleBackupRun {
+            backup_mibps: st.backup_mibps,
+            backup_s: st.elapsed_s,
+            target_flush_ms: st.target_flush_ms,
+            ratio_to_target_ceiling: st.backup_mibps / around.max(1e-9),
+        });
     }
-    drop(job);
-    let w1 = ceiling(rt, reg, &b.target, crate::Workload::Write, p.stream_qd)?;
-    let w = (w0 + w1) / 2.0;
+    let w = ceilings.iter().sum::<f64>() / ceilings.len() as f64;
     let r = ceiling(rt, reg, &b.source, crate::Workload::Read, p.stream_qd)?;
+    let median_run = {
+        let mut by_speed: Vec<&IdleBackupRun> = done.iter().collect();
+        by_speed.sort_by(|a, b| a.backup_mibps.total_cmp(&b.backup_mibps));
+        by_speed[by_speed.len() / 2].clone()
+    };
+    let mut ratios: Vec<f64> = done.iter().map(|d| d.ratio_to_target_ceiling).collect();
+    ratios.sort_by(f64::total_cmp);
     Ok(IdleBackupReport {
-        backup_mibps: st.backup_mibps,
-        backup_s: st.elapsed_s,
-        target_flush_ms: st.target_flush_ms,
+        backup_mibps: median_run.backup_mibps,
+        backup_s: median_run.backup_s,
+        target_flush_ms: median_run.target_flush_ms,
         target_write_ceiling_mibps: w,
-        target_write_ceiling_runs_mibps: vec![w0, w1],
+        target_write_ceiling_runs_mibps: ceilings,
         source_read_ceiling_mibps: r,
-        zero_copy_runs: st.zero_copy_runs,
-        read_ahead_runs: st.read_ahead_runs,
-        ratio_to_target_ceiling: st.backup_mibps / w.max(1e-9),
-        ratio_to_ceiling: st.backup_mibps / w.min(r).max(1e-9),
+        zero_copy_runs,
+        read_ahead_runs,
+        ratio_to_target_ceiling: ratios[ratios.len() / 2],
+        ratio_to_ceiling: median_run.backup_mibps / w.min(r).max(1e-9),
+        runs: done,
     })
 }
 

@@ -320,3 +320,63 @@ fn bench_cow_caps_the_writers_and_still_verifies_the_backup() {
         );
     }
 }
+
+#[test]
+fn bench_cow_idle_backups_each_sit_between_two_ceilings() {
+    let dir = scratch("cli");
+    let (code, out, err) = hotcopy(&[
+        "bench",
+        "cow",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--size",
+        "64M",
+        "--source",
+        "malloc:64M",
+        "-t",
+        "0.3",
+        "-q",
+        "8",
+        "--no-verify",
+        "--idle-backup",
+        "--idle-backup-runs",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    let ib = &v["idle_backup"];
+    let runs = ib["runs"].as_array().expect("runs");
+    let ceilings: Vec<f64> = ib["target_write_ceiling_runs_mibps"]
+        .as_array()
+        .expect("ceilings")
+        .iter()
+        .map(|c| c.as_f64().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 2, "{ib}");
+    assert_eq!(
+        ceilings.len(),
+        3,
+        "one before each backup, one after the last: {ib}"
+    );
+    let mut ratios = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let mibps = r["backup_mibps"].as_f64().unwrap();
+        assert!(mibps > 0.0, "{ib}");
+        let ratio = r["ratio_to_target_ceiling"].as_f64().unwrap();
+        let around = (ceilings[i] + ceilings[i + 1]) / 2.0;
+        assert!((ratio - mibps / around).abs() < 1e-9, "run {i}: {ib}");
+        ratios.push(ratio);
+    }
+    ratios.sort_by(f64::total_cmp);
+    assert_eq!(
+        ib["ratio_to_target_ceiling"].as_f64().unwrap(),
+        ratios[1],
+        "{ib}"
+    );
+    let mean = ceilings.iter().sum::<f64>() / 3.0;
+    assert!((ib["target_write_ceiling_mibps"].as_f64().unwrap() - mean).abs() < 1e-9);
+
+    let err = fails(&["bench", "cow", "--idle-backup", "--idle-backup-runs", "0"]);
+    assert!(err.contains("--idle-backup-runs"), "{err}");
+}
