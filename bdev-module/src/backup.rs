@@ -91,7 +91,8 @@ pub struct JobStatus {
     pub chunks_copied_near_writers: u64,
     /// The most such runs in flight at once: at most
     /// [`crate::job::CREDIT_RUNS`], and at most the pressed drain depth
-    /// the bystanders allowed at the time.
+    /// the bystanders allowed when each was issued (so at most
+    /// [`crate::JobTuning::pressed_drain_depth`]).
     pub copy_ahead_peak: u64,
     /// Chunks writers forced into the container (captures).
     pub chunks_saved: u64,

@@ -327,7 +327,8 @@ pub struct JobTuning {
     /// streams go below this while bystanders' latency is over the
     /// tolerance (see the module docs), and a smaller maximum protects them
     /// further at the price of pacing the writers that fill the container
-    /// harder.
+    /// harder. The copy runs paid by captures keep within the same depth,
+    /// pressed or not (at most [`CREDIT_RUNS`] of them).
     pub pressed_drain_depth: u32,
     /// Chunks (at most) the copy stream moves, outside its budget, for
     /// every chunk a writer's first write forces into the container (0:
@@ -1274,9 +1275,10 @@ impl Streams {
     /// Copy runs outside the budget, paid by captures (module docs,
     /// "Copying ahead of captures"): runs of [`CREDIT_RUN_BYTES`] (one
     /// chunk on a target that does not keep chunks together), at most
-    /// [`CREDIT_RUNS`] in flight, none under a manual rate limit. While the
-    /// container is pressed they keep within the drain's depth and leave it
-    /// a buffer. Credit the runs in flight cannot use is dropped.
+    /// [`CREDIT_RUNS`] and at most the pressed drain's depth in flight,
+    /// pressed or not, none under a manual rate limit. While the container
+    /// is pressed they also leave the drain a buffer. Credit the runs in
+    /// flight cannot use is dropped.
     fn copy_ahead_of_captures(&mut self, job: &JobShared, now: u64, pressed: bool) -> usize {
         let per = job.tuning.copy_per_capture;
         let saved = job.counters.chunks_saved.load(Ordering::Relaxed);

@@ -941,7 +941,8 @@ fn backup_config(
 /// the disk's speed moves by tens of per cent within a minute).
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleBackupReport {
-    /// The median of the runs' figures.
+    /// The medians of the runs' figures, each taken on its own (the median
+    /// MiB/s and the median ratio may come from different runs).
     pub backup_mibps: f64,
     pub backup_s: f64,
     /// 1 MiB sequential writes to the target at the streams' queue depth:
@@ -951,7 +952,7 @@ pub struct IdleBackupReport {
     pub target_write_ceiling_runs_mibps: Vec<f64>,
     /// 1 MiB sequential reads from the source at the streams' queue depth.
     pub source_read_ceiling_mibps: f64,
-    /// The target's final flush, part of `backup_s` (ms; the median run's).
+    /// The target's final flush, part of `backup_s` (ms).
     pub target_flush_ms: f64,
     /// Copy runs written to the target straight from the source's memory
     /// (a RAM source and a raw target), and runs read ahead of the
@@ -963,9 +964,9 @@ pub struct IdleBackupReport {
     /// the target's write ceilings measured right before and right after
     /// it.
     pub ratio_to_target_ceiling: f64,
-    /// Backup MiB/s (the median) over the lower of the two mean ceilings
-    /// (the backup reads the source and writes the target; on one disk
-    /// they share it).
+    /// Backup MiB/s (the median) over the lower of the target's mean
+    /// write ceiling and the source's read ceiling (the backup reads the
+    /// source and writes the target; on one disk they share it).
     pub ratio_to_ceiling: f64,
     /// Each backup: MiB/s, seconds, and its ratio to the ceilings around it.
     pub runs: Vec<IdleBackupRun>,
@@ -1065,26 +1066,36 @@ pub fn run_idle_backup(
     }
     let w = ceilings.iter().sum::<f64>() / ceilings.len() as f64;
     let r = ceiling(rt, reg, &b.source, crate::Workload::Read, p.stream_qd)?;
-    let median_run = {
-        let mut by_speed: Vec<&IdleBackupRun> = done.iter().collect();
-        by_speed.sort_by(|a, b| a.backup_mibps.total_cmp(&b.backup_mibps));
-        by_speed[by_speed.len() / 2].clone()
-    };
-    let mut ratios: Vec<f64> = done.iter().map(|d| d.ratio_to_target_ceiling).collect();
-    ratios.sort_by(f64::total_cmp);
+    let med = |f: fn(&IdleBackupRun) -> f64| median(done.iter().map(f).collect());
+    let backup_mibps = med(|d| d.backup_mibps);
     Ok(IdleBackupReport {
-        backup_mibps: median_run.backup_mibps,
-        backup_s: median_run.backup_s,
-        target_flush_ms: median_run.target_flush_ms,
+        backup_mibps,
+        backup_s: med(|d| d.backup_s),
+        target_flush_ms: med(|d| d.target_flush_ms),
         target_write_ceiling_mibps: w,
         target_write_ceiling_runs_mibps: ceilings,
         source_read_ceiling_mibps: r,
         zero_copy_runs,
         read_ahead_runs,
-        ratio_to_target_ceiling: ratios[ratios.len() / 2],
-        ratio_to_ceiling: median_run.backup_mibps / w.min(r).max(1e-9),
+        ratio_to_target_ceiling: med(|d| d.ratio_to_target_ceiling),
+        ratio_to_ceiling: backup_mibps / w.min(r).max(1e-9),
         runs: done,
     })
+}
+
+/// The median of `v` (the mean of the middle two for an even count; 0 for
+/// none).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
+    }
 }
 
 /// Starts `n` jobs of one chunk each, one after another, while the writers

@@ -416,6 +416,10 @@ fn copies_ahead_keep_within_the_drain_depth_while_not_pressed() {
             );
             assert!(st.chunks_copied_ahead > 0, "no copy ahead: {st:?}");
             assert!(
+                st.container_peak < u64::from(st.container_slots),
+                "the container must never be pressed here: {st:?}"
+            );
+            assert!(
                 st.copy_ahead_peak >= 1 && st.copy_ahead_peak <= u64::from(depth.min(CREDIT_RUNS)),
                 "depth {depth}: {st:?}"
             );
@@ -660,7 +664,7 @@ proptest! {
             copy_per_capture, copy_near_writers,
         }, &rt);
         prop_assert!(
-            st.copy_ahead_peak <= u64::from(pressed_drain_depth.min(CREDIT_RUNS)),
+            st.copy_ahead_peak <= u64::from(pressed_drain_depth.clamp(1, CREDIT_RUNS)),
             "{:?}", st
         );
         if st.state == JobState::Complete {

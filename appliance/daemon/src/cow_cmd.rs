@@ -83,7 +83,8 @@ pub struct CowArgs {
     pub stream_qd: u32,
     /// Most drain I/Os kept in flight whatever the budget while the container is past its soft
     /// watermark (writers that need a slot are paced then); fewer while writers that never wait
-    /// for the backup (bystanders) see their latency over the tolerance.
+    /// for the backup (bystanders) see their latency over the tolerance. The copy runs paid by
+    /// captures (--copy-per-capture) keep within the same depth, pressed or not.
     #[arg(long, default_value_t = 16)]
     pub pressed_drain_depth: u32,
     /// The backup's progress guarantee: the least share of time (0..1) its streams keep a chunk
@@ -143,7 +144,7 @@ pub struct CowArgs {
     pub idle_backup: bool,
     /// Backups in --idle-backup (at least 1): a 2 GiB backup from RAM lasts half a second on a
     /// fast disk, whose speed moves by tens of per cent within a minute.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = 3, requires = "idle_backup", value_parser = clap::value_parser!(u32).range(1..=100))]
     pub idle_backup_runs: u32,
     /// Then start this many one-chunk jobs under the same write load and report the
     /// distribution of their freeze times.
@@ -456,7 +457,7 @@ pub fn table(r: &CowBenchReport) -> String {
         let fmt_list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(" / ");
         let _ = writeln!(
             s,
-            "backups with no foreground load: {} MiB/s (median {:.1}; the target's final flush {:.1} ms of it; {} copy runs written from the source's memory, {} read ahead); target seq-write ceilings {} MiB/s (before each, then after the last); ratio to the ceilings around each {} (median {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
+            "backups with no foreground load: {} MiB/s (median {:.1}; the target's final flush {:.1} ms, median; in all {} copy runs written from the source's memory, {} read ahead); target seq-write ceilings {} MiB/s (before each, then after the last); ratio to the ceilings around each {} (median {:.2}); source seq-read ceiling {:.1} MiB/s (ratio to the lower {:.2})",
             fmt_list(&mut i.runs.iter().map(|x| format!("{:.0}", x.backup_mibps))),
             i.backup_mibps,
             i.target_flush_ms,

@@ -368,10 +368,10 @@ fn bench_cow_idle_backups_each_sit_between_two_ceilings() {
         assert!((ratio - mibps / around).abs() < 1e-9, "run {i}: {ib}");
         ratios.push(ratio);
     }
-    ratios.sort_by(f64::total_cmp);
-    assert_eq!(
-        ib["ratio_to_target_ceiling"].as_f64().unwrap(),
-        ratios[1],
+    // Two runs: the median is the mean of the two.
+    let median = (ratios[0] + ratios[1]) / 2.0;
+    assert!(
+        (ib["ratio_to_target_ceiling"].as_f64().unwrap() - median).abs() < 1e-9,
         "{ib}"
     );
     let mean = ceilings.iter().sum::<f64>() / 3.0;
@@ -379,4 +379,6 @@ fn bench_cow_idle_backups_each_sit_between_two_ceilings() {
 
     let err = fails(&["bench", "cow", "--idle-backup", "--idle-backup-runs", "0"]);
     assert!(err.contains("--idle-backup-runs"), "{err}");
+    let err = fails(&["bench", "cow", "--idle-backup-runs", "2"]);
+    assert!(err.contains("--idle-backup"), "{err}");
 }
