@@ -184,27 +184,28 @@ fn bad_input_gets_a_clear_error() {
     assert!(err.contains("sideways"), "{err}");
 }
 
+/// `hotcopy bench cow --json` on a 64 MiB volume at QD 8 in `dir`, with
+/// `extra` options; the JSON object it prints, and that text.
+fn small_bench_cow(dir: &std::path::Path, extra: &[&str]) -> (serde_json::Value, String) {
+    let d = dir.to_str().unwrap();
+    let mut args = vec![
+        "bench", "cow", "--dir", d, "--size", "64M", "-q", "8", "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = hotcopy(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v = serde_json::from_str(&out).expect("one JSON object");
+    (v, out)
+}
+
 #[test]
 fn bench_cow_reports_both_phases_and_verifies_the_backup() {
     let dir = scratch("cli");
-    let (code, out, err) = hotcopy(&[
-        "bench",
-        "cow",
-        "--dir",
-        dir.path().to_str().unwrap(),
-        "--size",
-        "64M",
-        "-t",
-        "0.5",
-        "-q",
-        "8",
-        "--fairness",
-        "--json",
-        "--plot",
-        dir.path().join("cow.svg").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    let svg = dir.path().join("cow.svg");
+    let (v, out) = small_bench_cow(
+        dir.path(),
+        &["-t", "0.5", "--fairness", "--plot", svg.to_str().unwrap()],
+    );
     for k in [
         "iops_ratio",
         "p99_ratio",
@@ -324,27 +325,19 @@ fn bench_cow_caps_the_writers_and_still_verifies_the_backup() {
 #[test]
 fn bench_cow_idle_backups_each_sit_between_two_ceilings() {
     let dir = scratch("cli");
-    let (code, out, err) = hotcopy(&[
-        "bench",
-        "cow",
-        "--dir",
-        dir.path().to_str().unwrap(),
-        "--size",
-        "64M",
-        "--source",
-        "malloc:64M",
-        "-t",
-        "0.3",
-        "-q",
-        "8",
-        "--no-verify",
-        "--idle-backup",
-        "--idle-backup-runs",
-        "2",
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    let (v, _) = small_bench_cow(
+        dir.path(),
+        &[
+            "--source",
+            "malloc:64M",
+            "-t",
+            "0.3",
+            "--no-verify",
+            "--idle-backup",
+            "--idle-backup-runs",
+            "2",
+        ],
+    );
     let ib = &v["idle_backup"];
     let runs = ib["runs"].as_array().expect("runs");
     let ceilings: Vec<f64> = ib["target_write_ceiling_runs_mibps"]
