@@ -1066,7 +1066,7 @@ pub fn run_idle_backup(
     }
     let w = ceilings.iter().sum::<f64>() / ceilings.len() as f64;
     let r = ceiling(rt, reg, &b.source, crate::Workload::Read, p.stream_qd)?;
-    let med = |f: fn(&IdleBackupRun) -> f64| median(done.iter().map(f).collect());
+    let med = |f: fn(&IdleBackupRun) -> f64| crate::median(&done.iter().map(f).collect::<Vec<_>>());
     let backup_mibps = med(|d| d.backup_mibps);
     Ok(IdleBackupReport {
         backup_mibps,
@@ -1081,21 +1081,6 @@ pub fn run_idle_backup(
         ratio_to_ceiling: backup_mibps / w.min(r).max(1e-9),
         runs: done,
     })
-}
-
-/// The median of `v` (the mean of the middle two for an even count; 0 for
-/// none).
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[m - 1] + v[m]) / 2.0
-    } else {
-        v[m]
-    }
 }
 
 /// Starts `n` jobs of one chunk each, one after another, while the writers

@@ -367,11 +367,7 @@ pub fn run_repo(
         restore_secs(last, &mut lastc, &mut c2)?;
         ceilings.push(ceiling_run()?);
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = crate::median;
     let mib = size as f64 / (1024.0 * 1024.0);
     for (c, copy) in [(&mut first, &c1), (&mut lastc, &c2)] {
         c.restore_s = median(&c.restore_runs_s);
