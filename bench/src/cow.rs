@@ -990,6 +990,7 @@ pub struct FreezeReport {
     pub max_us: f64,
 }
 
+/// `bdev`'s sequential ceiling at the streams' queue depth, over 3 s.
 fn ceiling(
     rt: &Runtime,
     reg: &BdevRegistry,
@@ -997,23 +998,7 @@ fn ceiling(
     workload: crate::Workload,
     qd: u32,
 ) -> Result<f64, String> {
-    let r = crate::run(
-        rt,
-        reg,
-        &crate::BenchParams {
-            bdev: bdev.to_string(),
-            queue_depth: (qd as usize).div_ceil(rt.num_reactors()).max(1),
-            io_size: 1 << 20,
-            workload,
-            read_pct: 0,
-            duration: Duration::from_secs(3),
-            verify: false,
-            seed: 1,
-            hugepages: HugepageMode::Auto,
-        },
-    )
-    .map_err(|e| format!("measuring {bdev}: {e}"))?;
-    Ok(r.mibps)
+    crate::seq_ceiling(rt, reg, bdev, workload, qd as usize, Duration::from_secs(3))
 }
 
 /// Runs `runs` full backups (at least one) with no writers, with the

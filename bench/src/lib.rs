@@ -455,6 +455,35 @@ fn summarize(
     }
 }
 
+/// A device's sequential ceiling: 1 MiB I/Os of `workload` on `bdev` for
+/// `duration`, `qd` in flight in all (split across the reactors); MiB/s.
+pub(crate) fn seq_ceiling(
+    rt: &Runtime,
+    reg: &BdevRegistry,
+    bdev: &str,
+    workload: Workload,
+    qd: usize,
+    duration: Duration,
+) -> Result<f64, String> {
+    let r = run(
+        rt,
+        reg,
+        &BenchParams {
+            bdev: bdev.to_string(),
+            queue_depth: qd.div_ceil(rt.num_reactors()).max(1),
+            io_size: 1 << 20,
+            workload,
+            read_pct: 0,
+            duration,
+            verify: false,
+            seed: 1,
+            hugepages: HugepageMode::Auto,
+        },
+    )
+    .map_err(|e| format!("measuring {bdev}: {e}"))?;
+    Ok(r.mibps)
+}
+
 /// The median of `v` (the mean of the middle two for an even count; 0 for
 /// none).
 pub(crate) fn median(v: &[f64]) -> f64 {

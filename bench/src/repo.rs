@@ -340,24 +340,15 @@ pub fn run_repo(
     restore_secs(last, &mut lastc.clone(), &mut Vec::new())?;
     // The destination's sequential-write ceiling, before the pairs and
     // after each, so that each pair's ratio is to the ceiling around it.
-    let ceiling_run = || -> Result<f64, String> {
-        Ok(crate::run(
+    let ceiling_run = || {
+        crate::seq_ceiling(
             rt,
             reg,
-            &crate::BenchParams {
-                bdev: b.dest.clone(),
-                queue_depth: 16usize.div_ceil(rt.num_reactors()),
-                io_size: 1 << 20,
-                workload: crate::Workload::Write,
-                read_pct: 0,
-                duration: Duration::from_secs(2),
-                verify: false,
-                seed: 1,
-                hugepages: hotcopy_runtime::HugepageMode::Auto,
-            },
+            &b.dest,
+            crate::Workload::Write,
+            16,
+            Duration::from_secs(2),
         )
-        .map_err(|x| format!("measuring {}: {x}", b.dest))?
-        .mibps)
     };
     say("restoring, with the destination's write ceiling measured around each pair");
     let mut ceilings = vec![ceiling_run()?];
@@ -367,7 +358,7 @@ pub fn run_repo(
         restore_secs(last, &mut lastc, &mut c2)?;
         ceilings.push(ceiling_run()?);
     }
-    let median = crate::median;
+    use crate::median;
     let mib = size as f64 / (1024.0 * 1024.0);
     for (c, copy) in [(&mut first, &c1), (&mut lastc, &c2)] {
         c.restore_s = median(&c.restore_runs_s);
